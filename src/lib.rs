@@ -1,0 +1,5 @@
+//! fluxlora: train Flux LoRA adapters and sample images with them.
+//!
+//! The library holds everything; `main.rs` only parses the command line.
+
+pub mod model;

@@ -1,0 +1,200 @@
+//! LoRA adapters applied unmerged on top of frozen base weights.
+//!
+//! Owns: [`LoraLayer`] (one low-rank update for one linear), [`Lora`] (a named set
+//! of layer updates keyed by the Black Forest Labs module path, e.g.
+//! `double_blocks.0.img_attn.qkv`), [`AdapterSet`] (several LoRAs with strengths)
+//! and merging a set into base weights for export.
+//!
+//! The base model never changes when adapters come and go: a linear layer asks the
+//! `AdapterSet` passed to `forward` for the updates of its module path and adds
+//!   y = x·Wᵀ + b + Σᵢ sᵢ · (αᵢ/rᵢ) · (x·Aᵢᵀ)·Bᵢᵀ.
+//! Swapping or re-weighting adapters is therefore a cheap change of a small struct.
+//! A trainable adapter is an ordinary [`Lora`] whose tensors are `candle_core::Var`s
+//! (a `Var` shares storage with the tensor handed out by `as_tensor`), so gradients
+//! reach it and in-place optimizer updates are seen by the sampler at once.
+//!
+//! Must not: read or write files (that is `lora_io`), know about key formats.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Result, Tensor};
+
+/// One low-rank update ΔW = (alpha / rank) · up · down for one linear layer.
+#[derive(Clone, Debug)]
+pub struct LoraLayer {
+    /// (rank, in_features), kohya's `lora_down`, peft's `lora_A`.
+    pub down: Tensor,
+    /// (out_features, rank), kohya's `lora_up`, peft's `lora_B`.
+    pub up: Tensor,
+    /// Scale numerator; the update is scaled by `alpha / rank`.
+    pub alpha: f32,
+}
+
+impl LoraLayer {
+    pub fn rank(&self) -> usize {
+        self.down.dims().first().copied().unwrap_or(0)
+    }
+
+    /// alpha / rank: the factor that multiplies up·down.
+    pub fn scale(&self) -> f64 {
+        let rank = self.rank();
+        if rank == 0 {
+            0.0
+        } else {
+            self.alpha as f64 / rank as f64
+        }
+    }
+
+    /// (in_features, out_features) of the layer this update fits.
+    pub fn in_out(&self) -> (usize, usize) {
+        let in_f = self.down.dims().get(1).copied().unwrap_or(0);
+        let out_f = self.up.dims().first().copied().unwrap_or(0);
+        (in_f, out_f)
+    }
+
+    /// The dense update scale · up · down, (out, in), in f32.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        let up = self.up.to_dtype(DType::F32)?;
+        let down = self.down.to_dtype(DType::F32)?;
+        up.matmul(&down)? * self.scale()
+    }
+
+    /// x (…, in) → strength · scale · (x·downᵀ)·upᵀ, (…, out), in x's dtype.
+    pub fn apply(&self, x: &Tensor, strength: f64) -> Result<Tensor> {
+        let down = self.down.to_dtype(x.dtype())?;
+        let up = self.up.to_dtype(x.dtype())?;
+        let h = x.broadcast_matmul(&down.t()?)?;
+        let y = h.broadcast_matmul(&up.t()?)?;
+        y * (strength * self.scale())
+    }
+}
+
+/// A LoRA: updates for a set of linear layers, keyed by the BFL module path.
+#[derive(Clone, Debug, Default)]
+pub struct Lora {
+    /// Human-readable name (file stem for loaded files).
+    pub name: String,
+    pub layers: BTreeMap<String, LoraLayer>,
+}
+
+impl Lora {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            layers: BTreeMap::new(),
+        }
+    }
+
+    /// Largest rank over all layers (the `network_dim` of kohya metadata).
+    pub fn max_rank(&self) -> usize {
+        self.layers.values().map(LoraLayer::rank).max().unwrap_or(0)
+    }
+}
+
+/// Several LoRAs with strengths, applied unmerged. Cheap to clone and to edit.
+#[derive(Clone, Debug, Default)]
+pub struct AdapterSet {
+    entries: Vec<(Arc<Lora>, f64)>,
+}
+
+impl AdapterSet {
+    /// The empty set: the base model alone.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    pub fn with(mut self, lora: Arc<Lora>, strength: f64) -> Self {
+        self.push(lora, strength);
+        self
+    }
+
+    pub fn push(&mut self, lora: Arc<Lora>, strength: f64) {
+        self.entries.push((lora, strength));
+    }
+
+    /// Changes the strength of every entry whose LoRA has `name`; returns how many changed.
+    pub fn set_strength(&mut self, name: &str, strength: f64) -> usize {
+        let mut n = 0;
+        for (lora, s) in self.entries.iter_mut() {
+            if lora.name == name {
+                *s = strength;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Removes every entry whose LoRA has `name`; returns how many were removed.
+    pub fn remove(&mut self, name: &str) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|(lora, _)| lora.name != name);
+        before - self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = (&Arc<Lora>, f64)> {
+        self.entries.iter().map(|(l, s)| (l, *s))
+    }
+
+    /// The updates that apply to the layer at `module` with their strengths;
+    /// strength-zero entries are skipped so they cost nothing.
+    pub fn layers_for<'a>(
+        &'a self,
+        module: &'a str,
+    ) -> impl Iterator<Item = (&'a LoraLayer, f64)> + 'a {
+        self.entries
+            .iter()
+            .filter(|(_, s)| *s != 0.0)
+            .filter_map(move |(lora, s)| lora.layers.get(module).map(|l| (l, *s)))
+    }
+
+    /// Adds the set's updates for `module` to a linear output: y + Σ sᵢ·ΔWᵢ·x.
+    pub fn apply(&self, module: &str, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let mut y = y;
+        for (layer, strength) in self.layers_for(module) {
+            y = (y + layer.apply(x, strength)?)?;
+        }
+        Ok(y)
+    }
+
+    /// W + Σ sᵢ·ΔWᵢ for the layer at `module`, in `weight`'s dtype (computed in f32).
+    pub fn merged_weight(&self, module: &str, weight: &Tensor) -> Result<Tensor> {
+        let mut w = weight.to_dtype(DType::F32)?;
+        let mut touched = false;
+        for (layer, strength) in self.layers_for(module) {
+            w = (w + (layer.delta_weight()? * strength)?)?;
+            touched = true;
+        }
+        if touched {
+            w.to_dtype(weight.dtype())
+        } else {
+            Ok(weight.clone())
+        }
+    }
+}
+
+/// Checks that a layer update fits a linear of shape (out, in); used by loaders so a
+/// wrong-shape LoRA fails at load time naming the module, not deep inside a matmul.
+pub fn check_fits(module: &str, layer: &LoraLayer, out_f: usize, in_f: usize) -> std::result::Result<(), String> {
+    let (li, lo) = layer.in_out();
+    let rank_ok = layer.up.dims().get(1).copied() == Some(layer.rank())
+        && layer.down.rank() == 2
+        && layer.up.rank() == 2;
+    if !rank_ok {
+        return Err(format!(
+            "{module}: down {:?} and up {:?} do not form a low-rank pair",
+            layer.down.dims(),
+            layer.up.dims()
+        ));
+    }
+    if li != in_f || lo != out_f {
+        return Err(format!(
+            "{module}: LoRA maps {li} → {lo} features but the layer maps {in_f} → {out_f}"
+        ));
+    }
+    Ok(())
+}

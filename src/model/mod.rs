@@ -1,0 +1,8 @@
+//! Model code: the Flux DiT, LoRA adapters and their files, text encoders,
+//! the autoencoder and model bundles. Nothing here knows about HTTP or jobs.
+
+pub mod adapter;
+pub mod keymap;
+pub mod lora_io;
+pub mod text;
+pub mod vae;
