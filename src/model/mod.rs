@@ -4,5 +4,6 @@
 pub mod adapter;
 pub mod keymap;
 pub mod lora_io;
+pub mod seeded;
 pub mod text;
 pub mod vae;
