@@ -3,3 +3,4 @@
 //! The library holds everything; `main.rs` only parses the command line.
 
 pub mod model;
+pub mod sample;

@@ -1,0 +1,7 @@
+//! Sampling: flow-matching samplers (Euler), Flux's shifted schedule, seeds and
+//! batching, and PNG output carrying the generation parameters.
+//!
+//! Must not: know about HTTP or jobs; the daemon and the CLI call in here.
+
+pub mod euler;
+pub mod schedule;
