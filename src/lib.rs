@@ -2,5 +2,6 @@
 //!
 //! The library holds everything; `main.rs` only parses the command line.
 
+pub mod atomic_file;
 pub mod model;
 pub mod sample;

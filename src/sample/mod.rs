@@ -4,4 +4,5 @@
 //! Must not: know about HTTP or jobs; the daemon and the CLI call in here.
 
 pub mod euler;
+pub mod png_meta;
 pub mod schedule;

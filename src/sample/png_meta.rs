@@ -1,0 +1,133 @@
+//! PNG files that carry their generation parameters.
+//!
+//! Two text chunks, as the tools people use read them: `parameters` in A1111's
+//! format (prompt line, `Negative prompt:` line, then `Key: value, …`), which
+//! A1111/Forge's PNG Info and many galleries parse, and `fluxlora` with the full
+//! request as JSON for exact reproduction.
+
+use std::io::{self, Write};
+use std::path::Path;
+
+use image::RgbImage;
+use serde::Serialize;
+
+use crate::atomic_file;
+
+/// What produced an image, written into its PNG.
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerationParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub model: String,
+    /// (name, strength) of each LoRA applied.
+    pub loras: Vec<(String, f64)>,
+}
+
+impl GenerationParams {
+    /// A1111's `parameters` text. LoRAs appear as `<lora:name:strength>` in the prompt
+    /// line, as A1111 itself records them, so "send to txt2img" re-applies them.
+    pub fn a1111_text(&self) -> String {
+        let mut prompt = self.prompt.clone();
+        for (name, strength) in &self.loras {
+            prompt.push_str(&format!(" <lora:{name}:{strength}>"));
+        }
+        let mut text = prompt;
+        if !self.negative_prompt.is_empty() {
+            text.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
+        }
+        text.push_str(&format!(
+            "\nSteps: {}, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: {}, Seed: {}, Size: {}x{}, Model: {}, Version: fluxlora {}",
+            self.steps,
+            self.guidance,
+            self.seed,
+            self.width,
+            self.height,
+            self.model,
+            env!("CARGO_PKG_VERSION")
+        ));
+        text
+    }
+}
+
+/// Encodes `image` as PNG bytes with the parameter chunks.
+pub fn encode_png(image: &RgbImage, params: &GenerationParams) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    write_png(&mut bytes, image, params)?;
+    Ok(bytes)
+}
+
+fn write_png(w: &mut dyn Write, image: &RgbImage, params: &GenerationParams) -> io::Result<()> {
+    let mut encoder = png::Encoder::new(w, image.width(), image.height());
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let json = serde_json::to_string(params).map_err(io::Error::other)?;
+    for (key, text) in [("parameters", params.a1111_text()), ("fluxlora", json)] {
+        let result = if text.chars().all(|c| (c as u32) < 256) {
+            encoder.add_text_chunk(key.to_string(), text)
+        } else {
+            encoder.add_itxt_chunk(key.to_string(), text)
+        };
+        result.map_err(io::Error::other)?;
+    }
+    let mut writer = encoder.write_header().map_err(io::Error::other)?;
+    writer.write_image_data(image.as_raw()).map_err(io::Error::other)?;
+    writer.finish().map_err(io::Error::other)
+}
+
+/// Writes `image` to `path` atomically with the parameter chunks.
+pub fn save_png(path: &Path, image: &RgbImage, params: &GenerationParams) -> io::Result<()> {
+    atomic_file::write_with(path, |w| write_png(w, image, params))
+}
+
+/// The text chunks of a PNG file, (keyword, text), tEXt and iTXt alike.
+pub fn read_text_chunks(bytes: &[u8]) -> io::Result<Vec<(String, String)>> {
+    let decoder = png::Decoder::new(io::Cursor::new(bytes));
+    let reader = decoder.read_info().map_err(io::Error::other)?;
+    let info = reader.info();
+    let mut out: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|c| (c.keyword.clone(), c.text.clone()))
+        .collect();
+    for c in &info.utf8_text {
+        out.push((c.keyword.clone(), c.get_text().map_err(io::Error::other)?));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn png_carries_a1111_parameters_and_json() -> io::Result<()> {
+        let img = RgbImage::from_fn(4, 2, |x, y| image::Rgb([x as u8 * 40, y as u8 * 90, 7]));
+        let params = GenerationParams {
+            prompt: "a red circle — on blue".into(),
+            negative_prompt: String::new(),
+            steps: 4,
+            guidance: 3.5,
+            seed: 42,
+            width: 4,
+            height: 2,
+            model: "tiny".into(),
+            loras: vec![("style".into(), 0.8)],
+        };
+        let bytes = encode_png(&img, &params)?;
+        let chunks = read_text_chunks(&bytes)?;
+        let text = &chunks.iter().find(|(k, _)| k == "parameters").expect("parameters").1;
+        assert!(text.starts_with("a red circle — on blue <lora:style:0.8>\nSteps: 4, Sampler: Euler"));
+        assert!(text.contains("Seed: 42, Size: 4x2, Model: tiny"));
+        let json = &chunks.iter().find(|(k, _)| k == "fluxlora").expect("json").1;
+        let v: serde_json::Value = serde_json::from_str(json).map_err(io::Error::other)?;
+        assert_eq!(v["seed"], 42);
+        let decoded = image::load_from_memory(&bytes).map_err(io::Error::other)?.to_rgb8();
+        assert_eq!(decoded, img);
+        Ok(())
+    }
+}
