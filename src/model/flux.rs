@@ -834,6 +834,33 @@ impl Flux {
         out
     }
 
+    /// Every weight under its BFL name, with `adapters` merged into the linears
+    /// (W + Σ sᵢ·ΔWᵢ): the base for `lora merge` and for exporting a fine-tune.
+    pub fn merged_weights(&self, adapters: &AdapterSet) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![];
+        for l in self.linears() {
+            out.push((format!("{}.weight", l.module), adapters.merged_weight(&l.module, &l.weight)?));
+            if let Some(b) = &l.bias {
+                out.push((format!("{}.bias", l.module), b.clone()));
+            }
+        }
+        let norms = |prefix: String, q: &Tensor, k: &Tensor| {
+            [
+                (format!("{prefix}.query_norm.scale"), q.clone()),
+                (format!("{prefix}.key_norm.scale"), k.clone()),
+            ]
+        };
+        for (i, b) in self.double_blocks.iter().enumerate() {
+            for (s, st) in [("img", &b.img), ("txt", &b.txt)] {
+                out.extend(norms(format!("double_blocks.{i}.{s}_attn.norm"), &st.query_norm, &st.key_norm));
+            }
+        }
+        for (i, b) in self.single_blocks.iter().enumerate() {
+            out.extend(norms(format!("single_blocks.{i}.norm"), &b.query_norm, &b.key_norm));
+        }
+        Ok(out)
+    }
+
     /// Input embeddings and RoPE: the state before the first block.
     pub fn embed(&self, inp: &FluxInputs, ad: &AdapterSet) -> Result<Embedded> {
         let dtype = self.dtype;
@@ -1079,26 +1106,7 @@ mod tests {
         let set = AdapterSet::none().with(lora, 0.7);
         let unmerged = model.forward(&inputs, &set)?;
         assert!(rel_err(&unmerged, &base)? > 1e-3, "the LoRA must change the output");
-        let merged_weights: HashMap<String, Tensor> = model
-            .linears()
-            .iter()
-            .flat_map(|l| {
-                let w = set.merged_weight(l.module(), l.weight()).map(|w| (format!("{}.weight", l.module()), w));
-                let b = l.bias.clone().map(|b| Ok((format!("{}.bias", l.module()), b)));
-                std::iter::once(w).chain(b)
-            })
-            .collect::<Result<_>>()?;
-        let mut all = merged_weights;
-        for (i, blk) in model.double_blocks.iter().enumerate() {
-            for (s, st) in [("img", &blk.img), ("txt", &blk.txt)] {
-                all.insert(format!("double_blocks.{i}.{s}_attn.norm.query_norm.scale"), st.query_norm.clone());
-                all.insert(format!("double_blocks.{i}.{s}_attn.norm.key_norm.scale"), st.key_norm.clone());
-            }
-        }
-        for (i, blk) in model.single_blocks.iter().enumerate() {
-            all.insert(format!("single_blocks.{i}.norm.query_norm.scale"), blk.query_norm.clone());
-            all.insert(format!("single_blocks.{i}.norm.key_norm.scale"), blk.key_norm.clone());
-        }
+        let all: HashMap<String, Tensor> = model.merged_weights(&set)?.into_iter().collect();
         let merged = Flux::new(&cfg, &WeightSource::Tensors(all), DType::F32, &dev)?;
         let out = merged.forward(&inputs, &AdapterSet::none())?;
         let err = rel_err(&out, &unmerged)?;
