@@ -3,5 +3,6 @@
 //! The library holds everything; `main.rs` only parses the command line.
 
 pub mod atomic_file;
+pub mod config;
 pub mod model;
 pub mod sample;

@@ -1,0 +1,104 @@
+//! Runtime settings shared by every entry point: which device computes and in
+//! which precision. (The daemon's settings join this module when the server lands.)
+//!
+//! Must not: load models or open files.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+/// Where tensors live: the CPU, or a CUDA GPU when built with the `cuda` feature.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    pub fn open(self) -> candle_core::Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(i) => {
+                if cfg!(feature = "cuda") {
+                    Device::new_cuda(i)
+                } else {
+                    candle_core::bail!("this build has no CUDA support: rebuild with `--features cuda` or use `--device cpu`")
+                }
+            }
+        }
+    }
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device `{other}`: use cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// Compute precision of the model weights and activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+}
+
+impl FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "f16" | "fp16" | "float16" => Ok(Self::F16),
+            other => Err(format!("unknown precision `{other}`: use f32, bf16 or f16")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices_and_precisions() {
+        assert_eq!("cpu".parse::<DeviceChoice>(), Ok(DeviceChoice::Cpu));
+        assert_eq!("cuda:1".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(1)));
+        assert!("tpu".parse::<DeviceChoice>().unwrap_err().contains("tpu"));
+        assert_eq!("BF16".parse::<Precision>(), Ok(Precision::Bf16));
+        assert!("f8".parse::<Precision>().is_err());
+    }
+}
