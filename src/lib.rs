@@ -6,3 +6,4 @@ pub mod atomic_file;
 pub mod config;
 pub mod model;
 pub mod sample;
+pub mod train;

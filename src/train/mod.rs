@@ -1,0 +1,8 @@
+//! Training: datasets (folders, captions, repeats, buckets), caches, the
+//! flow-matching objective, optimizers, learning-rate schedules, checkpoints.
+//!
+//! Must not: know about HTTP; the daemon and the CLI drive it through its API.
+
+pub mod dataset;
+pub mod lr_schedule;
+pub mod optim;
