@@ -27,6 +27,7 @@ use candle_nn::init::{Init, DEFAULT_KAIMING_NORMAL};
 use serde::{Deserialize, Serialize};
 
 use super::adapter::AdapterSet;
+use super::keymap;
 use super::seeded::SeededInit;
 use candle_nn::var_builder::SimpleBackend;
 
@@ -200,14 +201,13 @@ impl WeightSource {
                 });
             }
         }
-        if names.iter().any(|n| n.ends_with("x_embedder.weight")) {
-            let mut tensors = HashMap::new();
-            for name in &names {
-                tensors.insert(name.clone(), st.load(name, &Device::Cpu)?);
-            }
-            let bfl = diffusers_to_bfl(tensors).map_err(|e| {
-                candle_core::Error::msg(format!("{}: {e}", path.display()))
-            })?;
+        if keymap::is_diffusers_layout(&names) {
+            let lazy = keymap::MmapSource {
+                tensors: &st,
+                device: &Device::Cpu,
+            };
+            let bfl = keymap::convert_diffusers_to_bfl(&lazy)
+                .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
             return Ok(Self::Tensors(bfl));
         }
         candle_core::bail!(
@@ -938,11 +938,6 @@ pub fn image_ids(b: usize, rows: usize, cols: usize, device: &Device) -> Result<
 /// Position ids (b, n, 3) of zeros for text tokens.
 pub fn text_ids(b: usize, n: usize, device: &Device) -> Result<Tensor> {
     Tensor::zeros((b, n, 3), DType::F32, device)
-}
-
-// TEMPORARY until keymap lands.
-fn diffusers_to_bfl(_t: HashMap<String, Tensor>) -> std::result::Result<HashMap<String, Tensor>, String> {
-    Err("diffusers layout conversion pending".into())
 }
 
 #[cfg(test)]
