@@ -60,6 +60,24 @@ fn rel_l2(ours: &Tensor, reference: &Tensor) -> TestResult<f64> {
     Ok((num / den.max(f64::MIN_POSITIVE)).sqrt())
 }
 
+/// The comparisons made for one fixture: lines to print and failures.
+#[derive(Default)]
+struct Checks {
+    report: Vec<String>,
+    failures: Vec<String>,
+}
+
+impl Checks {
+    fn check(&mut self, what: &str, ours: &Tensor, reference: &Tensor, tol: f64) -> TestResult<()> {
+        let err = rel_l2(ours, reference).map_err(|m| format!("{what}: {m}"))?;
+        self.report.push(format!("{what}: relative L2 error {err:.2e} (tolerance {tol:.0e})"));
+        if !(err <= tol) {
+            self.failures.push(format!("{what}: relative L2 error {err:.3e} > {tol:.0e}"));
+        }
+        Ok(())
+    }
+}
+
 /// Checks one fixture folder; returns the lines to print (checks run and skipped).
 fn check_fixture(dir: &Path) -> TestResult<Vec<String>> {
     let dev = Device::Cpu;
@@ -79,20 +97,11 @@ fn check_fixture(dir: &Path) -> TestResult<Vec<String>> {
         y: i("y")?,
         guidance,
     };
-    let mut report = vec![];
-    let mut failures = vec![];
-    let mut check = |what: &str, ours: &Tensor, reference: &Tensor, tol: f64| -> TestResult<()> {
-        let err = rel_l2(ours, reference).map_err(|m| format!("{what}: {m}"))?;
-        report.push(format!("{what}: relative L2 error {err:.2e} (tolerance {tol:.0e})"));
-        if !(err <= tol) {
-            failures.push(format!("{what}: relative L2 error {err:.3e} > {tol:.0e}"));
-        }
-        Ok(())
-    };
+    let mut checks = Checks::default();
 
     let expected = load(&dir.join("output.safetensors"))?;
     let out = model.forward(&batch, &AdapterSet::none()).map_err(e)?;
-    check("out", &out, get(&expected, "out", "output.safetensors")?, TOL_OUT)?;
+    checks.check("out", &out, get(&expected, "out", "output.safetensors")?, TOL_OUT)?;
 
     let lora_path = dir.join("lora.safetensors");
     let lora_out_path = dir.join("output_lora.safetensors");
@@ -107,10 +116,10 @@ fn check_fixture(dir: &Path) -> TestResult<Vec<String>> {
         for (key, strength) in [("out_1.0", 1.0), ("out_0.5", 0.5)] {
             let set = AdapterSet::none().with(lora.clone(), strength);
             let out = model.forward(&batch, &set).map_err(e)?;
-            check(key, &out, get(&expected, key, "output_lora.safetensors")?, TOL_OUT)?;
+            checks.check(key, &out, get(&expected, key, "output_lora.safetensors")?, TOL_OUT)?;
         }
     } else {
-        report.push("LoRA check skipped: no lora.safetensors / output_lora.safetensors".into());
+        checks.report.push("LoRA check skipped: no lora.safetensors / output_lora.safetensors".into());
     }
 
     let sampling_json = dir.join("sampling.json");
@@ -143,14 +152,14 @@ fn check_fixture(dir: &Path) -> TestResult<Vec<String>> {
         };
         let times = schedule(steps, tokens, shift);
         let out = euler(&velocity, noise, &times, &mut |_, _| Ok(())).map_err(e)?;
-        check("final", &out, get(&st, "final", "sampling.safetensors")?, TOL_FINAL)?;
+        checks.check("final", &out, get(&st, "final", "sampling.safetensors")?, TOL_FINAL)?;
     } else {
-        report.push("sampling check skipped: no sampling.json / sampling.safetensors".into());
+        checks.report.push("sampling check skipped: no sampling.json / sampling.safetensors".into());
     }
-    if failures.is_empty() {
-        Ok(report)
+    if checks.failures.is_empty() {
+        Ok(checks.report)
     } else {
-        Err(failures.join("; "))
+        Err(checks.failures.join("; "))
     }
 }
 
