@@ -1,1 +1,129 @@
-fn main() {}
+//! The `fluxlora` command line: parses arguments and calls into the library.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use fluxlora::commands::{self, LoraArg, ModelArgs, SaveFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "fluxlora",
+    version,
+    about = "Train Flux LoRA adapters and sample images with them"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a prompt (the built-in tiny model when no --model is given).
+    Sample(SampleArgs),
+    /// Inspect, convert or merge LoRA files.
+    #[command(subcommand)]
+    Lora(LoraCommand),
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative: String,
+    /// A LoRA file, optionally with a strength: FILE[:STRENGTH] (repeatable).
+    #[arg(long = "lora")]
+    loras: Vec<LoraArg>,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// Distilled guidance (dev models; ignored by schnell-style models).
+    #[arg(long)]
+    guidance: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Output PNG; with --batch > 1, `_N` is added before the extension.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum LoraCommand {
+    /// Format, rank, alpha, targeted modules, unmatched keys and metadata of a LoRA file.
+    Inspect {
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert between kohya and diffusers/peft key formats.
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        #[arg(long, value_enum, default_value_t = SaveFormat::Kohya)]
+        to: SaveFormat,
+        /// Save precision: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        precision: String,
+    },
+    /// Merge LoRAs into the base transformer and write a BFL-layout checkpoint.
+    Merge {
+        #[arg(long = "lora", required = true)]
+        loras: Vec<LoraArg>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Sample(a) => {
+            let req = fluxlora::sample::generate::SampleRequest {
+                prompt: a.prompt,
+                negative_prompt: a.negative,
+                width: a.width,
+                height: a.height,
+                steps: a.steps,
+                guidance: a.guidance,
+                seed: a.seed,
+                batch_size: a.batch,
+            };
+            for path in commands::sample(&a.model, &req, &a.loras, &a.out)? {
+                println!("{}", path.display());
+            }
+        }
+        Command::Lora(LoraCommand::Inspect { file, json }) => {
+            print!("{}", commands::lora_inspect(&file, json)?);
+        }
+        Command::Lora(LoraCommand::Convert {
+            input,
+            output,
+            to,
+            precision,
+        }) => {
+            let report = commands::lora_convert(&input, &output, to, &precision)?;
+            println!("{report}");
+        }
+        Command::Lora(LoraCommand::Merge { loras, model, out }) => {
+            commands::lora_merge(&model, &loras, &out)?;
+            println!("{}", out.display());
+        }
+    }
+    Ok(())
+}

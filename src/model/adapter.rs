@@ -179,7 +179,12 @@ impl AdapterSet {
 
 /// Checks that a layer update fits a linear of shape (out, in); used by loaders so a
 /// wrong-shape LoRA fails at load time naming the module, not deep inside a matmul.
-pub fn check_fits(module: &str, layer: &LoraLayer, out_f: usize, in_f: usize) -> std::result::Result<(), String> {
+pub fn check_fits(
+    module: &str,
+    layer: &LoraLayer,
+    out_f: usize,
+    in_f: usize,
+) -> std::result::Result<(), String> {
     let (li, lo) = layer.in_out();
     let rank_ok = layer.up.dims().get(1).copied() == Some(layer.rank())
         && layer.down.rank() == 2

@@ -101,7 +101,9 @@ impl FluxConfig {
             )
         }
         if self.in_channels == 0 || self.vec_in_dim == 0 || self.context_in_dim == 0 {
-            candle_core::bail!("flux config: in_channels, vec_in_dim and context_in_dim must be > 0")
+            candle_core::bail!(
+                "flux config: in_channels, vec_in_dim and context_in_dim must be > 0"
+            )
         }
         Ok(())
     }
@@ -226,7 +228,9 @@ impl WeightSource {
 
     fn shape(&self, name: &str) -> Result<Vec<usize>> {
         match self {
-            Self::Seeded(_) => candle_core::bail!("seeded weights have no shapes to infer a config from"),
+            Self::Seeded(_) => {
+                candle_core::bail!("seeded weights have no shapes to infer a config from")
+            }
             Self::Tensors(t) => t
                 .get(name)
                 .map(|t| t.dims().to_vec())
@@ -308,7 +312,11 @@ impl Loader<'_> {
     }
 
     fn linear(&mut self, module: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Linear> {
-        let weight = self.tensor(&format!("{module}.weight"), &[out_f, in_f], DEFAULT_KAIMING_NORMAL)?;
+        let weight = self.tensor(
+            &format!("{module}.weight"),
+            &[out_f, in_f],
+            DEFAULT_KAIMING_NORMAL,
+        )?;
         let bias = if bias {
             Some(self.tensor(&format!("{module}.bias"), &[out_f], Init::Const(0.0))?)
         } else {
@@ -388,7 +396,9 @@ fn rms_norm(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
     let scale = scale.to_dtype(dtype)?;
     let xf = x.to_dtype(DType::F32)?;
     let normed = if tracks(&[&xf, &scale]) {
-        let rrms = (xf.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?.recip()?;
+        let rrms = (xf.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?
+            .sqrt()?
+            .recip()?;
         xf.broadcast_mul(&rrms)?
     } else {
         let ones = Tensor::ones(xf.dim(D::Minus1)?, DType::F32, xf.device())?;
@@ -418,7 +428,10 @@ impl Rope {
         let ids = ids.to_dtype(DType::F32)?;
         let (_b, _seq, n_axes) = ids.dims3()?;
         if n_axes != axes_dim.len() {
-            candle_core::bail!("position ids have {n_axes} axes, the config has {}", axes_dim.len())
+            candle_core::bail!(
+                "position ids have {n_axes} axes, the config has {}",
+                axes_dim.len()
+            )
         }
         let mut angles = Vec::with_capacity(n_axes);
         for (i, &d) in axes_dim.iter().enumerate() {
@@ -518,7 +531,8 @@ struct ModulationOut {
 impl ModulationOut {
     /// (1 + scale) · x + shift
     fn modulate(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_mul(&(&self.scale + 1.0)?)?.broadcast_add(&self.shift)
+        x.broadcast_mul(&(&self.scale + 1.0)?)?
+            .broadcast_add(&self.shift)
     }
 
     /// gate · x
@@ -545,7 +559,9 @@ fn modulation(lin: &Linear, vec: &Tensor, n: usize, ad: &AdapterSet) -> Result<V
 fn split_qkv(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, seq, three_hidden) = qkv.dims3()?;
     let head_dim = three_hidden / 3 / heads;
-    let qkv = qkv.reshape((b, seq, 3, heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
+    let qkv = qkv
+        .reshape((b, seq, 3, heads, head_dim))?
+        .permute((2, 0, 3, 1, 4))?;
     Ok((qkv.get(0)?, qkv.get(1)?, qkv.get(2)?))
 }
 
@@ -568,8 +584,14 @@ impl Stream {
         Ok(Self {
             modulation: ld.linear(&format!("{block}.{s}_mod.lin"), h, 6 * h, true)?,
             qkv: ld.linear(&format!("{block}.{s}_attn.qkv"), h, 3 * h, cfg.qkv_bias)?,
-            query_norm: ld.rms_scale(&format!("{block}.{s}_attn.norm.query_norm.scale"), cfg.head_dim())?,
-            key_norm: ld.rms_scale(&format!("{block}.{s}_attn.norm.key_norm.scale"), cfg.head_dim())?,
+            query_norm: ld.rms_scale(
+                &format!("{block}.{s}_attn.norm.query_norm.scale"),
+                cfg.head_dim(),
+            )?,
+            key_norm: ld.rms_scale(
+                &format!("{block}.{s}_attn.norm.key_norm.scale"),
+                cfg.head_dim(),
+            )?,
             proj: ld.linear(&format!("{block}.{s}_attn.proj"), h, h, true)?,
             mlp_in: ld.linear(&format!("{block}.{s}_mlp.0"), h, m, true)?,
             mlp_out: ld.linear(&format!("{block}.{s}_mlp.2"), m, h, true)?,
@@ -593,7 +615,13 @@ impl Stream {
     }
 
     /// Residual attention output and MLP after the joint attention.
-    fn post_attention(&self, x: &Tensor, attn: &Tensor, mods: &[ModulationOut], ad: &AdapterSet) -> Result<Tensor> {
+    fn post_attention(
+        &self,
+        x: &Tensor,
+        attn: &Tensor,
+        mods: &[ModulationOut],
+        ad: &AdapterSet,
+    ) -> Result<Tensor> {
         let x = (x + mods[0].gate(&self.proj.forward(attn, ad)?)?)?;
         let h = mods[1].modulate(&layer_norm(&x)?)?;
         let h = self.mlp_in.forward(&h, ad)?.gelu()?;
@@ -683,7 +711,9 @@ impl SingleBlock {
         let q = rms_norm(&q, &self.query_norm)?;
         let k = rms_norm(&k, &self.key_norm)?;
         let attn = attention(&q, &k, &v, pe)?;
-        let out = self.linear2.forward(&Tensor::cat(&[attn, mlp.gelu()?], D::Minus1)?, ad)?;
+        let out = self
+            .linear2
+            .forward(&Tensor::cat(&[attn, mlp.gelu()?], D::Minus1)?, ad)?;
         x + mods[0].gate(&out)?
     }
 }
@@ -750,7 +780,12 @@ pub struct Flux {
 
 impl Flux {
     /// Builds the model from `source`, storing weights in `dtype` (fp8 weights stay fp8).
-    pub fn new(cfg: &FluxConfig, source: &WeightSource, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        cfg: &FluxConfig,
+        source: &WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         cfg.validate()?;
         let mut ld = Loader {
             source,
@@ -839,7 +874,10 @@ impl Flux {
     pub fn merged_weights(&self, adapters: &AdapterSet) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![];
         for l in self.linears() {
-            out.push((format!("{}.weight", l.module), adapters.merged_weight(&l.module, &l.weight)?));
+            out.push((
+                format!("{}.weight", l.module),
+                adapters.merged_weight(&l.module, &l.weight)?,
+            ));
             if let Some(b) = &l.bias {
                 out.push((format!("{}.bias", l.module), b.clone()));
             }
@@ -852,11 +890,19 @@ impl Flux {
         };
         for (i, b) in self.double_blocks.iter().enumerate() {
             for (s, st) in [("img", &b.img), ("txt", &b.txt)] {
-                out.extend(norms(format!("double_blocks.{i}.{s}_attn.norm"), &st.query_norm, &st.key_norm));
+                out.extend(norms(
+                    format!("double_blocks.{i}.{s}_attn.norm"),
+                    &st.query_norm,
+                    &st.key_norm,
+                ));
             }
         }
         for (i, b) in self.single_blocks.iter().enumerate() {
-            out.extend(norms(format!("single_blocks.{i}.norm"), &b.query_norm, &b.key_norm));
+            out.extend(norms(
+                format!("single_blocks.{i}.norm"),
+                &b.query_norm,
+                &b.key_norm,
+            ));
         }
         Ok(out)
     }
@@ -870,7 +916,9 @@ impl Flux {
         let mut vec = self.time_in.forward(&t_emb, ad)?;
         if let Some(g_in) = &self.guidance_in {
             let g = inp.guidance.ok_or_else(|| {
-                candle_core::Error::msg("this model is guidance-distilled (dev): a guidance value is required")
+                candle_core::Error::msg(
+                    "this model is guidance-distilled (dev): a guidance value is required",
+                )
             })?;
             let g_emb = timestep_embedding(g, 256)?.to_dtype(dtype)?;
             vec = (vec + g_in.forward(&g_emb, ad)?)?;
@@ -890,7 +938,12 @@ impl Flux {
 
     /// The velocity prediction (b, n_img, in_channels) for `inp` with `adapters` applied.
     pub fn forward(&self, inp: &FluxInputs, adapters: &AdapterSet) -> Result<Tensor> {
-        let Embedded { mut img, mut txt, vec, pe } = self.embed(inp, adapters)?;
+        let Embedded {
+            mut img,
+            mut txt,
+            vec,
+            pe,
+        } = self.embed(inp, adapters)?;
         for block in &self.double_blocks {
             (img, txt) = block.forward(&img, &txt, &vec, &pe, adapters)?;
         }
@@ -1039,7 +1092,9 @@ mod tests {
         assert_eq!(out.dims(), &[2, 6, cfg.in_channels]);
         let mut no_guidance = b.inputs();
         no_guidance.guidance = None;
-        let err = model.forward(&no_guidance, &AdapterSet::none()).unwrap_err();
+        let err = model
+            .forward(&no_guidance, &AdapterSet::none())
+            .unwrap_err();
         assert!(err.to_string().contains("guidance"), "{err}");
         Ok(())
     }
@@ -1100,7 +1155,10 @@ mod tests {
         assert_eq!(rel_err(&zero, &base)?, 0.0);
         let set = AdapterSet::none().with(lora, 0.7);
         let unmerged = model.forward(&inputs, &set)?;
-        assert!(rel_err(&unmerged, &base)? > 1e-3, "the LoRA must change the output");
+        assert!(
+            rel_err(&unmerged, &base)? > 1e-3,
+            "the LoRA must change the output"
+        );
         let all: HashMap<String, Tensor> = model.merged_weights(&set)?.into_iter().collect();
         let merged = Flux::new(&cfg, &WeightSource::Tensors(all), DType::F32, &dev)?;
         let out = merged.forward(&inputs, &AdapterSet::none())?;

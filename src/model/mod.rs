@@ -2,6 +2,7 @@
 //! the autoencoder and model bundles. Nothing here knows about HTTP or jobs.
 
 pub mod adapter;
+pub mod bundle;
 pub mod flux;
 pub mod keymap;
 pub mod lora_io;

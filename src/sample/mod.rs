@@ -4,5 +4,6 @@
 //! Must not: know about HTTP or jobs; the daemon and the CLI call in here.
 
 pub mod euler;
+pub mod generate;
 pub mod png_meta;
 pub mod schedule;

@@ -75,7 +75,9 @@ fn write_png(w: &mut dyn Write, image: &RgbImage, params: &GenerationParams) -> 
         result.map_err(io::Error::other)?;
     }
     let mut writer = encoder.write_header().map_err(io::Error::other)?;
-    writer.write_image_data(image.as_raw()).map_err(io::Error::other)?;
+    writer
+        .write_image_data(image.as_raw())
+        .map_err(io::Error::other)?;
     writer.finish().map_err(io::Error::other)
 }
 
@@ -120,13 +122,25 @@ mod tests {
         };
         let bytes = encode_png(&img, &params)?;
         let chunks = read_text_chunks(&bytes)?;
-        let text = &chunks.iter().find(|(k, _)| k == "parameters").expect("parameters").1;
-        assert!(text.starts_with("a red circle — on blue <lora:style:0.8>\nSteps: 4, Sampler: Euler"));
+        let text = &chunks
+            .iter()
+            .find(|(k, _)| k == "parameters")
+            .expect("parameters")
+            .1;
+        assert!(
+            text.starts_with("a red circle — on blue <lora:style:0.8>\nSteps: 4, Sampler: Euler")
+        );
         assert!(text.contains("Seed: 42, Size: 4x2, Model: tiny"));
-        let json = &chunks.iter().find(|(k, _)| k == "fluxlora").expect("json").1;
+        let json = &chunks
+            .iter()
+            .find(|(k, _)| k == "fluxlora")
+            .expect("json")
+            .1;
         let v: serde_json::Value = serde_json::from_str(json).map_err(io::Error::other)?;
         assert_eq!(v["seed"], 42);
-        let decoded = image::load_from_memory(&bytes).map_err(io::Error::other)?.to_rgb8();
+        let decoded = image::load_from_memory(&bytes)
+            .map_err(io::Error::other)?
+            .to_rgb8();
         assert_eq!(decoded, img);
         Ok(())
     }

@@ -1,0 +1,230 @@
+//! The command-line jobs (`sample`, `lora inspect|convert|merge`) as library
+//! functions, so `main.rs` only parses arguments and tests can call them directly.
+//!
+//! Must not: parse the command line or print (callers print what is returned).
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::config::{DeviceChoice, Precision};
+use crate::model::adapter::AdapterSet;
+use crate::model::bundle::ModelBundle;
+use crate::model::lora_io;
+use crate::sample::generate::{generate, ResolvedRequest, SampleRequest};
+use crate::sample::png_meta::save_png;
+
+/// Which model to load and how.
+#[derive(Args, Clone, Debug, Default)]
+pub struct ModelArgs {
+    /// A model folder or file (BFL/ComfyUI single file, diffusers folder, ComfyUI
+    /// install); the built-in tiny model when absent.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Compute precision: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<ModelBundle> {
+        let device = self.device.open()?;
+        let dtype = self.precision.dtype();
+        let bundle = match &self.model {
+            Some(path) => ModelBundle::load(path, dtype, &device)
+                .with_context(|| format!("loading model from {}", path.display()))?,
+            None => ModelBundle::tiny(&device)?,
+        };
+        tracing::info!(model = %bundle.name, device = %self.device, "model loaded");
+        Ok(bundle)
+    }
+}
+
+/// The key layout `lora convert` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SaveFormat {
+    /// kohya sd-scripts keys (`lora_unet_…`), what ComfyUI, Forge and A1111 load.
+    Kohya,
+    /// diffusers/peft keys (`transformer.….lora_A.weight`).
+    Diffusers,
+}
+
+/// `FILE[:STRENGTH]` as given on the command line (strength 1 when absent).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraArg {
+    pub path: PathBuf,
+    pub strength: f64,
+}
+
+impl FromStr for LoraArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if let Some((path, strength)) = s.rsplit_once(':') {
+            if let Ok(strength) = strength.parse::<f64>() {
+                if !strength.is_finite() {
+                    return Err(format!("LoRA strength must be a finite number: `{s}`"));
+                }
+                return Ok(Self {
+                    path: PathBuf::from(path),
+                    strength,
+                });
+            }
+        }
+        Ok(Self {
+            path: PathBuf::from(s),
+            strength: 1.0,
+        })
+    }
+}
+
+/// Loads LoRAs, checks they fit the model, and returns them as an adapter set with
+/// their (name, strength) for the PNG metadata.
+fn load_adapters(
+    bundle: &ModelBundle,
+    loras: &[LoraArg],
+) -> Result<(AdapterSet, Vec<(String, f64)>)> {
+    let mut set = AdapterSet::none();
+    let mut names = vec![];
+    for arg in loras {
+        let file = lora_io::load(&arg.path, bundle.device())?;
+        if !file.unmatched.is_empty() {
+            tracing::warn!(file = %arg.path.display(), keys = ?file.unmatched, "LoRA keys that match no module were ignored");
+        }
+        lora_io::validate(&file.lora, bundle.flux.linear_shapes())?;
+        names.push((file.lora.name.clone(), arg.strength));
+        set.push(Arc::new(file.lora), arg.strength);
+    }
+    Ok((set, names))
+}
+
+/// Output path of image `index` of `count`: the path itself, or `stem_index.ext`.
+fn numbered(out: &Path, index: usize, count: usize) -> PathBuf {
+    if count == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = out
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
+    out.with_file_name(format!("{stem}_{index}.{ext}"))
+}
+
+/// `fluxlora sample`: generates and writes PNGs; returns the written paths.
+pub fn sample(
+    model: &ModelArgs,
+    req: &SampleRequest,
+    loras: &[LoraArg],
+    out: &Path,
+) -> Result<Vec<PathBuf>> {
+    let bundle = model.load()?;
+    let (adapters, names) = load_adapters(&bundle, loras)?;
+    let req = ResolvedRequest::new(req, &bundle)?;
+    let started = std::time::Instant::now();
+    let images = generate(&bundle, &req, &adapters, &mut |info, _| {
+        tracing::debug!(step = info.step, total = info.total, "sampling");
+        Ok(())
+    })?;
+    tracing::info!(
+        images = images.len(),
+        steps = req.steps,
+        seconds = started.elapsed().as_secs_f64(),
+        "sampled"
+    );
+    let mut written = vec![];
+    for (i, image) in images.iter().enumerate() {
+        let path = numbered(out, i, images.len());
+        save_png(&path, image, &req.params(i, &bundle.name, &names))
+            .with_context(|| format!("writing {}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// `fluxlora lora inspect`.
+pub fn lora_inspect(path: &Path, json: bool) -> Result<String> {
+    let file = lora_io::load(path, &candle_core::Device::Cpu)?;
+    let report = lora_io::describe(&file);
+    Ok(if json {
+        serde_json::to_string_pretty(&report)? + "\n"
+    } else {
+        report.to_string()
+    })
+}
+
+/// `fluxlora lora convert`: returns a one-line summary.
+pub fn lora_convert(
+    input: &Path,
+    output: &Path,
+    to: SaveFormat,
+    precision: &str,
+) -> Result<String> {
+    let precision: Precision = precision.parse().map_err(anyhow::Error::msg)?;
+    let file = lora_io::load(input, &candle_core::Device::Cpu)?;
+    match to {
+        SaveFormat::Kohya => {
+            lora_io::save_kohya(output, &file.lora, &file.metadata, precision.dtype())?
+        }
+        SaveFormat::Diffusers => {
+            lora_io::save_diffusers(output, &file.lora, &file.metadata, precision.dtype())?
+        }
+    }
+    Ok(format!(
+        "{} ({:?}, {} modules) → {} ({to:?})",
+        input.display(),
+        file.format,
+        file.lora.layers.len(),
+        output.display()
+    ))
+}
+
+/// `fluxlora lora merge`: the base transformer with the LoRAs folded in, BFL keys.
+pub fn lora_merge(model: &ModelArgs, loras: &[LoraArg], out: &Path) -> Result<()> {
+    let bundle = model.load()?;
+    let (adapters, _) = load_adapters(&bundle, loras)?;
+    let weights = bundle.flux.merged_weights(&adapters)?;
+    let map: std::collections::HashMap<String, candle_core::Tensor> = weights.into_iter().collect();
+    crate::atomic_file::write_with(out, |w| {
+        let bytes = safetensors::serialize(map.iter().map(|(k, v)| (k.clone(), v)), None)
+            .map_err(std::io::Error::other)?;
+        w.write_all(&bytes)
+    })
+    .with_context(|| format!("writing {}", out.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_arg_parses_optional_strength() {
+        let a: LoraArg = "style.safetensors:0.6".parse().unwrap();
+        assert_eq!(a.path, PathBuf::from("style.safetensors"));
+        assert_eq!(a.strength, 0.6);
+        let b: LoraArg = "dir:x/style.safetensors".parse().unwrap();
+        assert_eq!(b.path, PathBuf::from("dir:x/style.safetensors"));
+        assert_eq!(b.strength, 1.0);
+        assert!("a.safetensors:NaN".parse::<LoraArg>().is_err());
+    }
+
+    #[test]
+    fn batch_outputs_are_numbered() {
+        assert_eq!(
+            numbered(Path::new("o/x.png"), 0, 1),
+            PathBuf::from("o/x.png")
+        );
+        assert_eq!(
+            numbered(Path::new("o/x.png"), 1, 2),
+            PathBuf::from("o/x_1.png")
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! Text-to-image generation with a loaded bundle: encode the prompt, draw seeded
+//! noise, integrate the flow with Euler over Flux's schedule, decode with the VAE.
+
+use candle_core::{Result, Tensor};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use super::euler::{euler, FluxVelocity, StepInfo};
+use super::png_meta::GenerationParams;
+use super::schedule::schedule;
+use crate::model::adapter::AdapterSet;
+use crate::model::bundle::ModelBundle;
+use crate::model::flux::{image_ids, pack_latents, text_ids, unpack_latents};
+use crate::model::seeded::SeededRng;
+use crate::model::vae::tensor_to_images;
+
+/// Pixels per packed token side: 8× VAE down-sampling times 2×2 patches.
+pub const SIZE_MULTIPLE: usize = 16;
+
+/// One text-to-image request. Missing fields take the model's defaults.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+    #[serde(default)]
+    pub width: Option<usize>,
+    #[serde(default)]
+    pub height: Option<usize>,
+    #[serde(default)]
+    pub steps: Option<usize>,
+    #[serde(default)]
+    pub guidance: Option<f64>,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "one")]
+    pub batch_size: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl SampleRequest {
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            width: None,
+            height: None,
+            steps: None,
+            guidance: None,
+            seed: 0,
+            batch_size: 1,
+        }
+    }
+}
+
+/// A request with every default filled in and checked.
+#[derive(Clone, Debug)]
+pub struct ResolvedRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub batch_size: usize,
+}
+
+/// Largest side we accept; beyond this a CPU or a GPU runs out long before finishing.
+pub const MAX_SIDE: usize = 4096;
+pub const MAX_STEPS: usize = 1000;
+pub const MAX_BATCH: usize = 64;
+
+impl ResolvedRequest {
+    pub fn new(req: &SampleRequest, bundle: &ModelBundle) -> Result<Self> {
+        let d = &bundle.defaults;
+        let r = Self {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
+            width: req.width.unwrap_or(d.width),
+            height: req.height.unwrap_or(d.height),
+            steps: req.steps.unwrap_or(d.steps),
+            guidance: req.guidance.unwrap_or(d.guidance),
+            seed: req.seed,
+            batch_size: req.batch_size,
+        };
+        for (field, v) in [("width", r.width), ("height", r.height)] {
+            if v == 0 || v % SIZE_MULTIPLE != 0 || v > MAX_SIDE {
+                candle_core::bail!(
+                    "{field} must be a positive multiple of {SIZE_MULTIPLE} up to {MAX_SIDE}, got {v}"
+                )
+            }
+        }
+        if r.steps == 0 || r.steps > MAX_STEPS {
+            candle_core::bail!("steps must be between 1 and {MAX_STEPS}, got {}", r.steps)
+        }
+        if r.batch_size == 0 || r.batch_size > MAX_BATCH {
+            candle_core::bail!(
+                "batch_size must be between 1 and {MAX_BATCH}, got {}",
+                r.batch_size
+            )
+        }
+        if !r.guidance.is_finite() || r.guidance < 0.0 {
+            candle_core::bail!("guidance must be a finite number ≥ 0, got {}", r.guidance)
+        }
+        Ok(r)
+    }
+
+    /// The parameters recorded in the PNG of image `index` of the batch.
+    pub fn params(&self, index: usize, model: &str, loras: &[(String, f64)]) -> GenerationParams {
+        GenerationParams {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps,
+            guidance: self.guidance,
+            seed: self.seed + index as u64,
+            width: self.width,
+            height: self.height,
+            model: model.to_string(),
+            loras: loras.to_vec(),
+        }
+    }
+}
+
+/// Initial noise for one image: standard normal latents (c, h/8, w/8) from `seed`.
+pub fn latent_noise(
+    seed: u64,
+    channels: usize,
+    h: usize,
+    w: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    SeededRng::for_name(seed, "latent-noise").randn((1, channels, h, w), device)
+}
+
+/// Generates `req.batch_size` images; image i uses seed `req.seed + i`. `on_step`
+/// sees each step's packed latents (for previews) and may cancel by returning an error.
+pub fn generate(
+    bundle: &ModelBundle,
+    req: &ResolvedRequest,
+    adapters: &AdapterSet,
+    on_step: &mut dyn FnMut(StepInfo, &Tensor) -> Result<()>,
+) -> Result<Vec<RgbImage>> {
+    let device = bundle.device();
+    let b = req.batch_size;
+    let factor = bundle.vae.downsample_factor();
+    let (lh, lw) = (req.height / factor, req.width / factor);
+    let channels = bundle.vae.latent_channels();
+
+    let prompts: Vec<&str> = vec![req.prompt.as_str(); b];
+    let emb = bundle.text.encode(&prompts)?;
+    let n_txt = emb.t5.dim(1)?;
+    let txt_ids = text_ids(b, n_txt, device)?;
+    let img_ids = image_ids(b, lh / 2, lw / 2, device)?;
+
+    let noise = (0..b)
+        .map(|i| latent_noise(req.seed + i as u64, channels, lh, lw, device))
+        .collect::<Result<Vec<_>>>()?;
+    let noise = pack_latents(&Tensor::cat(&noise, 0)?)?.to_dtype(bundle.flux.dtype())?;
+
+    let velocity = FluxVelocity {
+        flux: &bundle.flux,
+        adapters,
+        img_ids: &img_ids,
+        txt: &emb.t5,
+        txt_ids: &txt_ids,
+        y: &emb.pooled,
+        guidance: req.guidance,
+    };
+    let times = schedule(req.steps, (lh / 2) * (lw / 2), bundle.defaults.shift);
+    let packed = euler(&velocity, noise, &times, on_step)?;
+    let latents = unpack_latents(&packed, lh, lw)?;
+    let pixels = bundle.vae.decode(&latents)?;
+    tensor_to_images(&pixels)
+}
