@@ -32,23 +32,34 @@ fn fixture_dirs() -> Vec<PathBuf> {
         dirs.extend(local);
     }
     if let Ok(extra) = std::env::var("FLUXLORA_PARITY_DIRS") {
-        dirs.extend(extra.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
+        dirs.extend(
+            extra
+                .split(':')
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+        );
     }
     dirs
 }
 
 fn load(path: &Path) -> TestResult<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| format!("{}: {e}", path.display()))
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn get<'a>(map: &'a HashMap<String, Tensor>, name: &str, file: &str) -> TestResult<&'a Tensor> {
-    map.get(name).ok_or_else(|| format!("{file}: missing tensor `{name}`"))
+    map.get(name)
+        .ok_or_else(|| format!("{file}: missing tensor `{name}`"))
 }
 
 fn rel_l2(ours: &Tensor, reference: &Tensor) -> TestResult<f64> {
     let f = |r: candle_core::Result<f64>| r.map_err(|e| e.to_string());
     if ours.dims() != reference.dims() {
-        return Err(format!("shape {:?} vs reference {:?}", ours.dims(), reference.dims()));
+        return Err(format!(
+            "shape {:?} vs reference {:?}",
+            ours.dims(),
+            reference.dims()
+        ));
     }
     let ours = ours.to_dtype(DType::F64).map_err(|e| e.to_string())?;
     let reference = reference.to_dtype(DType::F64).map_err(|e| e.to_string())?;
@@ -56,7 +67,10 @@ fn rel_l2(ours: &Tensor, reference: &Tensor) -> TestResult<f64> {
         .and_then(|d| d.sqr())
         .and_then(|d| d.sum_all())
         .and_then(|d| d.to_scalar::<f64>()))?;
-    let den = f(reference.sqr().and_then(|d| d.sum_all()).and_then(|d| d.to_scalar::<f64>()))?;
+    let den = f(reference
+        .sqr()
+        .and_then(|d| d.sum_all())
+        .and_then(|d| d.to_scalar::<f64>()))?;
     Ok((num / den.max(f64::MIN_POSITIVE)).sqrt())
 }
 
@@ -70,9 +84,12 @@ struct Checks {
 impl Checks {
     fn check(&mut self, what: &str, ours: &Tensor, reference: &Tensor, tol: f64) -> TestResult<()> {
         let err = rel_l2(ours, reference).map_err(|m| format!("{what}: {m}"))?;
-        self.report.push(format!("{what}: relative L2 error {err:.2e} (tolerance {tol:.0e})"));
+        self.report.push(format!(
+            "{what}: relative L2 error {err:.2e} (tolerance {tol:.0e})"
+        ));
         if !(err <= tol) {
-            self.failures.push(format!("{what}: relative L2 error {err:.3e} > {tol:.0e}"));
+            self.failures
+                .push(format!("{what}: relative L2 error {err:.3e} > {tol:.0e}"));
         }
         Ok(())
     }
@@ -87,7 +104,11 @@ fn check_fixture(dir: &Path) -> TestResult<Vec<String>> {
     let model = Flux::new(&cfg, &source, DType::F32, &dev).map_err(e)?;
     let inputs = load(&dir.join("inputs.safetensors"))?;
     let i = |name: &str| get(&inputs, name, "inputs.safetensors");
-    let guidance = if cfg.guidance_embed { Some(i("guidance")?) } else { None };
+    let guidance = if cfg.guidance_embed {
+        Some(i("guidance")?)
+    } else {
+        None
+    };
     let batch = FluxInputs {
         img: i("img")?,
         img_ids: i("img_ids")?,
@@ -101,14 +122,23 @@ fn check_fixture(dir: &Path) -> TestResult<Vec<String>> {
 
     let expected = load(&dir.join("output.safetensors"))?;
     let out = model.forward(&batch, &AdapterSet::none()).map_err(e)?;
-    checks.check("out", &out, get(&expected, "out", "output.safetensors")?, TOL_OUT)?;
+    checks.check(
+        "out",
+        &out,
+        get(&expected, "out", "output.safetensors")?,
+        TOL_OUT,
+    )?;
 
     let lora_path = dir.join("lora.safetensors");
     let lora_out_path = dir.join("output_lora.safetensors");
     if lora_path.is_file() && lora_out_path.is_file() {
         let file = lora_io::load(&lora_path, &dev).map_err(|e| e.to_string())?;
         if !file.unmatched.is_empty() {
-            return Err(format!("{}: unmatched LoRA keys {:?}", lora_path.display(), file.unmatched));
+            return Err(format!(
+                "{}: unmatched LoRA keys {:?}",
+                lora_path.display(),
+                file.unmatched
+            ));
         }
         lora_io::validate(&file.lora, model.linear_shapes()).map_err(|e| e.to_string())?;
         let lora = Arc::new(file.lora);
@@ -116,20 +146,32 @@ fn check_fixture(dir: &Path) -> TestResult<Vec<String>> {
         for (key, strength) in [("out_1.0", 1.0), ("out_0.5", 0.5)] {
             let set = AdapterSet::none().with(lora.clone(), strength);
             let out = model.forward(&batch, &set).map_err(e)?;
-            checks.check(key, &out, get(&expected, key, "output_lora.safetensors")?, TOL_OUT)?;
+            checks.check(
+                key,
+                &out,
+                get(&expected, key, "output_lora.safetensors")?,
+                TOL_OUT,
+            )?;
         }
     } else {
-        checks.report.push("LoRA check skipped: no lora.safetensors / output_lora.safetensors".into());
+        checks
+            .report
+            .push("LoRA check skipped: no lora.safetensors / output_lora.safetensors".into());
     }
 
     let sampling_json = dir.join("sampling.json");
     let sampling_st = dir.join("sampling.safetensors");
     if sampling_json.is_file() && sampling_st.is_file() {
         let text = std::fs::read_to_string(&sampling_json).map_err(|e| e.to_string())?;
-        let spec: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("sampling.json: {e}"))?;
-        let steps = spec["steps"].as_u64().ok_or("sampling.json: `steps` missing")? as usize;
+        let spec: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("sampling.json: {e}"))?;
+        let steps = spec["steps"]
+            .as_u64()
+            .ok_or("sampling.json: `steps` missing")? as usize;
         let g = spec["guidance"].as_f64().unwrap_or(1.0);
-        let grid = spec["grid"].as_array().ok_or("sampling.json: `grid` missing")?;
+        let grid = spec["grid"]
+            .as_array()
+            .ok_or("sampling.json: `grid` missing")?;
         let tokens: usize = grid.iter().filter_map(|v| v.as_u64()).product::<u64>() as usize;
         let shift = if spec["shift"].as_bool().unwrap_or(false) {
             Some(Shift {
@@ -152,9 +194,16 @@ fn check_fixture(dir: &Path) -> TestResult<Vec<String>> {
         };
         let times = schedule(steps, tokens, shift);
         let out = euler(&velocity, noise, &times, &mut |_, _| Ok(())).map_err(e)?;
-        checks.check("final", &out, get(&st, "final", "sampling.safetensors")?, TOL_FINAL)?;
+        checks.check(
+            "final",
+            &out,
+            get(&st, "final", "sampling.safetensors")?,
+            TOL_FINAL,
+        )?;
     } else {
-        checks.report.push("sampling check skipped: no sampling.json / sampling.safetensors".into());
+        checks
+            .report
+            .push("sampling check skipped: no sampling.json / sampling.safetensors".into());
     }
     if checks.failures.is_empty() {
         Ok(checks.report)
@@ -166,7 +215,10 @@ fn check_fixture(dir: &Path) -> TestResult<Vec<String>> {
 #[test]
 fn parity_fixtures_match_reference() {
     let dirs = fixture_dirs();
-    assert!(!dirs.is_empty(), "no parity fixtures found under tests/fixtures/parity");
+    assert!(
+        !dirs.is_empty(),
+        "no parity fixtures found under tests/fixtures/parity"
+    );
     let mut failed = vec![];
     for dir in &dirs {
         match check_fixture(dir) {
