@@ -13,6 +13,7 @@ use clap::Args;
 use crate::config::{DeviceChoice, Precision};
 use crate::model::adapter::AdapterSet;
 use crate::model::bundle::ModelBundle;
+use crate::model::flux::CONFIG_METADATA_KEY;
 use crate::model::lora_io;
 use crate::sample::generate::{generate, ResolvedRequest, SampleRequest};
 use crate::sample::png_meta::save_png;
@@ -192,13 +193,11 @@ pub fn lora_merge(model: &ModelArgs, loras: &[LoraArg], out: &Path) -> Result<()
     let bundle = model.load()?;
     let (adapters, _) = load_adapters(&bundle, loras)?;
     let weights = bundle.flux.merged_weights(&adapters)?;
-    let map: std::collections::HashMap<String, candle_core::Tensor> = weights.into_iter().collect();
-    crate::atomic_file::write_with(out, |w| {
-        let bytes = safetensors::serialize(map.iter().map(|(k, v)| (k.clone(), v)), None)
-            .map_err(std::io::Error::other)?;
-        w.write_all(&bytes)
-    })
-    .with_context(|| format!("writing {}", out.display()))
+    let config = serde_json::to_string(bundle.flux.config())?;
+    let metadata = std::collections::HashMap::from([(CONFIG_METADATA_KEY.to_string(), config)]);
+    let bytes =
+        safetensors::serialize(weights.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))?;
+    crate::atomic_file::write(out, &bytes).with_context(|| format!("writing {}", out.display()))
 }
 
 #[cfg(test)]

@@ -828,10 +828,18 @@ impl Flux {
         })
     }
 
-    /// Loads a checkpoint file or folder, inferring the config from its shapes.
+    /// Loads a checkpoint file or folder. The config comes from the file's
+    /// `fluxlora.flux_config` metadata when we wrote it, else from the weight shapes.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let source = WeightSource::open(path)?;
-        let cfg = FluxConfig::infer(&source)?;
+        let stored = match &source {
+            WeightSource::Mmap { files, .. } => stored_config(&files[0])?,
+            _ => None,
+        };
+        let cfg = match stored {
+            Some(cfg) => cfg,
+            None => FluxConfig::infer(&source)?,
+        };
         Self::new(&cfg, &source, dtype, device)
     }
 
@@ -953,6 +961,28 @@ impl Flux {
             x = block.forward(&x, &vec, &pe, adapters)?;
         }
         self.head(&x, n_txt, &vec, adapters)
+    }
+}
+
+/// Metadata key under which we store the config of checkpoints we write.
+pub const CONFIG_METADATA_KEY: &str = "fluxlora.flux_config";
+
+/// The config stored in a checkpoint's safetensors metadata, if any.
+fn stored_config(file: &Path) -> Result<Option<FluxConfig>> {
+    let metadata =
+        super::lora_io::read_metadata(file).map_err(|e| candle_core::Error::msg(e.to_string()))?;
+    match metadata.get(CONFIG_METADATA_KEY) {
+        None => Ok(None),
+        Some(json) => {
+            let cfg: FluxConfig = serde_json::from_str(json).map_err(|e| {
+                candle_core::Error::msg(format!(
+                    "{}: bad `{CONFIG_METADATA_KEY}` metadata: {e}",
+                    file.display()
+                ))
+            })?;
+            cfg.validate()?;
+            Ok(Some(cfg))
+        }
     }
 }
 

@@ -1,0 +1,303 @@
+//! End-to-end checks of the command-line jobs on the built-in tiny model:
+//! sampling with and without LoRAs, PNG metadata, `lora inspect|convert|merge`,
+//! and the errors a user sees for broken files.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use fluxlora::commands::{self, LoraArg, ModelArgs, SaveFormat};
+use fluxlora::model::adapter::{AdapterSet, Lora, LoraLayer};
+use fluxlora::model::bundle::ModelBundle;
+use fluxlora::model::flux::{image_ids, text_ids, Flux, FluxInputs};
+use fluxlora::model::lora_io;
+use fluxlora::model::seeded::SeededRng;
+use fluxlora::sample::generate::SampleRequest;
+use fluxlora::sample::png_meta::read_text_chunks;
+
+/// A rank-4 LoRA on every linear of the tiny model, scaled so it clearly changes images.
+fn tiny_lora(bundle: &ModelBundle, name: &str, seed: u64) -> Lora {
+    let mut rng = SeededRng::new(seed);
+    let mut lora = Lora::new(name);
+    for (module, &(out_f, in_f)) in bundle.flux.linear_shapes() {
+        let down = (rng.randn((4, in_f), &Device::Cpu).unwrap() * 0.3).unwrap();
+        let up = (rng.randn((out_f, 4), &Device::Cpu).unwrap() * 0.3).unwrap();
+        lora.layers.insert(
+            module.clone(),
+            LoraLayer {
+                down,
+                up,
+                alpha: 2.0,
+            },
+        );
+    }
+    lora
+}
+
+fn write_lora(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let bundle = ModelBundle::tiny(&Device::Cpu).unwrap();
+    let path = dir.join(format!("{name}.safetensors"));
+    lora_io::save_kohya(
+        &path,
+        &tiny_lora(&bundle, name, seed),
+        &BTreeMap::new(),
+        DType::F32,
+    )
+    .unwrap();
+    path
+}
+
+fn pixels(path: &Path) -> Vec<u8> {
+    image::open(path).unwrap().to_rgb8().into_raw()
+}
+
+fn request(seed: u64) -> SampleRequest {
+    SampleRequest {
+        steps: Some(4),
+        seed,
+        ..SampleRequest::new("a red circle on a blue background")
+    }
+}
+
+#[test]
+fn sample_is_deterministic_and_loras_change_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelArgs::default();
+    let lora = write_lora(dir.path(), "style", 1);
+
+    let a = commands::sample(&model, &request(7), &[], &dir.path().join("a.png")).unwrap();
+    let b = commands::sample(&model, &request(7), &[], &dir.path().join("b.png")).unwrap();
+    assert_eq!(pixels(&a[0]), pixels(&b[0]), "same seed, same image");
+    let c = commands::sample(&model, &request(8), &[], &dir.path().join("c.png")).unwrap();
+    assert_ne!(pixels(&a[0]), pixels(&c[0]), "another seed, another image");
+
+    let zero = LoraArg {
+        path: lora.clone(),
+        strength: 0.0,
+    };
+    let z = commands::sample(&model, &request(7), &[zero], &dir.path().join("z.png")).unwrap();
+    assert_eq!(pixels(&a[0]), pixels(&z[0]), "strength 0 is the base model");
+    let one = LoraArg {
+        path: lora,
+        strength: 1.0,
+    };
+    let l = commands::sample(&model, &request(7), &[one], &dir.path().join("l.png")).unwrap();
+    assert_ne!(pixels(&a[0]), pixels(&l[0]), "the LoRA changes the image");
+
+    let chunks = read_text_chunks(&std::fs::read(&l[0]).unwrap()).unwrap();
+    let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.contains("<lora:style:1>"), "{params}");
+    assert!(
+        params.contains("Seed: 7, Size: 64x64, Model: tiny"),
+        "{params}"
+    );
+}
+
+#[test]
+fn batch_images_equal_single_images_with_consecutive_seeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelArgs::default();
+    let batch = SampleRequest {
+        batch_size: 2,
+        ..request(3)
+    };
+    let out = commands::sample(&model, &batch, &[], &dir.path().join("b.png")).unwrap();
+    assert_eq!(out.len(), 2);
+    let single = commands::sample(&model, &request(4), &[], &dir.path().join("s.png")).unwrap();
+    let (b1, s) = (pixels(&out[1]), pixels(&single[0]));
+    let max_diff = b1
+        .iter()
+        .zip(&s)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap();
+    assert!(
+        max_diff <= 1,
+        "batch image 1 vs seed 4 alone: max pixel difference {max_diff}"
+    );
+}
+
+#[test]
+fn bad_sizes_are_refused_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let req = SampleRequest {
+        width: Some(100),
+        ..request(0)
+    };
+    let err =
+        commands::sample(&ModelArgs::default(), &req, &[], &dir.path().join("x.png")).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("width must be a positive multiple of 16"),
+        "{err:#}"
+    );
+    assert!(!dir.path().join("x.png").exists());
+}
+
+fn tiny_inputs(cfg_ctx: usize, cfg_vec: usize, cfg_in: usize) -> Vec<Tensor> {
+    let dev = Device::Cpu;
+    let mut rng = SeededRng::new(9);
+    vec![
+        rng.randn((1, 4, cfg_in), &dev).unwrap(),
+        image_ids(1, 2, 2, &dev).unwrap(),
+        rng.randn((1, 3, cfg_ctx), &dev).unwrap(),
+        text_ids(1, 3, &dev).unwrap(),
+        Tensor::new(&[0.4f32], &dev).unwrap(),
+        rng.randn((1, cfg_vec), &dev).unwrap(),
+    ]
+}
+
+fn forward(flux: &Flux, t: &[Tensor], adapters: &AdapterSet) -> Tensor {
+    let inputs = FluxInputs {
+        img: &t[0],
+        img_ids: &t[1],
+        txt: &t[2],
+        txt_ids: &t[3],
+        timesteps: &t[4],
+        y: &t[5],
+        guidance: None,
+    };
+    flux.forward(&inputs, adapters).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn merge_of_two_stacked_loras_equals_applying_them_unmerged() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_lora(dir.path(), "a", 1);
+    let b = write_lora(dir.path(), "b", 2);
+    let loras = [
+        LoraArg {
+            path: a.clone(),
+            strength: 0.8,
+        },
+        LoraArg {
+            path: b.clone(),
+            strength: -0.5,
+        },
+    ];
+    let merged_path = dir.path().join("merged.safetensors");
+    commands::lora_merge(&ModelArgs::default(), &loras, &merged_path).unwrap();
+
+    let bundle = ModelBundle::tiny(&Device::Cpu).unwrap();
+    let cfg = bundle.flux.config().clone();
+    let t = tiny_inputs(cfg.context_in_dim, cfg.vec_in_dim, cfg.in_channels);
+    let load = |p: &Path| Arc::new(lora_io::load(p, &Device::Cpu).unwrap().lora);
+    let stacked = AdapterSet::none().with(load(&a), 0.8).with(load(&b), -0.5);
+    let unmerged = forward(&bundle.flux, &t, &stacked);
+    let only_a = forward(&bundle.flux, &t, &AdapterSet::none().with(load(&a), 0.8));
+    assert!(
+        max_abs_diff(&unmerged, &only_a) > 1e-3,
+        "the second adapter must count"
+    );
+
+    let merged = Flux::load(&merged_path, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        merged.config(),
+        &cfg,
+        "config inferred from the merged file"
+    );
+    let out = forward(&merged, &t, &AdapterSet::none());
+    let diff = max_abs_diff(&out, &unmerged);
+    assert!(diff < 1e-4, "merged vs unmerged: {diff}");
+}
+
+#[test]
+fn convert_kohya_diffusers_kohya_is_lossless_and_inspect_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let kohya = write_lora(dir.path(), "k", 5);
+    let diffusers = dir.path().join("d.safetensors");
+    let back = dir.path().join("k2.safetensors");
+    commands::lora_convert(&kohya, &diffusers, SaveFormat::Diffusers, "f32").unwrap();
+    commands::lora_convert(&diffusers, &back, SaveFormat::Kohya, "f32").unwrap();
+    let orig = candle_core::safetensors::load(&kohya, &Device::Cpu).unwrap();
+    let round = candle_core::safetensors::load(&back, &Device::Cpu).unwrap();
+    assert_eq!(orig.len(), round.len());
+    for (k, v) in &orig {
+        let w = round
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} lost in the round trip"));
+        assert_eq!(max_abs_diff(v, w), 0.0, "{k} changed");
+    }
+    let text = commands::lora_inspect(&diffusers, false).unwrap();
+    assert!(text.contains("diffusers"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&commands::lora_inspect(&back, true).unwrap()).unwrap();
+    assert_eq!(json["format"], "kohya");
+}
+
+#[test]
+fn broken_files_give_errors_that_name_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_lora(dir.path(), "good", 3);
+    let bytes = std::fs::read(&good).unwrap();
+
+    let truncated = dir.path().join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a safetensors file").unwrap();
+    for bad in [&truncated, &garbage] {
+        let arg = LoraArg {
+            path: bad.clone(),
+            strength: 1.0,
+        };
+        let err = commands::sample(
+            &ModelArgs::default(),
+            &request(0),
+            &[arg],
+            &dir.path().join("x.png"),
+        )
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(&bad.display().to_string()), "{msg}");
+    }
+
+    // A LoRA made for a bigger model: the error names the module and the shapes.
+    let mut lora = Lora::new("wrong");
+    lora.layers.insert(
+        "double_blocks.0.img_attn.qkv".into(),
+        LoraLayer {
+            down: Tensor::zeros((4, 3072), DType::F32, &Device::Cpu).unwrap(),
+            up: Tensor::zeros((9216, 4), DType::F32, &Device::Cpu).unwrap(),
+            alpha: 4.0,
+        },
+    );
+    let wrong = dir.path().join("wrong.safetensors");
+    lora_io::save_kohya(&wrong, &lora, &BTreeMap::new(), DType::F32).unwrap();
+    let arg = LoraArg {
+        path: wrong,
+        strength: 1.0,
+    };
+    let err = commands::sample(
+        &ModelArgs::default(),
+        &request(0),
+        &[arg],
+        &dir.path().join("x.png"),
+    )
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("double_blocks.0.img_attn.qkv"), "{msg}");
+    assert!(msg.contains("3072"), "{msg}");
+
+    // A corrupt model file.
+    let model = ModelArgs {
+        model: Some(truncated.clone()),
+        ..ModelArgs::default()
+    };
+    let err = commands::sample(&model, &request(0), &[], &dir.path().join("x.png")).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("truncated.safetensors"),
+        "{err:#}"
+    );
+    assert!(!dir.path().join("x.png").exists());
+}
