@@ -4,9 +4,13 @@
 //! Owns the one way the project writes user-visible files (images, LoRAs, job
 //! state). Must not: write anywhere but next to the target.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Makes temporary names unique within the process (concurrent writers of one target).
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Writes the file at `path` through `fill`, atomically: readers see the old file or
 /// the complete new one. Parent folders are created.
@@ -26,12 +30,13 @@ pub fn write_with(
         )
     })?;
     let tmp = dir.join(format!(
-        ".{}.{}.tmp",
+        ".{}.{}.{}.tmp",
         name.to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let result = (|| {
-        let file = File::create(&tmp)?;
+        let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         let mut w = BufWriter::new(file);
         fill(&mut w)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
@@ -40,8 +45,14 @@ pub fn write_with(
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        return result;
     }
-    result
+    // Make the rename itself durable (best effort; not possible on every platform).
+    #[cfg(unix)]
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// [`write_with`] for bytes already in memory.

@@ -60,11 +60,15 @@ impl LoraLayer {
         up.matmul(&down)? * self.scale()
     }
 
-    /// x (…, in) → strength · scale · (x·downᵀ)·upᵀ, (…, out), in x's dtype.
-    pub fn apply(&self, x: &Tensor, strength: f64) -> Result<Tensor> {
+    /// x (…, in) → strength · scale · (x·downᵀ)·upᵀ, (…, out), in x's dtype;
+    /// with `dropout` > 0 the rank-space activations are dropped (training only).
+    pub fn apply(&self, x: &Tensor, strength: f64, dropout: f64) -> Result<Tensor> {
         let down = self.down.to_dtype(x.dtype())?;
         let up = self.up.to_dtype(x.dtype())?;
-        let h = x.broadcast_matmul(&down.t()?)?;
+        let mut h = x.broadcast_matmul(&down.t()?)?;
+        if dropout > 0.0 {
+            h = candle_nn::ops::dropout(&h, dropout as f32)?;
+        }
         let y = h.broadcast_matmul(&up.t()?)?;
         y * (strength * self.scale())
     }
@@ -96,6 +100,9 @@ impl Lora {
 #[derive(Clone, Debug, Default)]
 pub struct AdapterSet {
     entries: Vec<(Arc<Lora>, f64)>,
+    /// Dropout applied to every entry's rank-space activations (the trainer's
+    /// `network.dropout`; zero for sampling).
+    dropout: f64,
 }
 
 impl AdapterSet {
@@ -111,6 +118,12 @@ impl AdapterSet {
 
     pub fn push(&mut self, lora: Arc<Lora>, strength: f64) {
         self.entries.push((lora, strength));
+    }
+
+    /// The same set with LoRA dropout while training.
+    pub fn with_dropout(mut self, dropout: f64) -> Self {
+        self.dropout = dropout;
+        self
     }
 
     /// Changes the strength of every entry whose LoRA has `name`; returns how many changed.
@@ -156,7 +169,7 @@ impl AdapterSet {
     pub fn apply(&self, module: &str, x: &Tensor, y: Tensor) -> Result<Tensor> {
         let mut y = y;
         for (layer, strength) in self.layers_for(module) {
-            y = (y + layer.apply(x, strength)?)?;
+            y = (y + layer.apply(x, strength, self.dropout)?)?;
         }
         Ok(y)
     }

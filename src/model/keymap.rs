@@ -70,6 +70,7 @@ impl RowLayout {
     /// The BFL row range of each part for a fused linear of `out_rows` rows and
     /// `in_features` inputs. For [`RowLayout::SwappedHalves`] the single range is the
     /// whole matrix (the permutation is [`swap_halves`]).
+    #[allow(clippy::single_range_in_vec_init)] // one part covering all rows is meant
     pub fn part_rows(
         self,
         out_rows: usize,
@@ -78,13 +79,13 @@ impl RowLayout {
         match self {
             RowLayout::Same => Ok(vec![0..out_rows]),
             RowLayout::SwappedHalves => {
-                if out_rows % 2 != 0 {
+                if !out_rows.is_multiple_of(2) {
                     return Err(format!("{out_rows} rows cannot be split into two halves"));
                 }
                 Ok(vec![0..out_rows])
             }
             RowLayout::Qkv => {
-                if out_rows % 3 != 0 {
+                if !out_rows.is_multiple_of(3) {
                     return Err(format!("{out_rows} rows cannot be split into q, k, v"));
                 }
                 let n = out_rows / 3;
@@ -519,7 +520,13 @@ impl Recipe {
             }
             Recipe::Concat(ks) => {
                 let parts = ks.iter().map(|k| load(k)).collect::<Result<Vec<_>, _>>()?;
-                let trailing = parts[0].dims().get(1..).map(<[usize]>::to_vec);
+                let (Some(first), Some(first_key)) = (parts.first(), ks.first()) else {
+                    return Err(KeymapError::Shape {
+                        key: target.to_string(),
+                        reason: "nothing to concatenate".into(),
+                    });
+                };
+                let trailing = first.dims().get(1..).map(<[usize]>::to_vec);
                 for (k, p) in ks.iter().zip(&parts) {
                     if p.dims().get(1..).map(<[usize]>::to_vec) != trailing {
                         return Err(KeymapError::Shape {
@@ -527,8 +534,8 @@ impl Recipe {
                             reason: format!(
                                 "shape {:?} does not stack with {:?} of `{}`",
                                 p.dims(),
-                                parts[0].dims(),
-                                ks[0]
+                                first.dims(),
+                                first_key
                             ),
                         });
                     }

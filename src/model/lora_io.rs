@@ -23,9 +23,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
@@ -1443,8 +1442,9 @@ pub fn diffusers_tensors(lora: &Lora, dtype: DType) -> Result<Vec<(String, Tenso
     Ok(out)
 }
 
-/// Writes `lora` as a kohya file: weights in `dtype` (f32, f16 or bf16), the given
-/// metadata plus kohya's `sshs_model_hash` / `sshs_legacy_hash`, atomically.
+/// Writes `lora` as a kohya file: weights in `dtype` (f32, f16 or bf16), alphas in
+/// f32, the given metadata plus kohya's `sshs_model_hash` / `sshs_legacy_hash`,
+/// atomically.
 pub fn save_kohya(
     path: impl AsRef<Path>,
     lora: &Lora,
@@ -1454,7 +1454,7 @@ pub fn save_kohya(
     let path = path.as_ref();
     let file = path.display().to_string();
     let tensors = kohya_tensors(lora, dtype).map_err(|e| relabel(e, &file))?;
-    let mut metadata = metadata.clone();
+    let mut metadata = carried_metadata(metadata);
     let (model_hash, legacy_hash) = kohya_hashes(&tensors, &metadata, &file)?;
     metadata.insert("sshs_model_hash".into(), model_hash);
     metadata.insert("sshs_legacy_hash".into(), legacy_hash);
@@ -1463,8 +1463,8 @@ pub fn save_kohya(
 }
 
 /// Writes `lora` as a diffusers/peft file (`transformer.` prefix, fused modules split
-/// into their diffusers parts, `.alpha` keys), atomically. Adds `format: pt` to the
-/// metadata as diffusers does.
+/// into their diffusers parts, f32 `.alpha` keys), atomically. Adds `format: pt` to
+/// the metadata as diffusers does.
 pub fn save_diffusers(
     path: impl AsRef<Path>,
     lora: &Lora,
@@ -1474,12 +1474,29 @@ pub fn save_diffusers(
     let path = path.as_ref();
     let file = path.display().to_string();
     let tensors = diffusers_tensors(lora, dtype).map_err(|e| relabel(e, &file))?;
-    let mut metadata = metadata.clone();
+    let mut metadata = carried_metadata(metadata);
     metadata
         .entry("format".into())
         .or_insert_with(|| "pt".into());
     let bytes = serialize(&tensors, &metadata, &file)?;
     write_atomic(path, &bytes)
+}
+
+/// Metadata passed on to a written file, minus what would be false in it: kohya's
+/// `sshs_*` hashes (recomputed by [`save_kohya`]) and diffusers'
+/// `lora_adapter_metadata` (alphas are written as `.alpha` keys, and diffusers
+/// refuses a file that has both).
+fn carried_metadata(metadata: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    metadata
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "sshs_model_hash" | "sshs_legacy_hash" | "lora_adapter_metadata"
+            )
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn relabel(e: LoraIoError, file: &str) -> LoraIoError {
@@ -1550,52 +1567,11 @@ pub fn kohya_hashes(
     Ok((model_hash, legacy[..8].to_string()))
 }
 
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over
-/// `path`, so readers see the old file or the new one, never a torn one.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LoraIoError> {
-    let file = path.display().to_string();
-    let io = |source| LoraIoError::Io {
-        file: file.clone(),
+    crate::atomic_file::write(path, bytes).map_err(|source| LoraIoError::Io {
+        file: path.display().to_string(),
         source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let Some(fname) = path.file_name() else {
-        return Err(io(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a file path",
-        )));
-    };
-    let tmp = dir.join(format!(
-        ".{}.{}.{}.tmp",
-        fname.to_string_lossy(),
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    // Make the rename itself durable (best effort; not possible on every platform).
-    #[cfg(unix)]
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    })
 }
 
 // ---------------------------------------------------------------------------------
@@ -2037,76 +2013,10 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// SHA-256 (FIPS 180-4); small and only used for kohya's metadata hashes.
+/// SHA-256 of `data` (kohya's metadata hashes).
 fn sha256(data: &[u8]) -> [u8; 32] {
-    const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-        0xc67178f2,
-    ];
-    let mut h: [u32; 8] = [
-        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
-        0x5be0cd19,
-    ];
-    let bit_len = (data.len() as u64).wrapping_mul(8);
-    let mut tail = Vec::with_capacity(128);
-    let full = data.len() / 64 * 64;
-    tail.extend_from_slice(&data[full..]);
-    tail.push(0x80);
-    while tail.len() % 64 != 56 {
-        tail.push(0);
-    }
-    tail.extend_from_slice(&bit_len.to_be_bytes());
-    let mut w = [0u32; 64];
-    for block in data[..full].chunks_exact(64).chain(tail.chunks_exact(64)) {
-        for (i, word) in block.chunks_exact(4).enumerate() {
-            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
-        }
-        for i in 16..64 {
-            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
-        }
-        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut hh] = h;
-        for i in 0..64 {
-            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-            let ch = (e & f) ^ (!e & g);
-            let t1 = hh
-                .wrapping_add(s1)
-                .wrapping_add(ch)
-                .wrapping_add(K[i])
-                .wrapping_add(w[i]);
-            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-            let maj = (a & b) ^ (a & c) ^ (b & c);
-            let t2 = s0.wrapping_add(maj);
-            hh = g;
-            g = f;
-            f = e;
-            e = d.wrapping_add(t1);
-            d = c;
-            c = b;
-            b = a;
-            a = t1.wrapping_add(t2);
-        }
-        for (x, y) in h.iter_mut().zip([a, b, c, d, e, f, g, hh]) {
-            *x = x.wrapping_add(y);
-        }
-    }
-    let mut out = [0u8; 32];
-    for (chunk, word) in out.chunks_exact_mut(4).zip(h) {
-        chunk.copy_from_slice(&word.to_be_bytes());
-    }
-    out
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
 }
 
 #[cfg(test)]
@@ -2359,8 +2269,8 @@ mod tests {
     }
 
     #[test]
-    fn fused_layer_is_kept_whole_not_refused() {
-        // A BFL qkv read whole must not be re-fused: same tensors come out.
+    fn whole_bfl_layers_are_taken_as_they_are() {
+        // Fused BFL tensors read whole are not split or re-fused: the same bits come out.
         let want = reference();
         let f = parse(kohya_dict(&want), BTreeMap::new(), "k").unwrap();
         for (m, l) in &want.layers {
@@ -2829,6 +2739,16 @@ mod tests {
             assert_eq!(f.metadata.get(k), Some(v), "{k}");
         }
         assert_eq!(read_metadata(&path).unwrap(), f.metadata);
+        // Converting carries the training metadata but not the stale hashes.
+        let dpath = dir.path().join("d.safetensors");
+        let mut carried = f.metadata.clone();
+        carried.insert("lora_adapter_metadata".into(), "{}".into());
+        save_diffusers(&dpath, &f.lora, &carried, DType::F32).unwrap();
+        let d = read_metadata(&dpath).unwrap();
+        assert_eq!(d["ss_network_dim"], "16");
+        assert_eq!(d["format"], "pt");
+        assert!(!d.contains_key("sshs_model_hash") && !d.contains_key("lora_adapter_metadata"));
+        std::fs::remove_file(&dpath).unwrap();
         // kohya's hash is the sha256 of the data after the header.
         let bytes = std::fs::read(&path).unwrap();
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

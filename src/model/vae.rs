@@ -84,9 +84,14 @@ impl Vae {
         Self::tiny_from_varbuilder(&Self::tiny_config(), vb)
     }
 
-    /// A VAE of architecture `cfg` with weights from `vb` (BFL key layout:
-    /// `encoder.down.0.block.0.conv1.weight`, `decoder.mid.attn_1.q.weight`, …).
+    /// A VAE of architecture `cfg` (normally [`Vae::tiny_config`], possibly
+    /// with a calibrated scale/shift) with weights from `vb`, BFL key layout:
+    /// `encoder.down.0.block.0.conv1.weight`, `decoder.mid.attn_1.q.weight`, …
     pub fn tiny_from_varbuilder(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Self::build(cfg, vb)
+    }
+
+    fn build(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         check_config(cfg)?;
         Ok(Self {
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
@@ -123,7 +128,7 @@ impl Vae {
             apply_diffusers_config(&mut cfg, json, path)?;
         }
         let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
-        Self::tiny_from_varbuilder(&cfg, vb)
+        Self::build(&cfg, vb)
     }
 
     pub fn config(&self) -> &Config {
@@ -223,7 +228,7 @@ fn check_config(cfg: &Config) -> Result<()> {
         || cfg
             .ch_mult
             .iter()
-            .any(|m| (cfg.ch * m) % 32 != 0 || *m == 0)
+            .any(|m| *m == 0 || !(cfg.ch * m).is_multiple_of(32))
     {
         return bad(format!(
             "every level's channels must be a positive multiple of 32 (GroupNorm(32)): {cfg:?}"
@@ -267,14 +272,18 @@ pub fn preview_factors(channels: usize) -> (Vec<[f32; 3]>, [f32; 3]) {
     if channels == FLUX_RGB_FACTORS.len() {
         return (FLUX_RGB_FACTORS.to_vec(), FLUX_RGB_BIAS);
     }
-    let mut factors = vec![[0f32; 3]; channels];
-    for k in 0..3 {
-        let mut members: Vec<usize> = (0..channels).filter(|c| c % 3 == k).collect();
-        if members.is_empty() && channels > 0 {
-            members.push(k % channels);
-        }
-        for &c in &members {
-            factors[c][k] = 1.0 / members.len() as f32;
+    let per_colour = |colour: usize| (0..channels).filter(|c| c % 3 == colour).count();
+    let mut factors: Vec<[f32; 3]> = (0..channels)
+        .map(|c| {
+            let mut row = [0f32; 3];
+            row[c % 3] = 1.0 / per_colour(c % 3) as f32;
+            row
+        })
+        .collect();
+    // Fewer than three channels: the missing colours repeat a channel.
+    for colour in channels.min(3)..3 {
+        if channels > 0 {
+            factors[colour % channels][colour] = 1.0;
         }
     }
     (factors, [0.0; 3])
@@ -683,8 +692,13 @@ mod tests {
         assert!(vae
             .decode(&Tensor::zeros((1, 16, 8, 8), DType::F32, &dev)?)
             .is_err());
+        let t0 = std::time::Instant::now();
+        let one = vae.decode(&vae.encode(&img.narrow(0, 0, 1)?)?)?;
+        let one_ms = t0.elapsed().as_secs_f64() * 1e3;
+        assert_eq!(one.dims(), &[1, 3, 64, 64]);
         eprintln!(
-            "tiny VAE: build {build_ms:.1} ms, encode 2×64² {enc_ms:.1} ms, decode {dec_ms:.1} ms"
+            "tiny VAE: build {build_ms:.1} ms; batch of 2 at 64²: encode {enc_ms:.1} ms, \
+             decode {dec_ms:.1} ms; one image encode+decode {one_ms:.1} ms"
         );
         Ok(())
     }

@@ -5,4 +5,8 @@
 
 pub mod dataset;
 pub mod lr_schedule;
+pub mod network;
+pub mod objective;
 pub mod optim;
+pub mod prompts;
+pub mod recompute;

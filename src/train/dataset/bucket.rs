@@ -141,7 +141,7 @@ fn nearest_aspect(buckets: &[Bucket], aspect: f64) -> Option<Bucket> {
     let mut best: Option<(f64, Bucket)> = None;
     for &b in buckets {
         let err = (b.aspect() - aspect).abs();
-        if best.map_or(true, |(e, _)| err < e) {
+        if best.is_none_or(|(e, _)| err < e) {
             best = Some((err, b));
         }
     }

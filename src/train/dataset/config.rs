@@ -332,7 +332,9 @@ impl DatasetConfig {
             ));
         }
         if !self.enable_bucket {
-            if res.width % FLUX_PIXEL_MULTIPLE != 0 || res.height % FLUX_PIXEL_MULTIPLE != 0 {
+            if !res.width.is_multiple_of(FLUX_PIXEL_MULTIPLE)
+                || !res.height.is_multiple_of(FLUX_PIXEL_MULTIPLE)
+            {
                 return Err(invalid(
                     "resolution",
                     format!(
@@ -352,7 +354,7 @@ impl DatasetConfig {
         }
 
         let steps = self.bucket_reso_steps;
-        if steps == 0 || steps % FLUX_PIXEL_MULTIPLE != 0 {
+        if steps == 0 || !steps.is_multiple_of(FLUX_PIXEL_MULTIPLE) {
             return Err(invalid(
                 "bucket_reso_steps",
                 format!("{steps} is not a positive multiple of 16 (Flux packs 2x2 patches of 8x latents)"),
@@ -362,7 +364,7 @@ impl DatasetConfig {
             return Err(invalid("min_bucket_reso", "must be positive"));
         }
         let mut min_reso = self.min_bucket_reso;
-        if min_reso % steps != 0 {
+        if !min_reso.is_multiple_of(steps) {
             let adjusted = (min_reso - min_reso % steps).max(steps);
             tracing::warn!(
                 from = min_reso,
@@ -372,7 +374,7 @@ impl DatasetConfig {
             min_reso = adjusted;
         }
         let mut max_reso = self.max_bucket_reso;
-        if max_reso % steps != 0 {
+        if !max_reso.is_multiple_of(steps) {
             let adjusted = max_reso + steps - max_reso % steps;
             tracing::warn!(
                 from = max_reso,

@@ -25,16 +25,14 @@ use candle_core::{Device, Tensor};
 use image::imageops::{self, FilterType};
 use serde::Serialize;
 
-pub use bucket::{
-    cover_size, crop_offset, make_bucket_resolutions, round_to_steps, Bucket, Placement,
-};
-pub use caption::{count_tags, parse_weighted_caption, split_tags, CaptionRules, WeightedChunk};
+pub use bucket::{make_bucket_resolutions, Bucket, Placement};
+pub use caption::{parse_weighted_caption, CaptionRules, WeightedChunk};
 pub use config::{DatasetConfig, FolderConfig, Resolution, FLUX_PIXEL_MULTIPLE};
 pub use scan::{parse_repeat_folder, SkippedImage, IMAGE_EXTENSIONS};
 
 use crate::model::seeded::SeededRng;
-use bucket::BucketGrid;
-use caption::shuffle;
+use bucket::{cover_size, crop_offset, BucketGrid};
+use caption::{count_tags, shuffle};
 
 /// Errors of the dataset layer; each names the field or path at fault.
 #[derive(Debug, thiserror::Error)]
@@ -370,7 +368,7 @@ impl Dataset {
         for (b, members) in self.buckets.iter().zip(&self.members) {
             let mut items: Vec<usize> = members
                 .iter()
-                .flat_map(|&i| std::iter::repeat(i).take(self.images[i].num_repeats as usize))
+                .flat_map(|&i| std::iter::repeat_n(i, self.images[i].num_repeats as usize))
                 .collect();
             shuffle(&mut items, &mut rng);
             for chunk in items.chunks(bs) {
@@ -554,8 +552,12 @@ impl Dataset {
         &self.dirs
     }
 
-    /// kohya's `ss_bucket_info` (bucket ids are positions in `buckets()`).
-    pub fn bucket_info(&self) -> BucketInfo {
+    /// kohya's `ss_bucket_info` (bucket ids are positions in `buckets()`);
+    /// `None` without buckets, where kohya writes `null`.
+    pub fn bucket_info(&self) -> Option<BucketInfo> {
+        if !self.config.enable_bucket {
+            return None;
+        }
         let buckets = self
             .buckets
             .iter()
@@ -572,20 +574,15 @@ impl Dataset {
                 )
             })
             .collect();
-        let mean_img_ar_error = if self.config.enable_bucket {
-            let sum: f64 = self
-                .images
-                .iter()
-                .map(|i| i.placement.aspect_error(i.size).abs())
-                .sum();
-            sum / self.images.len().max(1) as f64
-        } else {
-            0.0
-        };
-        BucketInfo {
+        let sum: f64 = self
+            .images
+            .iter()
+            .map(|i| i.placement.aspect_error(i.size).abs())
+            .sum();
+        Some(BucketInfo {
             buckets,
-            mean_img_ar_error,
-        }
+            mean_img_ar_error: sum / self.images.len().max(1) as f64,
+        })
     }
 }
 

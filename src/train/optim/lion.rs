@@ -1,0 +1,184 @@
+//! Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms")
+//! with an f32 or 8-bit block-wise momentum.
+//!
+//! Owns the Lion update only; must not schedule the lr or touch gradients.
+//!
+//! Rule, as lucidrains' `lion-pytorch` and bitsandbytes' `Lion`:
+//!   p ← p·(1 − lr·wd)
+//!   p ← p − lr · sign(β1·m + (1 − β1)·g)      (sign(0) = 0)
+//!   m ← β2·m + (1 − β2)·g
+//! Defaults β = (0.9, 0.99), wd = 0. Lion8bit keeps m in the signed 8-bit map.
+
+use candle_core::backprop::GradStore;
+use candle_core::DType;
+
+use super::quant8::{MapKind, Quant8, StateTensor};
+use super::{
+    check_all_used, decay, f32_value, write_back, Groups, Optimizer, OptimizerConfig,
+    OptimizerKind, OptimizerState, ParamGroup, Result,
+};
+
+/// Lion, or Lion8bit when built with 8-bit settings.
+pub struct Lion {
+    groups: Groups<StateTensor>,
+    beta1: f64,
+    beta2: f64,
+    weight_decay: f64,
+    quant: Option<Quant8>,
+}
+
+impl Lion {
+    pub(super) fn new(
+        cfg: &OptimizerConfig,
+        groups: Vec<ParamGroup>,
+        quant: Option<Quant8>,
+    ) -> Self {
+        let (beta1, beta2) = cfg.resolved_betas();
+        Self {
+            groups: Groups::new(groups),
+            beta1,
+            beta2,
+            weight_decay: cfg.resolved_weight_decay(),
+            quant,
+        }
+    }
+}
+
+impl Optimizer for Lion {
+    fn kind(&self) -> OptimizerKind {
+        if self.quant.is_some() {
+            OptimizerKind::Lion8bit
+        } else {
+            OptimizerKind::Lion
+        }
+    }
+
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let (b1, b2, wd) = (self.beta1, self.beta2, self.weight_decay);
+        let quant = self.quant.as_ref();
+        for group in &mut self.groups.groups {
+            let lr = group.lr;
+            for slot in &mut group.slots {
+                let Some(g) = grads.get(&slot.var) else {
+                    continue;
+                };
+                let g = g.to_dtype(DType::F32)?;
+                let p = f32_value(&slot.var)?;
+                let codec = Quant8::codec(quant, MapKind::Signed, p.elem_count());
+                let m = match &slot.state {
+                    Some(s) => s.decode(&codec)?,
+                    None => g.zeros_like()?,
+                };
+                let direction = ((&m * b1)? + (&g * (1.0 - b1))?)?.sign()?;
+                let p = decay(p, lr * wd)?;
+                let p = (p - (direction * lr)?)?;
+                write_back(&slot.var, &p)?;
+                let m = ((m * b2)? + (g * (1.0 - b2))?)?;
+                slot.state = Some(StateTensor::encode(m, &codec)?);
+                slot.steps += 1;
+            }
+        }
+        self.groups.steps += 1;
+        Ok(())
+    }
+
+    fn steps_taken(&self) -> u64 {
+        self.groups.steps
+    }
+
+    fn num_groups(&self) -> usize {
+        self.groups.groups.len()
+    }
+
+    fn set_lr(&mut self, group: usize, lr: f64) -> Result<()> {
+        self.groups.set_lr(group, lr)
+    }
+
+    fn lr(&self, group: usize) -> Option<f64> {
+        self.groups.lr(group)
+    }
+
+    fn state(&self) -> Result<OptimizerState> {
+        Ok(self.groups.save(self.kind(), |m, prefix, out| {
+            m.save(&format!("{prefix}.exp_avg"), out);
+        }))
+    }
+
+    fn load_state(&mut self, st: &OptimizerState) -> Result<()> {
+        let quant = self.quant.as_ref();
+        let (loaded, used) = self.groups.load(self.kind(), st, |prefix, var, st, used| {
+            let codec = Quant8::codec(quant, MapKind::Signed, var.elem_count());
+            StateTensor::load(
+                &format!("{prefix}.exp_avg"),
+                st,
+                &codec,
+                var.shape(),
+                var.device(),
+                used,
+            )
+        })?;
+        check_all_used(st, &used)?;
+        self.groups.commit(loaded, st.step);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::super::*;
+
+    fn sign(x: f64) -> f64 {
+        if x > 0.0 {
+            1.0
+        } else if x < 0.0 {
+            -1.0
+        } else {
+            0.0
+        }
+    }
+
+    #[test]
+    fn lion_matches_reference_rule() -> Result<()> {
+        let mut cfg = OptimizerConfig::new(OptimizerKind::Lion);
+        cfg.weight_decay = Some(0.5);
+        let p0 = [0.3, -0.7, 1.2, 0.0, -2.0];
+        let a = var(&p0);
+        let lr = 0.02;
+        let mut opt = build(&cfg, vec![group("w", vec![a.clone()], lr)])?;
+        let (b1, b2, wd) = (0.9, 0.99, 0.5); // the defaults
+        let mut p = p0.to_vec();
+        let mut m = vec![0.0; 5];
+        for step in 0..7 {
+            let mut g = synthetic_grad(5, step);
+            if step == 0 {
+                g[3] = 0.0; // sign(0) = 0: no move on the first step
+            }
+            opt.step(&grads(&[(&a, &g)]))?;
+            for i in 0..5 {
+                p[i] *= 1.0 - lr * wd;
+                p[i] -= lr * sign(b1 * m[i] + (1.0 - b1) * g[i]);
+                m[i] = b2 * m[i] + (1.0 - b2) * g[i];
+            }
+            assert_close(&a, &p, 1e-6, "lion");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn lion_converges_on_least_squares() -> Result<()> {
+        let cfg = OptimizerConfig::new(OptimizerKind::Lion);
+        let (first, last) = least_squares_run(&cfg, 0.003, 600)?;
+        assert!(last < first * 1e-3, "loss {first} -> {last}");
+        Ok(())
+    }
+
+    #[test]
+    fn lion8bit_converges_on_least_squares() -> Result<()> {
+        let cfg = OptimizerConfig::new(OptimizerKind::Lion8bit);
+        let (_, (first, last)) = least_squares_big(&cfg, 0.001, 300)?;
+        println!("lion8bit: loss {first:.4e} -> {last:.4e}");
+        assert!(last < first * 1e-2, "loss {first} -> {last}");
+        Ok(())
+    }
+}

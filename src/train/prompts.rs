@@ -1,0 +1,106 @@
+//! Preview prompts in kohya's prompt-file syntax:
+//! `a photo of sks dog --w 512 --h 512 --d 42 --s 20 --g 3.5 --n blurry`.
+//!
+//! Options (case-insensitive, separated by ` --`): `w`/`h` size, `d` seed, `s` steps
+//! (clamped to 1..=1000 like kohya), `g` distilled guidance, `l` scale (used as the
+//! distilled guidance when `g` is absent — Flux dev has no true CFG here), `n` negative
+//! prompt (recorded, not used by distilled models). kohya's other options (`ss`, `cn`,
+//! `ctr`, `rcfg`, `fs`) are accepted and ignored.
+//!
+//! Must not: sample (the trainer turns a spec into a `SampleRequest`).
+
+use crate::sample::generate::SampleRequest;
+
+/// One preview prompt with its options.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PromptSpec {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub seed: Option<u64>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+}
+
+impl PromptSpec {
+    /// Parses one line; unparsable option values are errors naming the option.
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let mut parts = line.split(" --");
+        let prompt = parts.next().unwrap_or_default().trim().to_string();
+        if prompt.is_empty() {
+            return Err(format!("empty prompt in `{line}`"));
+        }
+        let mut spec = Self {
+            prompt,
+            ..Self::default()
+        };
+        let mut scale = None;
+        for part in parts {
+            let (key, value) = part.split_once(' ').unwrap_or((part, ""));
+            let value = value.trim();
+            let num = |what: &str| format!("--{key} needs {what}, got `{value}` in `{line}`");
+            match key.to_ascii_lowercase().as_str() {
+                "w" => spec.width = Some(value.parse().map_err(|_| num("a whole number"))?),
+                "h" => spec.height = Some(value.parse().map_err(|_| num("a whole number"))?),
+                "d" => spec.seed = Some(value.parse().map_err(|_| num("a whole number"))?),
+                "s" => {
+                    let s: usize = value.parse().map_err(|_| num("a whole number"))?;
+                    spec.steps = Some(s.clamp(1, 1000));
+                }
+                "g" => spec.guidance = Some(value.parse().map_err(|_| num("a number"))?),
+                "l" => scale = Some(value.parse::<f64>().map_err(|_| num("a number"))?),
+                "n" => spec.negative_prompt = value.to_string(),
+                "ss" | "cn" | "ctr" | "rcfg" | "fs" => {}
+                other => return Err(format!("unknown prompt option `--{other}` in `{line}`")),
+            }
+        }
+        if spec.guidance.is_none() {
+            spec.guidance = scale;
+        }
+        Ok(spec)
+    }
+
+    /// The sample request for this prompt; `default_seed` when no `--d` was given.
+    pub fn request(&self, default_seed: u64) -> SampleRequest {
+        SampleRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance: self.guidance,
+            seed: self.seed.unwrap_or(default_seed),
+            batch_size: 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kohya_options() {
+        let p = PromptSpec::parse(
+            "a sks dog, park --w 512 --H 384 --d 7 --s 2000 --l 3.5 --n blurry, bad",
+        )
+        .unwrap();
+        assert_eq!(p.prompt, "a sks dog, park");
+        assert_eq!(
+            (p.width, p.height, p.seed, p.steps),
+            (Some(512), Some(384), Some(7), Some(1000))
+        );
+        assert_eq!(p.guidance, Some(3.5));
+        assert_eq!(p.negative_prompt, "blurry, bad");
+        let g = PromptSpec::parse("x --l 7 --g 2.5 --ss euler").unwrap();
+        assert_eq!(g.guidance, Some(2.5));
+    }
+
+    #[test]
+    fn bad_options_are_errors() {
+        assert!(PromptSpec::parse("x --w big").unwrap_err().contains("--w"));
+        assert!(PromptSpec::parse("x --zz 1").unwrap_err().contains("--zz"));
+        assert!(PromptSpec::parse(" --w 64").is_err());
+    }
+}
