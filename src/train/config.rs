@@ -62,8 +62,6 @@ pub struct TrainConfig {
     pub sample_prompts: Vec<String>,
     /// Folder for cached latents and text embeddings; in memory only when absent.
     pub cache_dir: Option<PathBuf>,
-    /// Train every base weight instead of a LoRA (used to pretrain the tiny model).
-    pub full_finetune: bool,
 }
 
 impl Default for TrainConfig {
@@ -94,7 +92,6 @@ impl Default for TrainConfig {
             sample_every_n_steps: None,
             sample_prompts: vec![],
             cache_dir: None,
-            full_finetune: false,
         }
     }
 }
@@ -103,7 +100,10 @@ impl Default for TrainConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("invalid `{field}`: {message}")]
@@ -139,14 +139,28 @@ impl TrainConfig {
 
     /// Checks every value; the error names the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.output_name.is_empty() || self.output_name.contains(['/', '\\']) || self.output_name.starts_with('.') {
-            return Err(invalid("output_name", "must be a plain file stem (no slashes, not starting with a dot)"));
+        if self.output_name.is_empty()
+            || self.output_name.contains(['/', '\\'])
+            || self.output_name.starts_with('.')
+        {
+            return Err(invalid(
+                "output_name",
+                "must be a plain file stem (no slashes, not starting with a dot)",
+            ));
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return Err(invalid("learning_rate", format!("must be > 0, got {}", self.learning_rate)));
+            return Err(invalid(
+                "learning_rate",
+                format!("must be > 0, got {}", self.learning_rate),
+            ));
         }
         match (self.max_train_steps, self.max_train_epochs) {
-            (None, None) => return Err(invalid("max_train_steps", "set max_train_steps or max_train_epochs")),
+            (None, None) => {
+                return Err(invalid(
+                    "max_train_steps",
+                    "set max_train_steps or max_train_epochs",
+                ))
+            }
             (Some(0), _) => return Err(invalid("max_train_steps", "must be at least 1")),
             (None, Some(0)) => return Err(invalid("max_train_epochs", "must be at least 1")),
             _ => {}
@@ -158,7 +172,10 @@ impl TrainConfig {
             return Err(invalid("gradient_accumulation_steps", "must be at least 1"));
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
-            return Err(invalid("max_grad_norm", format!("must be ≥ 0, got {}", self.max_grad_norm)));
+            return Err(invalid(
+                "max_grad_norm",
+                format!("must be ≥ 0, got {}", self.max_grad_norm),
+            ));
         }
         for (field, v) in [
             ("save_every_n_steps", self.save_every_n_steps),
@@ -172,13 +189,22 @@ impl TrainConfig {
         if self.save_last_n == Some(0) {
             return Err(invalid("save_last_n", "must be at least 1 when set"));
         }
-        self.dataset.validate().map_err(|e| invalid("dataset", e.to_string()))?;
+        self.dataset
+            .validate()
+            .map_err(|e| invalid("dataset", e.to_string()))?;
         self.network.validate().map_err(|m| invalid("network", m))?;
-        self.optimizer.validate().map_err(|e| invalid("optimizer", e.to_string()))?;
-        self.lr_scheduler.validate().map_err(|e| invalid("lr_scheduler", e.to_string()))?;
-        self.objective.validate().map_err(|m| invalid("objective", m))?;
+        self.optimizer
+            .validate()
+            .map_err(|e| invalid("optimizer", e.to_string()))?;
+        self.lr_scheduler
+            .validate()
+            .map_err(|e| invalid("lr_scheduler", e.to_string()))?;
+        self.objective
+            .validate()
+            .map_err(|m| invalid("objective", m))?;
         for (i, line) in self.sample_prompts.iter().enumerate() {
-            super::prompts::PromptSpec::parse(line).map_err(|m| invalid(&format!("sample_prompts[{i}]"), m))?;
+            super::prompts::PromptSpec::parse(line)
+                .map_err(|m| invalid(&format!("sample_prompts[{i}]"), m))?;
         }
         Ok(())
     }

@@ -3,7 +3,11 @@
 //!
 //! Must not: know about HTTP; the daemon and the CLI drive it through its API.
 
+pub mod cache;
+pub mod checkpoint;
+pub mod config;
 pub mod dataset;
+pub mod events;
 pub mod lr_schedule;
 pub mod network;
 pub mod objective;

@@ -438,6 +438,14 @@ mod tests {
                 .collect();
             opt.step(&grads(&[(&a, &g)]))?;
             r.step(&mut p, &g, o);
+            let got = values(&a);
+            println!(
+                "step {step}: d_ref {:e} err {:e}",
+                r.d,
+                (0..4)
+                    .map(|i| (got[i] as f64 - p[i]).abs())
+                    .fold(0.0, f64::max)
+            );
             assert_close(&a, &p, 1e-5, "prodigy");
         }
         let st = opt.state()?;

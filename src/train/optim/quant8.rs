@@ -181,9 +181,12 @@ impl Quantized {
     pub fn dequantize(&self, book: &Codebook) -> Result<Tensor> {
         let book = book.on(self.codes.device())?;
         let blocks = self.absmax.elem_count();
+        // u32 ids: candle's index_select maps the largest id of the id dtype
+        // (255 for u8) to zero, as a padding marker.
+        let ids = self.codes.to_dtype(DType::U32)?;
         let vals = book
             .values
-            .index_select(&self.codes, 0)?
+            .index_select(&ids, 0)?
             .reshape((blocks, self.block_size))?;
         let x = vals.broadcast_mul(&self.absmax.reshape((blocks, 1))?)?;
         Ok(x.flatten_all()?

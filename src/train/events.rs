@@ -1,0 +1,134 @@
+//! What a training run reports ([`TrainEvent`]) and how it is steered from outside
+//! ([`TrainControl`]: cancel, pause, resume between optimizer steps).
+//!
+//! Events are plain serialisable data so the daemon can forward them unchanged
+//! (WebSocket, events.jsonl) and the CLI can draw its progress bar from them.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+
+/// Progress of one optimizer step.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StepStats {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    /// Exponential moving average of the loss (β = 0.9, bias-corrected).
+    pub loss_ema: f64,
+    pub lr: f64,
+    pub grad_norm: Option<f64>,
+    pub it_per_s: f64,
+    pub eta_s: f64,
+    /// Peak resident memory of the process so far, in bytes (when the OS tells).
+    pub peak_memory_bytes: Option<u64>,
+}
+
+/// Everything a run reports, in order.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TrainEvent {
+    Started {
+        total_steps: u64,
+        steps_per_epoch: u64,
+        images: usize,
+        trainable_parameters: usize,
+        resumed_from_step: Option<u64>,
+    },
+    Step(StepStats),
+    Sample {
+        step: u64,
+        paths: Vec<PathBuf>,
+    },
+    Saved {
+        step: u64,
+        path: PathBuf,
+    },
+    Validation {
+        step: u64,
+        loss: f64,
+    },
+    Paused {
+        step: u64,
+    },
+    Resumed {
+        step: u64,
+    },
+    Finished {
+        step: u64,
+        path: PathBuf,
+        seconds: f64,
+    },
+    Cancelled {
+        step: u64,
+    },
+    Failed {
+        message: String,
+    },
+}
+
+/// Shared switches a running trainer checks between optimizer steps.
+#[derive(Debug, Default)]
+pub struct TrainControl {
+    cancel: AtomicBool,
+    pause: AtomicBool,
+}
+
+impl TrainControl {
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    pub fn pause(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+    }
+
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
+    }
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in bytes.
+pub fn peak_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_serialise_with_a_type_tag() {
+        let e = TrainEvent::Saved {
+            step: 3,
+            path: PathBuf::from("a.safetensors"),
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["type"], "saved");
+        assert_eq!(v["step"], 3);
+    }
+
+    #[test]
+    fn control_flags_toggle() {
+        let c = TrainControl::default();
+        c.pause();
+        assert!(c.is_paused());
+        c.resume();
+        assert!(!c.is_paused());
+        c.cancel();
+        assert!(c.is_cancelled());
+    }
+}
