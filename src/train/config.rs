@@ -60,6 +60,10 @@ pub struct TrainConfig {
     pub sample_every_n_steps: Option<u64>,
     /// Preview prompts, one per line, with kohya's options (`--w --h --d --s --l --n`).
     pub sample_prompts: Vec<String>,
+    /// Held-out images for a validation loss at fixed timesteps and noise.
+    pub validation_dataset: Option<DatasetConfig>,
+    /// Compute the validation loss every N steps (and at the end).
+    pub validate_every_n_steps: Option<u64>,
     /// Folder for cached latents and text embeddings; in memory only when absent.
     pub cache_dir: Option<PathBuf>,
 }
@@ -91,6 +95,8 @@ impl Default for TrainConfig {
             save_precision: Precision::Bf16,
             sample_every_n_steps: None,
             sample_prompts: vec![],
+            validation_dataset: None,
+            validate_every_n_steps: None,
             cache_dir: None,
         }
     }
@@ -181,6 +187,7 @@ impl TrainConfig {
             ("save_every_n_steps", self.save_every_n_steps),
             ("save_every_n_epochs", self.save_every_n_epochs),
             ("sample_every_n_steps", self.sample_every_n_steps),
+            ("validate_every_n_steps", self.validate_every_n_steps),
         ] {
             if v == Some(0) {
                 return Err(invalid(field, "must be at least 1 when set"));
@@ -192,6 +199,16 @@ impl TrainConfig {
         self.dataset
             .validate()
             .map_err(|e| invalid("dataset", e.to_string()))?;
+        if let Some(v) = &self.validation_dataset {
+            v.validate()
+                .map_err(|e| invalid("validation_dataset", e.to_string()))?;
+        }
+        if self.validate_every_n_steps.is_some() && self.validation_dataset.is_none() {
+            return Err(invalid(
+                "validate_every_n_steps",
+                "needs a validation_dataset",
+            ));
+        }
         self.network.validate().map_err(|m| invalid("network", m))?;
         self.optimizer
             .validate()

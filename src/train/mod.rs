@@ -14,3 +14,5 @@ pub mod objective;
 pub mod optim;
 pub mod prompts;
 pub mod recompute;
+pub mod shapes;
+pub mod trainer;

@@ -174,11 +174,18 @@ mod tests {
     }
 
     #[test]
-    fn lion8bit_converges_on_least_squares() -> Result<()> {
-        let cfg = OptimizerConfig::new(OptimizerKind::Lion8bit);
-        let (_, (first, last)) = least_squares_big(&cfg, 0.001, 300)?;
-        println!("lion8bit: loss {first:.4e} -> {last:.4e}");
-        assert!(last < first * 1e-2, "loss {first} -> {last}");
+    fn lion8bit_converges_near_lion() -> Result<()> {
+        let (w32, l32) = least_squares_big(&OptimizerConfig::new(OptimizerKind::Lion), 0.003, 600)?;
+        let (w8, l8) =
+            least_squares_big(&OptimizerConfig::new(OptimizerKind::Lion8bit), 0.003, 600)?;
+        let diff = rel_diff(&w8, &w32);
+        println!("lion loss {l32:?}, lion8bit loss {l8:?}, parameter difference {diff:.4}");
+        assert!(l8.1 < l8.0 * 1e-2, "8-bit loss {} -> {}", l8.0, l8.1);
+        // Looser than AdamW8bit: with β2 = 0.99 a step changes m by 1% of
+        // (g − m), below the code spacing of large entries, so the 8-bit
+        // momentum lags and sign(·) flips more often near the optimum.
+        assert!(l8.1 < 10.0 * l32.1, "8-bit {} vs f32 {}", l8.1, l32.1);
+        assert!(diff < 0.2, "8-bit parameters drift from f32: {diff}");
         Ok(())
     }
 }

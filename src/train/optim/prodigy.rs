@@ -418,13 +418,18 @@ mod tests {
                     p[i] -= o.wd * dlr * p[i];
                 }
                 p[i] -= dlr * self.m[i] / denom;
+                // Parameters live in f32: ⟨g, p0 − p⟩ sees the rounded values
+                // (p0 − p cancels heavily), so the reference must too.
+                p[i] = p[i] as f32 as f64;
             }
             self.k += 1;
         }
     }
 
     fn run_case(cfg: &OptimizerConfig, o: &Opts) -> Result<()> {
-        let p_init = [0.4, -0.6, 1.1, 0.2];
+        // Small parameters: early Prodigy steps are ~d0, and p0 − p must not
+        // drown in f32 rounding of p for the comparison of d to be sharp.
+        let p_init = [0.004, -0.006, 0.011, 0.002];
         let a = var(&p_init);
         let mut opt = build(cfg, vec![group("w", vec![a.clone()], o.lr)])?;
         let mut r = RefProdigy::new(4);
@@ -434,23 +439,28 @@ mod tests {
             // ⟨g, p0 − p⟩ becomes positive and d grows.
             let noise = synthetic_grad(4, step);
             let g: Vec<f64> = (0..4)
-                .map(|i| (p[i] + 0.1 * noise[i]) as f32 as f64)
+                .map(|i| (10.0 * p[i] + 0.1 * noise[i]) as f32 as f64)
                 .collect();
             opt.step(&grads(&[(&a, &g)]))?;
+            let before = p.clone();
             r.step(&mut p, &g, o);
+            // Steps are ~d, far below the parameters: compare the step itself
+            // (0.1% of it) with a few ulps of slack for f32 storage.
             let got = values(&a);
-            println!(
-                "step {step}: d_ref {:e} err {:e}",
-                r.d,
-                (0..4)
-                    .map(|i| (got[i] as f64 - p[i]).abs())
-                    .fold(0.0, f64::max)
-            );
-            assert_close(&a, &p, 1e-5, "prodigy");
+            for i in 0..4 {
+                let err = (got[i] as f64 - p[i]).abs();
+                let tol = 1e-3 * (p[i] - before[i]).abs() + 4e-7 * p[i].abs();
+                assert!(
+                    err <= tol,
+                    "step {step} [{i}]: got {}, want {} (err {err:e})",
+                    got[i],
+                    p[i]
+                );
+            }
         }
-        let st = opt.state()?;
-        let d = st.scalars["d"];
-        assert!((d - r.d).abs() <= 1e-4 * r.d, "d = {d}, reference {}", r.d);
+        // d amplifies ulp-level differences of p through ⟨g, p0 − p⟩.
+        let d = opt.state()?.scalars["d"];
+        assert!((d - r.d).abs() <= 1e-3 * r.d, "d = {d}, reference {}", r.d);
         assert!(r.d > 1e-6, "d never grew in the reference: {}", r.d);
         Ok(())
     }

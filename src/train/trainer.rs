@@ -1,0 +1,863 @@
+//! The training loop: one [`Trainer`] runs a [`TrainConfig`] on a loaded model.
+//!
+//! It scans the dataset, caches latents (and text embeddings when captions are
+//! static), attaches a trainable LoRA to the shared base model, and takes optimizer
+//! steps one at a time, so a driver (the CLI, or the daemon's engine) can interleave
+//! other work between steps: previews with the live adapter, pause, cancel.
+//! Every random draw is derived from the seed and the run's counters, so a run
+//! resumed from a saved state reaches the same weights as one never interrupted.
+//!
+//! Must not: own the model (it borrows the bundle) or know about HTTP.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor};
+
+use super::cache::{Cache, TextCond};
+use super::checkpoint::{self, Progress};
+use super::config::{ConfigError, TrainConfig};
+use super::dataset::{Batch, BatchItem, Dataset, DatasetError};
+use super::events::{peak_memory_bytes, StepStats, TrainControl, TrainEvent};
+use super::network::TrainableLora;
+use super::objective::{noised, velocity_target};
+use super::optim::{self, OptimError, Optimizer, ParamGroup};
+use super::prompts::PromptSpec;
+use super::recompute::loss_and_grads;
+use crate::model::adapter::{AdapterSet, Lora};
+use crate::model::bundle::ModelBundle;
+use crate::model::flux::{image_ids, pack_latents, text_ids, FluxInputs};
+use crate::model::lora_io::{self, FluxVariant, KohyaMetadata, LoraIoError};
+use crate::model::seeded::SeededRng;
+use crate::sample::generate::{generate, ResolvedRequest};
+use crate::sample::png_meta::save_png;
+
+/// Why a run stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Optimizer(#[from] OptimError),
+    #[error(transparent)]
+    Lora(#[from] LoraIoError),
+    #[error("{0}")]
+    Model(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn config_error(field: &str, message: impl Into<String>) -> TrainError {
+    TrainError::Config(ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    })
+}
+
+type Result<T> = std::result::Result<T, TrainError>;
+
+/// One micro-batch ready for the model.
+struct MicroBatch {
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    timesteps: Tensor,
+    y: Tensor,
+    guidance: Tensor,
+    target: Tensor,
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    cfg: TrainConfig,
+    bundle: Arc<ModelBundle>,
+    dataset: Dataset,
+    validation: Option<Dataset>,
+    cache: Cache,
+    network: TrainableLora,
+    optimizer: Box<dyn Optimizer>,
+    progress: Progress,
+    total_steps: u64,
+    batches: Vec<Batch>,
+    batches_per_epoch: usize,
+    resumed_from: Option<u64>,
+    started: Instant,
+    steps_this_session: u64,
+    started_at_unix: f64,
+    truncation_warned: bool,
+}
+
+/// Unix time in seconds.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Trainer {
+    /// Validates the config, scans the dataset and builds the network and optimizer;
+    /// with `resume`, restores a state folder written by an earlier run.
+    pub fn new(cfg: TrainConfig, bundle: Arc<ModelBundle>, resume: Option<&Path>) -> Result<Self> {
+        cfg.validate()?;
+        if cfg.dataset.weighted_captions {
+            return Err(config_error(
+                "dataset.weighted_captions",
+                "weighted captions are not supported by this trainer: T5 and CLIP embeddings would need per-token scaling; remove the weights or set weighted_captions = false (parentheses are then plain text)",
+            ));
+        }
+        if cfg.network.dropout > 0.0 && cfg.gradient_checkpointing {
+            return Err(config_error(
+                "network.dropout",
+                "LoRA dropout cannot be combined with gradient_checkpointing: the recomputed blocks would draw different dropout masks",
+            ));
+        }
+        if cfg.mixed_precision.dtype() != bundle.flux.dtype() {
+            return Err(config_error(
+                "mixed_precision",
+                format!(
+                    "the model is loaded in {:?} but the config asks for {:?}",
+                    bundle.flux.dtype(),
+                    cfg.mixed_precision
+                ),
+            ));
+        }
+        let dataset = Dataset::scan(&cfg.dataset)?;
+        if !dataset.latents_are_cacheable() {
+            return Err(config_error(
+                "dataset.random_crop",
+                "random_crop changes the crop every step, which cached latents cannot follow; use center crops",
+            ));
+        }
+        let device = bundle.device().clone();
+        let network =
+            TrainableLora::new(&cfg.network, bundle.flux.linear_shapes(), cfg.seed, &device)?;
+        let mut optimizer = optim::build(
+            &cfg.optimizer,
+            vec![ParamGroup {
+                name: "dit".into(),
+                params: network.params(),
+                lr: cfg.learning_rate,
+            }],
+        )?;
+        let batches_per_epoch = dataset.steps_per_epoch(cfg.train_batch_size);
+        let steps_per_epoch = batches_per_epoch.div_ceil(cfg.gradient_accumulation_steps) as u64;
+        let total_steps = match (cfg.max_train_steps, cfg.max_train_epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => e * steps_per_epoch.max(1),
+            (None, None) => {
+                return Err(config_error(
+                    "max_train_steps",
+                    "set max_train_steps or max_train_epochs",
+                ))
+            }
+        };
+        let mut progress = Progress {
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            micro_step: 0,
+            loss_ema: 0.0,
+            loss_count: 0,
+        };
+        let mut resumed_from = None;
+        if let Some(dir) = resume {
+            let saved = checkpoint::load_state(dir, &device)?;
+            network.load_from(&saved.adapter)?;
+            optimizer.load_state(&saved.optimizer)?;
+            tracing::info!(step = saved.progress.step, state = %dir.display(), "resuming");
+            resumed_from = Some(saved.progress.step);
+            progress = saved.progress;
+        }
+        let batches = dataset.epoch_batches(progress.epoch, cfg.train_batch_size, cfg.seed);
+        let cache = Cache::new(cfg.cache_dir.as_deref());
+        let validation = cfg
+            .validation_dataset
+            .as_ref()
+            .map(Dataset::scan)
+            .transpose()?;
+        Ok(Self {
+            cfg,
+            bundle,
+            dataset,
+            validation,
+            cache,
+            network,
+            optimizer,
+            progress,
+            total_steps,
+            batches,
+            batches_per_epoch,
+            resumed_from,
+            started: Instant::now(),
+            steps_this_session: 0,
+            started_at_unix: unix_now(),
+            truncation_warned: false,
+        })
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    pub fn bundle(&self) -> &Arc<ModelBundle> {
+        &self.bundle
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.progress.step >= self.total_steps
+    }
+
+    /// The adapter being trained, as the sampler applies it (shares storage with the
+    /// trainable tensors, so it always shows the latest step).
+    pub fn live_lora(&self) -> Arc<Lora> {
+        self.network.lora.clone()
+    }
+
+    /// The `Started` event of this run.
+    pub fn started_event(&self) -> TrainEvent {
+        let trainable_parameters = self.network.params().iter().map(|v| v.elem_count()).sum();
+        TrainEvent::Started {
+            total_steps: self.total_steps,
+            steps_per_epoch: self
+                .batches_per_epoch
+                .div_ceil(self.cfg.gradient_accumulation_steps) as u64,
+            images: self.dataset.images().len(),
+            trainable_parameters,
+            resumed_from_step: self.resumed_from,
+        }
+    }
+
+    fn latent_key(
+        &self,
+        image: usize,
+        batch: &Batch,
+        flip: bool,
+        crop: (u32, u32),
+    ) -> Result<String> {
+        let hash = self.dataset.content_hash(image)?;
+        let vae = self.bundle.vae.config();
+        Ok(format!(
+            "{hash}|{}x{}|flip={flip}|crop={},{}|vae={}:{}:{}",
+            batch.bucket.width,
+            batch.bucket.height,
+            crop.0,
+            crop.1,
+            self.bundle.name,
+            vae.z_channels,
+            vae.ch
+        ))
+    }
+
+    fn encode_image(&self, image: usize, augment: &super::dataset::Augment) -> Result<Tensor> {
+        let (pixels, _, _) = self.dataset.load_pixels(image, augment)?;
+        let pixels = pixels
+            .unsqueeze(0)?
+            .to_device(self.bundle.device())?
+            .to_dtype(self.bundle.vae.dtype())?;
+        Ok(self
+            .bundle
+            .vae
+            .encode(&pixels)?
+            .squeeze(0)?
+            .to_dtype(candle_core::DType::F32)?)
+    }
+
+    fn encode_text(&mut self, caption: &str) -> Result<TextCond> {
+        let emb = self.bundle.text.encode(&[caption])?;
+        if !self.truncation_warned
+            && emb
+                .truncated
+                .iter()
+                .any(|t| t.t5_dropped > 0 || t.clip_dropped > 0)
+        {
+            self.truncation_warned = true;
+            tracing::warn!(caption, "caption longer than the text encoders' context was truncated (reported once per run)");
+        }
+        Ok(TextCond {
+            t5: emb.t5.squeeze(0)?,
+            pooled: emb.pooled.squeeze(0)?,
+        })
+    }
+
+    fn text_for(&mut self, item: &BatchItem) -> Result<TextCond> {
+        if self.dataset.captions_are_static() {
+            let caption = self.dataset.fixed_caption(item.image)?.text;
+            let key = format!(
+                "{}|t5={}|{caption}",
+                self.bundle.name,
+                self.bundle.text.t5_max_len()
+            );
+            if let Some(c) = self.cache_text_hit(&key)? {
+                return Ok(c);
+            }
+            let cond = self.encode_text(&caption)?;
+            let device = self.bundle.device().clone();
+            Ok(self.cache.text(&key, &device, || Ok(cond))?)
+        } else {
+            let caption = self.dataset.caption(item)?.text;
+            self.encode_text(&caption)
+        }
+    }
+
+    fn cache_text_hit(&mut self, key: &str) -> Result<Option<TextCond>> {
+        let device = self.bundle.device().clone();
+        match self.cache.text(key, &device, || candle_core::bail!("miss")) {
+            Ok(c) => Ok(Some(c)),
+            Err(_) => {
+                self.cache.misses = self.cache.misses.saturating_sub(1);
+                Ok(None)
+            }
+        }
+    }
+
+    fn latents_for(&mut self, item: &BatchItem, batch: &Batch) -> Result<Tensor> {
+        let augment = self.dataset.augment(item)?;
+        let key = self.latent_key(item.image, batch, augment.flip, augment.crop_left_top)?;
+        let device = self.bundle.device().clone();
+        let encoded = if self.cache_latent_hit(&key)? {
+            None
+        } else {
+            Some(self.encode_image(item.image, &augment)?)
+        };
+        Ok(self.cache.latents(&key, &device, || match encoded {
+            Some(t) => Ok(t),
+            None => candle_core::bail!("latent cache entry vanished: {key}"),
+        })?)
+    }
+
+    fn cache_latent_hit(&mut self, key: &str) -> Result<bool> {
+        let device = self.bundle.device().clone();
+        match self
+            .cache
+            .latents(key, &device, || candle_core::bail!("miss"))
+        {
+            Ok(_) => Ok(true),
+            Err(_) => {
+                self.cache.misses = self.cache.misses.saturating_sub(1);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Encodes every latent (both flips when `flip_aug`) and every static caption once,
+    /// before the first step; `on_item(done, total)` reports progress.
+    pub fn prepare_caches(&mut self, on_item: &mut dyn FnMut(usize, usize)) -> Result<()> {
+        let n = self.dataset.images().len();
+        let flips: &[bool] = if self.cfg.dataset.flip_aug {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for image in 0..n {
+            let plain = self.dataset.plain_augment(image)?;
+            let bucket = self.dataset.images()[image].placement.bucket;
+            let batch = Batch {
+                bucket,
+                items: vec![],
+            };
+            for &flip in flips {
+                let augment = super::dataset::Augment { flip, ..plain };
+                let key = self.latent_key(image, &batch, flip, augment.crop_left_top)?;
+                if !self.cache_latent_hit(&key)? {
+                    let t = self.encode_image(image, &augment)?;
+                    let device = self.bundle.device().clone();
+                    self.cache.latents(&key, &device, || Ok(t))?;
+                }
+            }
+            if self.dataset.captions_are_static() {
+                self.text_for(&BatchItem { image, seed: 0 })?;
+            }
+            on_item(image + 1, n);
+        }
+        tracing::info!(
+            hits = self.cache.hits,
+            encoded = self.cache.misses,
+            "caches ready"
+        );
+        Ok(())
+    }
+
+    /// The next micro-batch of the epoch (rolling over to the next epoch).
+    fn next_micro_batch(&mut self) -> Result<MicroBatch> {
+        if self.progress.batch_in_epoch >= self.batches.len() {
+            self.progress.epoch += 1;
+            self.progress.batch_in_epoch = 0;
+            self.batches = self.dataset.epoch_batches(
+                self.progress.epoch,
+                self.cfg.train_batch_size,
+                self.cfg.seed,
+            );
+        }
+        let batch = self.batches[self.progress.batch_in_epoch].clone();
+        self.progress.batch_in_epoch += 1;
+        self.progress.micro_step += 1;
+
+        let mut latents = vec![];
+        let mut t5 = vec![];
+        let mut pooled = vec![];
+        for item in &batch.items {
+            latents.push(self.latents_for(item, &batch)?);
+            let cond = self.text_for(item)?;
+            t5.push(cond.t5);
+            pooled.push(cond.pooled);
+        }
+        let device = self.bundle.device().clone();
+        let x0 = Tensor::stack(&latents, 0)?; // (b, c, h, w)
+        let (b, c, lh, lw) = x0.dims4()?;
+        let mut rng = SeededRng::for_name(
+            self.cfg.seed,
+            &format!("train/micro/{}", self.progress.micro_step),
+        );
+        let obj = &self.cfg.objective;
+        let t = obj.sample_timesteps(&mut rng, b, lh, lw);
+        let noise = obj.sample_noise(&mut rng, (b, c, lh, lw), &device)?;
+        let x_t = noised(&x0, &noise, &t)?;
+        let target = velocity_target(&x0, &noise)?;
+        let txt = Tensor::stack(&t5, 0)?;
+        let n_txt = txt.dim(1)?;
+        let t32: Vec<f32> = t.iter().map(|&v| v as f32).collect();
+        Ok(MicroBatch {
+            img: pack_latents(&x_t)?,
+            img_ids: image_ids(b, lh / 2, lw / 2, &device)?,
+            txt,
+            txt_ids: text_ids(b, n_txt, &device)?,
+            timesteps: Tensor::from_vec(t32, b, &device)?,
+            y: Tensor::stack(&pooled, 0)?,
+            guidance: Tensor::full(obj.guidance_scale as f32, b, &device)?,
+            target: pack_latents(&target)?,
+        })
+    }
+
+    /// One optimizer step (with gradient accumulation); emits `Step` and any
+    /// `Saved` / `Sample` events that fall due.
+    pub fn step(&mut self, emit: &mut dyn FnMut(TrainEvent)) -> Result<StepStats> {
+        let lr = self.cfg.learning_rate
+            * self.cfg.lr_scheduler.multiplier(
+                self.progress.step,
+                self.total_steps,
+                self.cfg.learning_rate,
+            );
+        self.optimizer.set_lr(0, lr)?;
+        let accum = self.cfg.gradient_accumulation_steps;
+        let params = self.network.params();
+        let adapters = AdapterSet::none()
+            .with(self.network.lora.clone(), 1.0)
+            .with_dropout(self.cfg.network.dropout);
+        let mut grads = GradStore::default();
+        let mut loss_sum = 0.0f64;
+        let epoch_before = self.progress.epoch;
+        for _ in 0..accum {
+            let mb = self.next_micro_batch()?;
+            let inputs = FluxInputs {
+                img: &mb.img,
+                img_ids: &mb.img_ids,
+                txt: &mb.txt,
+                txt_ids: &mb.txt_ids,
+                timesteps: &mb.timesteps,
+                y: &mb.y,
+                guidance: Some(&mb.guidance),
+            };
+            let (loss, mut g) = loss_and_grads(
+                &self.bundle.flux,
+                &inputs,
+                &adapters,
+                &mb.target,
+                1.0 / accum as f64,
+                self.cfg.gradient_checkpointing,
+            )?;
+            if !loss.is_finite() {
+                return Err(TrainError::Model(candle_core::Error::msg(format!(
+                    "loss became {loss} at step {}: lower the learning rate or enable max_grad_norm",
+                    self.progress.step + 1
+                ))));
+            }
+            loss_sum += loss as f64;
+            // Keep only the parameters' gradients; intermediate ones are dropped here.
+            for p in &params {
+                if let Some(gp) = g.remove(p.as_tensor()) {
+                    let sum = match grads.remove(p.as_tensor()) {
+                        Some(prev) => (prev + gp)?,
+                        None => gp,
+                    };
+                    grads.insert(p.as_tensor(), sum);
+                }
+            }
+        }
+        let grad_norm = if self.cfg.max_grad_norm > 0.0 {
+            Some(optim::clip_grad_norm(
+                &mut grads,
+                params.iter(),
+                self.cfg.max_grad_norm,
+            )?)
+        } else {
+            None
+        };
+        self.optimizer.step(&grads)?;
+        self.progress.step += 1;
+        self.steps_this_session += 1;
+
+        let loss = loss_sum / accum as f64;
+        self.progress.loss_count += 1;
+        self.progress.loss_ema = 0.9 * self.progress.loss_ema + 0.1 * loss;
+        let loss_ema = self.progress.loss_ema
+            / (1.0 - 0.9f64.powi(self.progress.loss_count.min(10_000) as i32));
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let it_per_s = self.steps_this_session as f64 / elapsed.max(1e-9);
+        let remaining = self.total_steps.saturating_sub(self.progress.step) as f64;
+        let stats = StepStats {
+            step: self.progress.step,
+            total_steps: self.total_steps,
+            epoch: self.progress.epoch,
+            loss,
+            loss_ema,
+            lr: self.optimizer.effective_lr(0).unwrap_or(lr),
+            grad_norm,
+            it_per_s,
+            eta_s: remaining / it_per_s.max(1e-9),
+            peak_memory_bytes: peak_memory_bytes(),
+        };
+        emit(TrainEvent::Step(stats.clone()));
+
+        let step = self.progress.step;
+        let last = step >= self.total_steps;
+        if !last && self.cfg.save_every_n_steps.is_some_and(|n| step % n == 0) {
+            self.save_step(emit)?;
+        }
+        let epoch_done = self.progress.batch_in_epoch >= self.batches.len()
+            || self.progress.epoch > epoch_before;
+        if !last && epoch_done {
+            let finished_epochs =
+                self.progress.epoch + u64::from(self.progress.batch_in_epoch >= self.batches.len());
+            if self
+                .cfg
+                .save_every_n_epochs
+                .is_some_and(|n| finished_epochs % n == 0)
+            {
+                let path = checkpoint::epoch_lora_path(
+                    &self.cfg.output_dir,
+                    &self.cfg.output_name,
+                    finished_epochs,
+                );
+                self.save_lora(&path, false)?;
+                emit(TrainEvent::Saved { step, path });
+            }
+        }
+        if self
+            .cfg
+            .validate_every_n_steps
+            .is_some_and(|n| step % n == 0)
+            || (last && self.validation.is_some())
+        {
+            if let Some(loss) = self.validation_loss()? {
+                emit(TrainEvent::Validation { step, loss });
+            }
+        }
+        if self.cfg.sample_every_n_steps.is_some_and(|n| step % n == 0) {
+            let paths = self.sample_previews(step)?;
+            if !paths.is_empty() {
+                emit(TrainEvent::Sample { step, paths });
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Saves the LoRA and the full state of the current step, then prunes old saves.
+    pub fn save_step(&mut self, emit: &mut dyn FnMut(TrainEvent)) -> Result<PathBuf> {
+        let step = self.progress.step;
+        let dir = &self.cfg.output_dir;
+        let path = checkpoint::step_lora_path(dir, &self.cfg.output_name, step);
+        self.save_lora(&path, false)?;
+        let state = self.optimizer.state()?;
+        let snapshot = self.network.snapshot(&self.cfg.output_name)?;
+        checkpoint::save_state(
+            dir,
+            &self.cfg.output_name,
+            &self.progress,
+            &snapshot,
+            &state,
+        )?;
+        if let Some(keep) = self.cfg.save_last_n {
+            checkpoint::prune_step_saves(dir, &self.cfg.output_name, keep)?;
+        }
+        emit(TrainEvent::Saved {
+            step,
+            path: path.clone(),
+        });
+        Ok(path)
+    }
+
+    /// kohya-compatible metadata for the LoRA as it is now.
+    fn metadata(&self, finished: bool) -> BTreeMap<String, String> {
+        let cfg = &self.cfg;
+        let variant = if self.bundle.flux.config().guidance_embed {
+            FluxVariant::Dev
+        } else {
+            FluxVariant::Schnell
+        };
+        let mut m = KohyaMetadata::new(
+            &cfg.output_name,
+            variant,
+            cfg.network.rank,
+            cfg.network.alpha as f64,
+        );
+        m.network_dropout = (cfg.network.dropout > 0.0).then_some(cfg.network.dropout);
+        m.learning_rate = cfg.learning_rate;
+        m.unet_lr = Some(cfg.learning_rate);
+        m.optimizer = format!("{:?}", cfg.optimizer.kind);
+        m.lr_scheduler = format!("{:?}", cfg.lr_scheduler.kind).to_lowercase();
+        m.lr_warmup_steps = cfg.lr_scheduler.warmup_steps(self.total_steps) as usize;
+        m.max_train_steps = self.total_steps as usize;
+        m.num_epochs = cfg.max_train_epochs.unwrap_or(0) as usize;
+        m.num_train_images = self.dataset.len();
+        m.num_batches_per_epoch = self.batches_per_epoch;
+        m.batch_size = cfg.train_batch_size;
+        m.gradient_accumulation_steps = cfg.gradient_accumulation_steps;
+        m.gradient_checkpointing = cfg.gradient_checkpointing;
+        m.max_grad_norm = cfg.max_grad_norm;
+        m.mixed_precision = match cfg.mixed_precision {
+            crate::config::Precision::F32 => "no",
+            crate::config::Precision::Bf16 => "bf16",
+            crate::config::Precision::F16 => "fp16",
+        }
+        .into();
+        m.seed = Some(cfg.seed);
+        m.resolution = (
+            cfg.dataset.resolution.width as usize,
+            cfg.dataset.resolution.height as usize,
+        );
+        m.cache_latents = true;
+        m.caption_dropout_rate = cfg.dataset.caption_dropout_rate;
+        m.shuffle_caption = cfg.dataset.shuffle_caption;
+        m.keep_tokens = cfg.dataset.keep_tokens;
+        m.flip_aug = cfg.dataset.flip_aug;
+        m.enable_bucket = cfg.dataset.enable_bucket;
+        m.min_bucket_reso = cfg.dataset.min_bucket_reso as usize;
+        m.max_bucket_reso = cfg.dataset.max_bucket_reso as usize;
+        m.bucket_no_upscale = cfg.dataset.bucket_no_upscale;
+        m.noise_offset = (cfg.objective.noise_offset > 0.0).then_some(cfg.objective.noise_offset);
+        m.guidance_scale = cfg.objective.guidance_scale;
+        m.timestep_sampling = format!("{:?}", cfg.objective.timestep_sampling).to_lowercase();
+        m.sigmoid_scale = cfg.objective.sigmoid_scale;
+        m.discrete_flow_shift = cfg.objective.discrete_flow_shift;
+        m.sd_model_name = Some(self.bundle.name.clone());
+        m.training_started_at = self.started_at_unix;
+        m.training_finished_at = finished.then(unix_now);
+        m.steps = Some(self.progress.step as usize);
+        m.epoch = Some(self.progress.epoch as usize);
+        m.tag_frequency = self
+            .dataset
+            .tag_frequency()
+            .iter()
+            .map(|(dir, tags)| {
+                (
+                    dir.clone(),
+                    tags.iter().map(|(t, c)| (t.clone(), *c as usize)).collect(),
+                )
+            })
+            .collect();
+        m.dataset_dirs = self
+            .dataset
+            .dataset_dirs()
+            .iter()
+            .map(|(dir, info)| {
+                (
+                    dir.clone(),
+                    lora_io::DatasetDir {
+                        n_repeats: info.n_repeats as usize,
+                        img_count: info.img_count as usize,
+                    },
+                )
+            })
+            .collect();
+        m.trigger_phrase = cfg.dataset.trigger_word.clone();
+        if let Ok(json) = serde_json::to_string(cfg) {
+            m.extra.insert("fluxlora.train_config".into(), json);
+        }
+        m.to_map()
+    }
+
+    fn save_lora(&self, path: &Path, finished: bool) -> Result<()> {
+        let lora = self.network.snapshot(&self.cfg.output_name)?;
+        lora_io::save_kohya(
+            path,
+            &lora,
+            &self.metadata(finished),
+            self.cfg.save_precision.dtype(),
+        )?;
+        Ok(())
+    }
+
+    /// Preview images for every sample prompt with the adapter as it is now.
+    pub fn sample_previews(&self, step: u64) -> Result<Vec<PathBuf>> {
+        let adapters = AdapterSet::none().with(self.network.lora.clone(), 1.0);
+        let dir = self.cfg.output_dir.join("sample");
+        let mut paths = vec![];
+        for (i, line) in self.cfg.sample_prompts.iter().enumerate() {
+            let spec = PromptSpec::parse(line)
+                .map_err(|m| config_error(&format!("sample_prompts[{i}]"), m))?;
+            let req = ResolvedRequest::new(&spec.request(self.cfg.seed), &self.bundle)?;
+            let images = generate(&self.bundle, &req, &adapters, &mut |_, _| Ok(()))?;
+            let names = [(self.cfg.output_name.clone(), 1.0)];
+            for image in &images {
+                let path = dir.join(format!(
+                    "{}_{step:06}_{i:02}_{}.png",
+                    self.cfg.output_name, req.seed
+                ));
+                save_png(&path, image, &req.params(0, &self.bundle.name, &names)).map_err(
+                    |source| TrainError::Io {
+                        path: path.clone(),
+                        source,
+                    },
+                )?;
+                paths.push(path);
+            }
+        }
+        Ok(paths)
+    }
+
+    /// Mean loss over the validation images at fixed timesteps (0.1 … 0.9) and fixed
+    /// noise, with the adapter as it is now: comparable across steps and runs.
+    /// `None` without a validation dataset.
+    pub fn validation_loss(&mut self) -> Result<Option<f64>> {
+        let Some(val) = self.validation.take() else {
+            return Ok(None);
+        };
+        let result = self.loss_on(&val);
+        self.validation = Some(val);
+        result.map(Some)
+    }
+
+    fn loss_on(&mut self, val: &Dataset) -> Result<f64> {
+        const TIMESTEPS: [f64; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
+        let adapters = AdapterSet::none().with(self.network.lora.clone(), 1.0);
+        let device = self.bundle.device().clone();
+        let (mut total, mut count) = (0.0, 0usize);
+        for image in 0..val.images().len() {
+            let augment = val.plain_augment(image)?;
+            let (pixels, _, _) = val.load_pixels(image, &augment)?;
+            let pixels = pixels
+                .unsqueeze(0)?
+                .to_device(&device)?
+                .to_dtype(self.bundle.vae.dtype())?;
+            let x0 = self
+                .bundle
+                .vae
+                .encode(&pixels)?
+                .to_dtype(candle_core::DType::F32)?;
+            let caption = val.fixed_caption(image)?.text;
+            let cond = self.encode_text(&caption)?;
+            let (_, c, lh, lw) = x0.dims4()?;
+            let mut rng = SeededRng::for_name(self.cfg.seed, &format!("validation/{image}"));
+            let noise = rng.randn((1, c, lh, lw), &device)?;
+            let target = pack_latents(&velocity_target(&x0, &noise)?)?;
+            let (txt, y) = (cond.t5.unsqueeze(0)?, cond.pooled.unsqueeze(0)?);
+            let (img_ids, txt_ids) = (
+                image_ids(1, lh / 2, lw / 2, &device)?,
+                text_ids(1, txt.dim(1)?, &device)?,
+            );
+            let guidance = Tensor::full(self.cfg.objective.guidance_scale as f32, 1, &device)?;
+            for t in TIMESTEPS {
+                let img = pack_latents(&noised(&x0, &noise, &[t])?)?;
+                let timesteps = Tensor::full(t as f32, 1, &device)?;
+                let inputs = FluxInputs {
+                    img: &img,
+                    img_ids: &img_ids,
+                    txt: &txt,
+                    txt_ids: &txt_ids,
+                    timesteps: &timesteps,
+                    y: &y,
+                    guidance: Some(&guidance),
+                };
+                let pred = self.bundle.flux.forward(&inputs, &adapters)?.detach();
+                total += super::objective::mse(&pred, &target)?.to_scalar::<f32>()? as f64;
+                count += 1;
+            }
+        }
+        Ok(total / count.max(1) as f64)
+    }
+
+    /// Writes the final LoRA `<output_name>.safetensors`.
+    pub fn finish(&self) -> Result<PathBuf> {
+        let path = self
+            .cfg
+            .output_dir
+            .join(format!("{}.safetensors", self.cfg.output_name));
+        self.save_lora(&path, true)?;
+        Ok(path)
+    }
+
+    /// Runs to the end: caches, `Started`, steps (honouring pause and cancel between
+    /// steps), the final save and `Finished`. Returns the final LoRA, or `None` when
+    /// cancelled (after saving a resumable state).
+    pub fn run(
+        &mut self,
+        control: &TrainControl,
+        emit: &mut dyn FnMut(TrainEvent),
+    ) -> Result<Option<PathBuf>> {
+        std::fs::create_dir_all(&self.cfg.output_dir).map_err(|source| TrainError::Io {
+            path: self.cfg.output_dir.clone(),
+            source,
+        })?;
+        self.prepare_caches(&mut |_, _| {})?;
+        emit(self.started_event());
+        if self.progress.step == 0 && self.cfg.sample_every_n_steps.is_some() {
+            let paths = self.sample_previews(0)?;
+            if !paths.is_empty() {
+                emit(TrainEvent::Sample { step: 0, paths });
+            }
+        }
+        while !self.is_done() {
+            if control.is_paused() {
+                emit(TrainEvent::Paused {
+                    step: self.progress.step,
+                });
+                while control.is_paused() && !control.is_cancelled() {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                emit(TrainEvent::Resumed {
+                    step: self.progress.step,
+                });
+            }
+            if control.is_cancelled() {
+                if self.progress.step > 0 {
+                    self.save_step(emit)?;
+                }
+                emit(TrainEvent::Cancelled {
+                    step: self.progress.step,
+                });
+                return Ok(None);
+            }
+            self.step(emit)?;
+        }
+        let path = self.finish()?;
+        emit(TrainEvent::Finished {
+            step: self.progress.step,
+            path: path.clone(),
+            seconds: self.started.elapsed().as_secs_f64(),
+        });
+        Ok(Some(path))
+    }
+
+    /// The device the run computes on.
+    pub fn device(&self) -> &Device {
+        self.bundle.device()
+    }
+}
