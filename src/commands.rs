@@ -13,10 +13,14 @@ use clap::Args;
 use crate::config::{DeviceChoice, Precision};
 use crate::model::adapter::AdapterSet;
 use crate::model::bundle::ModelBundle;
-use crate::model::flux::CONFIG_METADATA_KEY;
+use crate::model::flux::save_checkpoint;
 use crate::model::lora_io;
 use crate::sample::generate::{generate, ResolvedRequest, SampleRequest};
 use crate::sample::png_meta::save_png;
+use crate::train::checkpoint;
+use crate::train::config::TrainConfig;
+use crate::train::events::{TrainControl, TrainEvent};
+use crate::train::trainer::Trainer;
 
 /// Which model to load and how.
 #[derive(Args, Clone, Debug, Default)]
@@ -151,6 +155,80 @@ pub fn sample(
     Ok(written)
 }
 
+/// Where `fluxlora train --resume` continues from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ResumeArg {
+    /// The newest state folder in the run's output folder.
+    Auto,
+    /// A state folder (`<name>-stepNNNNNN-state`).
+    State(PathBuf),
+}
+
+impl FromStr for ResumeArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(if s == "auto" {
+            Self::Auto
+        } else {
+            Self::State(PathBuf::from(s))
+        })
+    }
+}
+
+/// `fluxlora train`: runs a config with a progress bar; returns the final LoRA.
+pub fn train(cfg: TrainConfig, resume: Option<&ResumeArg>) -> Result<PathBuf> {
+    let model = ModelArgs {
+        model: cfg.model.clone(),
+        device: cfg.device,
+        precision: cfg.mixed_precision,
+    };
+    let bundle = Arc::new(model.load()?);
+    let state = match resume {
+        None => None,
+        Some(ResumeArg::State(p)) => Some(p.clone()),
+        Some(ResumeArg::Auto) => Some(
+            checkpoint::latest_state(&cfg.output_dir, &cfg.output_name).with_context(|| {
+                format!(
+                    "no saved state of `{}` in {}",
+                    cfg.output_name,
+                    cfg.output_dir.display()
+                )
+            })?,
+        ),
+    };
+    let mut trainer = Trainer::new(cfg, bundle, state.as_deref())?;
+    let bar = indicatif::ProgressBar::new(trainer.total_steps());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec} {msg}",
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    bar.set_position(trainer.progress().step);
+    let control = TrainControl::default();
+    let result = trainer.run(&control, &mut |event| match &event {
+        TrainEvent::Step(s) => {
+            bar.set_position(s.step);
+            bar.set_message(format!(
+                "loss {:.4} (avg {:.4}) lr {:.2e}",
+                s.loss, s.loss_ema, s.lr
+            ));
+        }
+        TrainEvent::Saved { path, .. } => bar.println(format!("saved {}", path.display())),
+        TrainEvent::Sample { paths, .. } => {
+            for p in paths {
+                bar.println(format!("sample {}", p.display()));
+            }
+        }
+        TrainEvent::Validation { step, loss } => {
+            bar.println(format!("step {step}: validation loss {loss:.4}"))
+        }
+        _ => {}
+    });
+    bar.finish();
+    result?.context("training was cancelled")
+}
+
 /// `fluxlora lora inspect`.
 pub fn lora_inspect(path: &Path, json: bool) -> Result<String> {
     let file = lora_io::load(path, &candle_core::Device::Cpu)?;
@@ -193,11 +271,8 @@ pub fn lora_merge(model: &ModelArgs, loras: &[LoraArg], out: &Path) -> Result<()
     let bundle = model.load()?;
     let (adapters, _) = load_adapters(&bundle, loras)?;
     let weights = bundle.flux.merged_weights(&adapters)?;
-    let config = serde_json::to_string(bundle.flux.config())?;
-    let metadata = std::collections::HashMap::from([(CONFIG_METADATA_KEY.to_string(), config)]);
-    let bytes =
-        safetensors::serialize(weights.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))?;
-    crate::atomic_file::write(out, &bytes).with_context(|| format!("writing {}", out.display()))
+    save_checkpoint(out, bundle.flux.config(), &weights, bundle.flux.dtype())
+        .with_context(|| format!("writing {}", out.display()))
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use fluxlora::commands::{self, LoraArg, ModelArgs, SaveFormat};
+use fluxlora::commands::{self, LoraArg, ModelArgs, ResumeArg, SaveFormat};
+use fluxlora::train::config::TrainConfig;
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +21,14 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt (the built-in tiny model when no --model is given).
     Sample(SampleArgs),
+    /// Train a LoRA from a TOML or JSON config.
+    Train {
+        /// The training config (see examples/).
+        config: PathBuf,
+        /// Continue from a saved state folder, or `auto` for the newest in the output folder.
+        #[arg(long)]
+        resume: Option<ResumeArg>,
+    },
     /// Inspect, convert or merge LoRA files.
     #[command(subcommand)]
     Lora(LoraCommand),
@@ -107,6 +116,11 @@ fn main() -> anyhow::Result<()> {
             for path in commands::sample(&a.model, &req, &a.loras, &a.out)? {
                 println!("{}", path.display());
             }
+        }
+        Command::Train { config, resume } => {
+            let cfg = TrainConfig::from_file(&config)?;
+            let path = commands::train(cfg, resume.as_ref())?;
+            println!("{}", path.display());
         }
         Command::Lora(LoraCommand::Inspect { file, json }) => {
             print!("{}", commands::lora_inspect(&file, json)?);

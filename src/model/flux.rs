@@ -299,11 +299,18 @@ struct Loader<'a> {
     dtype: DType,
     device: &'a Device,
     shapes: BTreeMap<String, (usize, usize)>,
+    /// When set, every weight becomes a trainable `Var` (full fine-tuning).
+    trainable: bool,
 }
 
 impl Loader<'_> {
     fn tensor(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let t = self.source.get(name, shape, init, self.device)?;
+        if self.trainable {
+            return Ok(candle_core::Var::from_tensor(&t.to_dtype(self.dtype)?)?
+                .as_tensor()
+                .clone());
+        }
         if t.dtype() == DType::F8E4M3 || t.dtype() == self.dtype {
             Ok(t)
         } else {
@@ -786,12 +793,29 @@ impl Flux {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::build(cfg, source, dtype, device, false)
+    }
+
+    /// The model with every weight a trainable `Var` (f32 master weights for full
+    /// fine-tuning); [`Flux::trainable_weights`] hands them to an optimizer.
+    pub fn new_trainable(cfg: &FluxConfig, source: &WeightSource, device: &Device) -> Result<Self> {
+        Self::build(cfg, source, DType::F32, device, true)
+    }
+
+    fn build(
+        cfg: &FluxConfig,
+        source: &WeightSource,
+        dtype: DType,
+        device: &Device,
+        trainable: bool,
+    ) -> Result<Self> {
         cfg.validate()?;
         let mut ld = Loader {
             source,
             dtype,
             device,
             shapes: BTreeMap::new(),
+            trainable,
         };
         let h = cfg.hidden_size;
         let img_in = ld.linear("img_in", cfg.in_channels, h, true)?;
@@ -915,6 +939,20 @@ impl Flux {
         Ok(out)
     }
 
+    /// Every weight as a `Var` with its BFL name, when the model was built with
+    /// [`Flux::new_trainable`]; `None` otherwise.
+    pub fn trainable_weights(&self) -> Result<Option<Vec<(String, candle_core::Var)>>> {
+        let weights = self.merged_weights(&AdapterSet::none())?;
+        if !weights.iter().all(|(_, t)| t.is_variable()) {
+            return Ok(None);
+        }
+        weights
+            .into_iter()
+            .map(|(n, t)| Ok((n, candle_core::Var::from_tensor(&t)?)))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// Input embeddings and RoPE: the state before the first block.
     pub fn embed(&self, inp: &FluxInputs, ad: &AdapterSet) -> Result<Embedded> {
         let dtype = self.dtype;
@@ -966,6 +1004,25 @@ impl Flux {
 
 /// Metadata key under which we store the config of checkpoints we write.
 pub const CONFIG_METADATA_KEY: &str = "fluxlora.flux_config";
+
+/// Writes a BFL-layout checkpoint (named weights) with `cfg` in its metadata, atomically.
+pub fn save_checkpoint(
+    path: &Path,
+    cfg: &FluxConfig,
+    weights: &[(String, Tensor)],
+    dtype: DType,
+) -> Result<()> {
+    let weights: Vec<(&str, Tensor)> = weights
+        .iter()
+        .map(|(n, t)| Ok((n.as_str(), t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    let config = serde_json::to_string(cfg).map_err(|e| candle_core::Error::msg(e.to_string()))?;
+    let metadata = HashMap::from([(CONFIG_METADATA_KEY.to_string(), config)]);
+    let bytes = safetensors::serialize(weights.iter().map(|(k, v)| (*k, v)), Some(metadata))
+        .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
+    crate::atomic_file::write(path, &bytes)
+        .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))
+}
 
 /// The config stored in a checkpoint's safetensors metadata, if any.
 fn stored_config(file: &Path) -> Result<Option<FluxConfig>> {

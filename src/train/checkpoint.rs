@@ -5,7 +5,7 @@
 //! - `<name>-step000100.safetensors` / `<name>-000002.safetensors`: intermediate LoRAs
 //!   saved every N steps / epochs;
 //! - `<name>-step000100-state/`: the full training state beside a step save:
-//!   `adapter.safetensors` (f32 master weights), `optimizer.safetensors`,
+//!   `weights.safetensors` (f32 master weights of what trains), `optimizer.safetensors`,
 //!   `state.json` (step, epoch, position in the epoch, loss EMA).
 //!
 //! A state folder is assembled under a temporary name and renamed into place, so a
@@ -13,16 +13,14 @@
 //!
 //! Must not: decide when to save (the trainer does).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::optim::OptimizerState;
 use crate::atomic_file;
-use crate::model::adapter::Lora;
-use crate::model::lora_io;
 
 /// The counters that place a run in its schedule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -75,7 +73,7 @@ pub fn save_state(
     dir: &Path,
     name: &str,
     progress: &Progress,
-    adapter: &Lora,
+    weights: &[(String, Tensor)],
     optimizer: &OptimizerState,
 ) -> Result<PathBuf> {
     let final_dir = state_dir(dir, name, progress.step);
@@ -84,13 +82,10 @@ pub fn save_state(
         std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-    lora_io::save_kohya(
-        tmp.join("adapter.safetensors"),
-        adapter,
-        &BTreeMap::new(),
-        DType::F32,
-    )
-    .map_err(|e| candle_core::Error::msg(e.to_string()))?;
+    let weights_path = tmp.join("weights.safetensors");
+    let bytes = safetensors::serialize(weights.iter().map(|(k, v)| (k.as_str(), v)), None)
+        .map_err(|e| io_err(&weights_path, e))?;
+    atomic_file::write(&weights_path, &bytes).map_err(|e| io_err(&weights_path, e))?;
     let tensors: HashMap<String, Tensor> = optimizer
         .to_tensors()
         .map_err(candle_core::Error::wrap)?
@@ -120,7 +115,7 @@ pub fn save_state(
 /// A loaded training state.
 pub struct SavedState {
     pub progress: Progress,
-    pub adapter: Lora,
+    pub weights: HashMap<String, Tensor>,
     pub optimizer: OptimizerState,
 }
 
@@ -136,9 +131,9 @@ pub fn load_state(dir: &Path, device: &Device) -> Result<SavedState> {
             json.format
         )
     }
-    let adapter = lora_io::load(dir.join("adapter.safetensors"), device)
-        .map_err(|e| candle_core::Error::msg(e.to_string()))?
-        .lora;
+    let weights_path = dir.join("weights.safetensors");
+    let weights = candle_core::safetensors::load(&weights_path, device)
+        .map_err(|e| io_err(&weights_path, e))?;
     let opt_path = dir.join("optimizer.safetensors");
     let tensors =
         candle_core::safetensors::load(&opt_path, device).map_err(|e| io_err(&opt_path, e))?;
@@ -146,7 +141,7 @@ pub fn load_state(dir: &Path, device: &Device) -> Result<SavedState> {
         .map_err(candle_core::Error::wrap)?;
     Ok(SavedState {
         progress: json.progress,
-        adapter,
+        weights,
         optimizer,
     })
 }
@@ -209,21 +204,12 @@ pub fn prune_step_saves(dir: &Path, name: &str, keep: usize) -> Result<Vec<u64>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::adapter::LoraLayer;
 
     #[test]
     fn state_round_trips_and_old_saves_are_pruned() -> Result<()> {
         let dir = tempfile::tempdir().map_err(candle_core::Error::wrap)?;
         let dev = Device::Cpu;
-        let mut lora = Lora::new("x");
-        lora.layers.insert(
-            "single_blocks.0.linear2".into(),
-            LoraLayer {
-                down: Tensor::new(&[[0.1f32, 0.2]], &dev)?,
-                up: Tensor::new(&[[0.3f32], [0.4]], &dev)?,
-                alpha: 1.0,
-            },
-        );
+        let weights = vec![("w".to_string(), Tensor::new(&[[0.3f32], [0.4]], &dev)?)];
         let mut opt = OptimizerState {
             kind: "adamw".into(),
             step: 3,
@@ -240,7 +226,7 @@ mod tests {
                 loss_ema: 0.25,
                 loss_count: 7,
             };
-            save_state(dir.path(), "run", &progress, &lora, &opt)?;
+            save_state(dir.path(), "run", &progress, &weights, &opt)?;
             atomic_file::write(&step_lora_path(dir.path(), "run", step), b"lora")
                 .map_err(candle_core::Error::wrap)?;
         }
@@ -253,8 +239,10 @@ mod tests {
             loaded.optimizer.tensors["0.0.m"].to_vec1::<f32>()?,
             vec![1.5]
         );
-        let layer = &loaded.adapter.layers["single_blocks.0.linear2"];
-        assert_eq!(layer.up.to_vec2::<f32>()?, vec![vec![0.3], vec![0.4]]);
+        assert_eq!(
+            loaded.weights["w"].to_vec2::<f32>()?,
+            vec![vec![0.3], vec![0.4]]
+        );
         assert_eq!(prune_step_saves(dir.path(), "run", 1)?, vec![1, 2]);
         assert!(!state_dir(dir.path(), "run", 2).exists());
         assert!(step_lora_path(dir.path(), "run", 3).exists());

@@ -64,6 +64,9 @@ pub struct TrainConfig {
     pub validation_dataset: Option<DatasetConfig>,
     /// Compute the validation loss every N steps (and at the end).
     pub validate_every_n_steps: Option<u64>,
+    /// Train every base weight instead of a LoRA (how the built-in tiny model is
+    /// pretrained); the final save is then a transformer checkpoint.
+    pub full_finetune: bool,
     /// Folder for cached latents and text embeddings; in memory only when absent.
     pub cache_dir: Option<PathBuf>,
 }
@@ -97,6 +100,7 @@ impl Default for TrainConfig {
             sample_prompts: vec![],
             validation_dataset: None,
             validate_every_n_steps: None,
+            full_finetune: false,
             cache_dir: None,
         }
     }

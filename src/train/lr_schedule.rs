@@ -161,7 +161,8 @@ impl LrSchedule {
     /// polynomial schedule: `lr_end` must be below the reference lr.
     pub fn check(&self, reference_lr: f64) -> Result<(), ScheduleError> {
         self.validate()?;
-        if self.kind == ScheduleKind::Polynomial && !(reference_lr > self.resolved_lr_end()) {
+        let below = reference_lr > self.resolved_lr_end();
+        if self.kind == ScheduleKind::Polynomial && !below {
             return Err(err(
                 "lr_end",
                 format!(
@@ -224,7 +225,7 @@ impl LrSchedule {
             }
             S::Polynomial => {
                 let lr_end = self.resolved_lr_end();
-                if !(reference_lr > 0.0) {
+                if reference_lr.is_nan() || reference_lr <= 0.0 {
                     return 0.0;
                 }
                 if step > total_steps {

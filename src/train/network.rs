@@ -8,15 +8,16 @@
 //!
 //! Must not: run the model or the optimizer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use crate::model::adapter::{Lora, LoraLayer};
+use crate::model::adapter::{AdapterSet, Lora, LoraLayer};
 use crate::model::keymap::{module_group, ModuleGroup};
+use crate::model::lora_io;
 use crate::model::seeded::SeededRng;
 
 /// Which linears a preset targets.
@@ -214,6 +215,76 @@ impl TrainableLora {
             );
         }
         Ok(lora)
+    }
+}
+
+/// What a run trains: a LoRA on the frozen base, or every base weight.
+pub enum Trainable {
+    Lora(TrainableLora),
+    /// Full fine-tuning: the model's own weights (built with `Flux::new_trainable`).
+    Full(Vec<(String, Var)>),
+}
+
+impl Trainable {
+    pub fn params(&self) -> Vec<Var> {
+        match self {
+            Self::Lora(l) => l.params(),
+            Self::Full(w) => w.iter().map(|(_, v)| v.clone()).collect(),
+        }
+    }
+
+    /// The adapters the model applies while training (empty for full fine-tuning).
+    pub fn adapters(&self, dropout: f64) -> AdapterSet {
+        match self {
+            Self::Lora(l) => AdapterSet::none()
+                .with(l.lora.clone(), 1.0)
+                .with_dropout(dropout),
+            Self::Full(_) => AdapterSet::none(),
+        }
+    }
+
+    /// The adapter being trained, as the sampler applies it (none for full fine-tuning,
+    /// whose weights are the model itself).
+    pub fn live_lora(&self) -> Option<Arc<Lora>> {
+        match self {
+            Self::Lora(l) => Some(l.lora.clone()),
+            Self::Full(_) => None,
+        }
+    }
+
+    /// Detached f32 copies of the trainable weights under stable names (kohya keys
+    /// for a LoRA, BFL keys for the full model): what a resumable state stores.
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            Self::Lora(l) => {
+                let lora = l.snapshot("state")?;
+                lora_io::kohya_tensors(&lora, DType::F32).map_err(candle_core::Error::wrap)
+            }
+            Self::Full(w) => w
+                .iter()
+                .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?)))
+                .collect(),
+        }
+    }
+
+    /// Restores weights written by [`Trainable::state_tensors`].
+    pub fn load_state_tensors(&self, tensors: HashMap<String, Tensor>) -> Result<()> {
+        match self {
+            Self::Lora(l) => {
+                let file = lora_io::parse(tensors, Default::default(), "state")
+                    .map_err(candle_core::Error::wrap)?;
+                l.load_from(&file.lora)
+            }
+            Self::Full(w) => {
+                for (name, var) in w {
+                    let t = tensors.get(name).ok_or_else(|| {
+                        candle_core::Error::msg(format!("saved state lacks weight `{name}`"))
+                    })?;
+                    var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+                }
+                Ok(())
+            }
+        }
     }
 }
 

@@ -22,14 +22,14 @@ use super::checkpoint::{self, Progress};
 use super::config::{ConfigError, TrainConfig};
 use super::dataset::{Batch, BatchItem, Dataset, DatasetError};
 use super::events::{peak_memory_bytes, StepStats, TrainControl, TrainEvent};
-use super::network::TrainableLora;
+use super::network::{Trainable, TrainableLora};
 use super::objective::{noised, velocity_target};
 use super::optim::{self, OptimError, Optimizer, ParamGroup};
 use super::prompts::PromptSpec;
 use super::recompute::loss_and_grads;
 use crate::model::adapter::{AdapterSet, Lora};
 use crate::model::bundle::ModelBundle;
-use crate::model::flux::{image_ids, pack_latents, text_ids, FluxInputs};
+use crate::model::flux::{image_ids, pack_latents, save_checkpoint, text_ids, FluxInputs};
 use crate::model::lora_io::{self, FluxVariant, KohyaMetadata, LoraIoError};
 use crate::model::seeded::SeededRng;
 use crate::sample::generate::{generate, ResolvedRequest};
@@ -83,7 +83,7 @@ pub struct Trainer {
     dataset: Dataset,
     validation: Option<Dataset>,
     cache: Cache,
-    network: TrainableLora,
+    network: Trainable,
     optimizer: Box<dyn Optimizer>,
     progress: Progress,
     total_steps: u64,
@@ -139,8 +139,22 @@ impl Trainer {
             ));
         }
         let device = bundle.device().clone();
-        let network =
-            TrainableLora::new(&cfg.network, bundle.flux.linear_shapes(), cfg.seed, &device)?;
+        let network = if cfg.full_finetune {
+            let weights = bundle.flux.trainable_weights()?.ok_or_else(|| {
+                config_error(
+                    "full_finetune",
+                    "the model was not loaded for full fine-tuning (Flux::new_trainable)",
+                )
+            })?;
+            Trainable::Full(weights)
+        } else {
+            Trainable::Lora(TrainableLora::new(
+                &cfg.network,
+                bundle.flux.linear_shapes(),
+                cfg.seed,
+                &device,
+            )?)
+        };
         let mut optimizer = optim::build(
             &cfg.optimizer,
             vec![ParamGroup {
@@ -172,7 +186,7 @@ impl Trainer {
         let mut resumed_from = None;
         if let Some(dir) = resume {
             let saved = checkpoint::load_state(dir, &device)?;
-            network.load_from(&saved.adapter)?;
+            network.load_state_tensors(saved.weights)?;
             optimizer.load_state(&saved.optimizer)?;
             tracing::info!(step = saved.progress.step, state = %dir.display(), "resuming");
             resumed_from = Some(saved.progress.step);
@@ -226,9 +240,10 @@ impl Trainer {
     }
 
     /// The adapter being trained, as the sampler applies it (shares storage with the
-    /// trainable tensors, so it always shows the latest step).
-    pub fn live_lora(&self) -> Arc<Lora> {
-        self.network.lora.clone()
+    /// trainable tensors, so it always shows the latest step); `None` when the whole
+    /// model trains (the bundle's own weights are then live).
+    pub fn live_lora(&self) -> Option<Arc<Lora>> {
+        self.network.live_lora()
     }
 
     /// The `Started` event of this run.
@@ -458,9 +473,7 @@ impl Trainer {
         self.optimizer.set_lr(0, lr)?;
         let accum = self.cfg.gradient_accumulation_steps;
         let params = self.network.params();
-        let adapters = AdapterSet::none()
-            .with(self.network.lora.clone(), 1.0)
-            .with_dropout(self.cfg.network.dropout);
+        let adapters = self.network.adapters(self.cfg.network.dropout);
         let mut grads = GradStore::default();
         let mut loss_sum = 0.0f64;
         let epoch_before = self.progress.epoch;
@@ -586,14 +599,8 @@ impl Trainer {
         let path = checkpoint::step_lora_path(dir, &self.cfg.output_name, step);
         self.save_lora(&path, false)?;
         let state = self.optimizer.state()?;
-        let snapshot = self.network.snapshot(&self.cfg.output_name)?;
-        checkpoint::save_state(
-            dir,
-            &self.cfg.output_name,
-            &self.progress,
-            &snapshot,
-            &state,
-        )?;
+        let weights = self.network.state_tensors()?;
+        checkpoint::save_state(dir, &self.cfg.output_name, &self.progress, &weights, &state)?;
         if let Some(keep) = self.cfg.save_last_n {
             checkpoint::prune_step_saves(dir, &self.cfg.output_name, keep)?;
         }
@@ -695,19 +702,24 @@ impl Trainer {
     }
 
     fn save_lora(&self, path: &Path, finished: bool) -> Result<()> {
-        let lora = self.network.snapshot(&self.cfg.output_name)?;
-        lora_io::save_kohya(
-            path,
-            &lora,
-            &self.metadata(finished),
-            self.cfg.save_precision.dtype(),
-        )?;
+        match &self.network {
+            Trainable::Lora(l) => {
+                let lora = l.snapshot(&self.cfg.output_name)?;
+                let metadata = self.metadata(finished);
+                lora_io::save_kohya(path, &lora, &metadata, self.cfg.save_precision.dtype())?;
+            }
+            Trainable::Full(_) => {
+                let weights = self.bundle.flux.merged_weights(&AdapterSet::none())?;
+                let dtype = self.cfg.save_precision.dtype();
+                save_checkpoint(path, self.bundle.flux.config(), &weights, dtype)?;
+            }
+        }
         Ok(())
     }
 
     /// Preview images for every sample prompt with the adapter as it is now.
     pub fn sample_previews(&self, step: u64) -> Result<Vec<PathBuf>> {
-        let adapters = AdapterSet::none().with(self.network.lora.clone(), 1.0);
+        let adapters = self.network.adapters(0.0);
         let dir = self.cfg.output_dir.join("sample");
         let mut paths = vec![];
         for (i, line) in self.cfg.sample_prompts.iter().enumerate() {
@@ -747,7 +759,7 @@ impl Trainer {
 
     fn loss_on(&mut self, val: &Dataset) -> Result<f64> {
         const TIMESTEPS: [f64; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
-        let adapters = AdapterSet::none().with(self.network.lora.clone(), 1.0);
+        let adapters = self.network.adapters(0.0);
         let device = self.bundle.device().clone();
         let (mut total, mut count) = (0.0, 0usize);
         for image in 0..val.images().len() {

@@ -296,6 +296,7 @@ impl Optimizer for Adafactor {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // reference rules read best indexed
 mod tests {
     use super::super::testutil::*;
     use super::super::*;

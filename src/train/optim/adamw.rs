@@ -149,6 +149,7 @@ impl Optimizer for AdamW {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // reference rules read best indexed
 mod tests {
     use super::super::testutil::*;
     use super::super::*;

@@ -7,7 +7,11 @@
 //!   p ← p·(1 − lr·wd)
 //!   p ← p − lr · sign(β1·m + (1 − β1)·g)      (sign(0) = 0)
 //!   m ← β2·m + (1 − β2)·g
-//! Defaults β = (0.9, 0.99), wd = 0. Lion8bit keeps m in the signed 8-bit map.
+//! Defaults β = (0.9, 0.99), wd = 0. Lion8bit keeps m in the signed 8-bit map,
+//! as bitsandbytes' `Lion8bit` does. It tracks Lion less closely than
+//! AdamW8bit tracks AdamW: with β2 = 0.99 one step moves m by 1% of (g − m),
+//! often less than the code spacing of large entries, so the stored momentum
+//! lags (on the test problem: final loss 0.019 vs 0.0024 for f32 Lion).
 
 use candle_core::backprop::GradStore;
 use candle_core::DType;
@@ -124,6 +128,7 @@ impl Optimizer for Lion {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // reference rules read best indexed
 mod tests {
     use super::super::testutil::*;
     use super::super::*;
@@ -148,7 +153,7 @@ mod tests {
         let mut opt = build(&cfg, vec![group("w", vec![a.clone()], lr)])?;
         let (b1, b2, wd) = (0.9, 0.99, 0.5); // the defaults
         let mut p = p0.to_vec();
-        let mut m = vec![0.0; 5];
+        let mut m = [0.0; 5];
         for step in 0..7 {
             let mut g = synthetic_grad(5, step);
             if step == 0 {

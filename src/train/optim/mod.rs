@@ -21,7 +21,7 @@ mod adafactor;
 mod adamw;
 mod lion;
 mod prodigy;
-pub mod quant8;
+mod quant8;
 mod sgd;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -321,7 +321,7 @@ impl OptimizerConfig {
                 return Err(bad("d_coef", format!("must be > 0, got {dc}")));
             }
             if let Some(g) = self.growth_rate {
-                if !(g >= 1.0) {
+                if g.is_nan() || g < 1.0 {
                     return Err(bad("growth_rate", format!("must be >= 1, got {g}")));
                 }
             }
@@ -441,12 +441,12 @@ impl OptimizerState {
             ..Default::default()
         };
         let scalar = |t: &Tensor| -> Result<f64> {
-            Ok(t.to_dtype(DType::F64)?
+            t.to_dtype(DType::F64)?
                 .flatten_all()?
                 .to_vec1::<f64>()?
                 .first()
                 .copied()
-                .ok_or_else(|| OptimError::State("empty scalar tensor".into()))?)
+                .ok_or_else(|| OptimError::State("empty scalar tensor".into()))
         };
         for (k, t) in tensors {
             if k == STEP_KEY {
@@ -584,25 +584,29 @@ pub fn clip_grad_norm<'a>(
     Ok(total)
 }
 
-/// Sums 0-d tensors into an f64 with one device round trip when they share a
-/// device.
+/// Sums 0-d tensors into an f64 (see [`scalars_to_host`]).
 fn sum_scalars(xs: &[Tensor]) -> Result<f64> {
+    Ok(scalars_to_host(xs)?.iter().map(|v| *v as f64).sum())
+}
+
+/// The values of 0-d tensors, with one device round trip when they share a
+/// device.
+fn scalars_to_host(xs: &[Tensor]) -> Result<Vec<f32>> {
     if xs.is_empty() {
-        return Ok(0.0);
+        return Ok(Vec::new());
     }
     let flat: Vec<Tensor> = xs
         .iter()
         .map(|t| t.to_dtype(DType::F32)?.reshape(1))
         .collect::<candle_core::Result<_>>()?;
-    let values: Vec<f32> = match Tensor::cat(&flat, 0) {
+    Ok(match Tensor::cat(&flat, 0) {
         Ok(t) => t.to_vec1()?,
         Err(_) => flat
             .iter()
             .map(|t| t.to_device(&Device::Cpu)?.to_vec1::<f32>())
             .collect::<candle_core::Result<Vec<_>>>()?
             .concat(),
-    };
-    Ok(values.iter().map(|v| *v as f64).sum())
+    })
 }
 
 // ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 
 use super::{
-    check_all_used, f32_value, load_scalar, load_tensor, sum_scalars, write_back, Groups,
+    check_all_used, f32_value, load_scalar, load_tensor, scalars_to_host, write_back, Groups,
     Optimizer, OptimizerConfig, OptimizerKind, OptimizerState, ParamGroup, Result,
 };
 
@@ -131,7 +131,8 @@ impl Optimizer for Prodigy {
                 let mut st = match &slot.state {
                     Some(s) => s.clone(),
                     None => {
-                        let nonzero = p.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? != 0.0;
+                        let nonzero = p.elem_count() > 0
+                            && p.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? != 0.0;
                         State {
                             s: p.zeros_like()?,
                             p0: if nonzero { Some(p.copy()?) } else { None },
@@ -166,23 +167,7 @@ impl Optimizer for Prodigy {
         let mut all = dots;
         all.extend(s_sums.iter().cloned());
         let n_dots = dot_coefs.len();
-        let values = {
-            let flat: Vec<Tensor> = all
-                .iter()
-                .map(|t| t.reshape(1))
-                .collect::<candle_core::Result<_>>()?;
-            if flat.is_empty() {
-                Vec::new()
-            } else {
-                match Tensor::cat(&flat, 0) {
-                    Ok(t) => t.to_vec1::<f32>()?,
-                    Err(_) => flat
-                        .iter()
-                        .map(|t| Ok(sum_scalars(std::slice::from_ref(t))? as f32))
-                        .collect::<Result<Vec<f32>>>()?,
-                }
-            }
-        };
+        let values = scalars_to_host(&all)?;
         let delta_numerator: f64 = values[..n_dots]
             .iter()
             .zip(&dot_coefs)
@@ -325,6 +310,7 @@ impl Optimizer for Prodigy {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // reference rules read best indexed
 mod tests {
     use super::super::testutil::*;
     use super::super::*;
@@ -417,7 +403,11 @@ mod tests {
                 if o.wd != 0.0 && o.decouple {
                     p[i] -= o.wd * dlr * p[i];
                 }
-                p[i] -= dlr * self.m[i] / denom;
+                if o.b1 > 0.0 {
+                    p[i] -= dlr * self.m[i] / denom;
+                } else {
+                    p[i] -= dlr * dn * g[i] / denom;
+                }
                 // Parameters live in f32: ⟨g, p0 − p⟩ sees the rounded values
                 // (p0 − p cancels heavily), so the reference must too.
                 p[i] = p[i] as f32 as f64;
@@ -493,6 +483,18 @@ mod tests {
                 growth: 1.5,
                 d_coef: 2.0,
                 lr: 0.5,
+                ..defaults
+            },
+        )?;
+
+        // No first moment: the step uses the gradient scaled by the new d.
+        let mut cfg = OptimizerConfig::new(OptimizerKind::Prodigy);
+        cfg.betas = Some([0.0, 0.99]);
+        run_case(
+            &cfg,
+            &Opts {
+                b1: 0.0,
+                b2: 0.99,
                 ..defaults
             },
         )?;

@@ -25,11 +25,17 @@
 //! Signed codes never flip the sign of a value: a negative value never
 //! rounds to 0 (bitsandbytes corrects the code in the same way).
 //!
-//! Measured error (test `quant8::tests::error_is_bounded_per_block`, 64k
-//! normal values, block 256): |x − q(x)| ≤ 0.0071·absmax (signed) and
-//! ≤ 0.0036·absmax (unsigned) in every block; for the signed map the mean
-//! absolute error is ≈ 0.0017·absmax and the median relative error of
-//! elements above 1% of absmax ≈ 0.6%.
+//! Measured error (test `quant8::tests::error_is_bounded_per_block`, 65,573
+//! standard-normal values, block 256; squared values for the unsigned map):
+//! signed: max |x − q(x)| = 0.0070·absmax of its block (the bound is half the
+//! top-decade spacing 0.9/128), mean 0.0028·absmax, median relative error
+//! 1.1% over elements above 1% of absmax; unsigned: max 0.0035·absmax, mean
+//! 0.00075·absmax, median relative error 0.75%.
+//!
+//! Implementation: nearest-code search is eight rounds of binary lifting over
+//! the 256 sorted decision thresholds with plain tensor ops (gather, compare,
+//! add), so quantisation runs on the parameters' device without custom
+//! kernels.
 
 use std::collections::BTreeSet;
 

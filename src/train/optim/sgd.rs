@@ -124,6 +124,7 @@ impl Optimizer for SgdNesterov {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // reference rules read best indexed
 mod tests {
     use super::super::testutil::*;
     use super::super::*;
