@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use fluxlora::commands::{self, LoraArg, ModelArgs, ResumeArg, SaveFormat};
 use fluxlora::train::config::TrainConfig;
+use fluxlora::train::pretrain_tiny::{pretrain, PretrainConfig};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +29,15 @@ enum Command {
         /// Continue from a saved state folder, or `auto` for the newest in the output folder.
         #[arg(long)]
         resume: Option<ResumeArg>,
+    },
+    /// Pretrain the built-in tiny model on generated shapes (writes assets/tiny/).
+    PretrainTiny {
+        #[arg(long, default_value = "assets/tiny")]
+        out: PathBuf,
+        #[arg(long)]
+        vae_steps: Option<usize>,
+        #[arg(long)]
+        dit_steps: Option<u64>,
     },
     /// Inspect, convert or merge LoRA files.
     #[command(subcommand)]
@@ -121,6 +131,20 @@ fn main() -> anyhow::Result<()> {
             let cfg = TrainConfig::from_file(&config)?;
             let path = commands::train(cfg, resume.as_ref())?;
             println!("{}", path.display());
+        }
+        Command::PretrainTiny {
+            out,
+            vae_steps,
+            dit_steps,
+        } => {
+            let defaults = PretrainConfig::default();
+            let cfg = PretrainConfig {
+                out_dir: out,
+                vae_steps: vae_steps.unwrap_or(defaults.vae_steps),
+                dit_steps: dit_steps.unwrap_or(defaults.dit_steps),
+                ..defaults
+            };
+            pretrain(&cfg, &mut |line| eprintln!("{line}"))?;
         }
         Command::Lora(LoraCommand::Inspect { file, json }) => {
             print!("{}", commands::lora_inspect(&file, json)?);

@@ -49,6 +49,24 @@ pub struct ModelBundle {
     pub defaults: SamplingDefaults,
 }
 
+/// Pretrained tiny DiT weights (BFL keys), written by `fluxlora pretrain-tiny`.
+const TINY_FLUX: &[u8] = include_bytes!("../../assets/tiny/flux.safetensors");
+/// Pretrained tiny autoencoder weights with its latent scale/shift in the metadata.
+const TINY_VAE: &[u8] = include_bytes!("../../assets/tiny/vae.safetensors");
+
+/// The tiny VAE from bytes written by the pretraining (scale/shift from metadata).
+pub fn tiny_vae_from_bytes(bytes: &[u8], device: &Device) -> Result<Vae> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| candle_core::Error::msg(format!("tiny VAE: {e}")))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let mut cfg = Vae::tiny_config();
+    let num = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok());
+    cfg.scale_factor = num("scale_factor").unwrap_or(1.0);
+    cfg.shift_factor = num("shift_factor").unwrap_or(0.0);
+    let tensors = candle_core::safetensors::load_buffer(bytes, device)?;
+    Vae::tiny_from_varbuilder(&cfg, candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device))
+}
+
 /// The built-in tiny transformer's config, sized to the tiny encoders and VAE.
 pub fn tiny_flux_config(text: &TextEncoders, vae: &Vae) -> FluxConfig {
     FluxConfig {
@@ -68,25 +86,48 @@ pub fn tiny_flux_config(text: &TextEncoders, vae: &Vae) -> FluxConfig {
 }
 
 impl ModelBundle {
-    /// The built-in tiny model (f32): works anywhere with no files.
+    /// The built-in tiny model (f32): works anywhere with no files. Its DiT and VAE
+    /// are the pretrained weights embedded in the binary (see `train::pretrain_tiny`);
+    /// the tiny text encoders are deterministic from their seed.
     pub fn tiny(device: &Device) -> Result<Self> {
         let text = TextEncoders::tiny(TINY_SEED, device)?;
-        let vae = Vae::tiny(TINY_SEED, device)?;
+        let vae = tiny_vae_from_bytes(TINY_VAE, device)?;
         let cfg = tiny_flux_config(&text, &vae);
-        let flux = Flux::new(&cfg, &WeightSource::Seeded(TINY_SEED), DType::F32, device)?;
+        let weights = candle_core::safetensors::load_buffer(TINY_FLUX, device)?;
+        let flux = Flux::new(&cfg, &WeightSource::Tensors(weights), DType::F32, device)?;
         Ok(Self {
             name: "tiny".into(),
             flux,
             text,
             vae,
-            defaults: SamplingDefaults {
-                width: 64,
-                height: 64,
-                steps: 12,
-                guidance: 1.0,
-                shift: Some(Shift::default()),
-            },
+            defaults: Self::tiny_defaults(),
         })
+    }
+
+    /// The tiny model before pretraining: every weight from the seed.
+    pub fn tiny_untrained(device: &Device) -> Result<Self> {
+        let text = TextEncoders::tiny(TINY_SEED, device)?;
+        let vae = Vae::tiny(TINY_SEED, device)?;
+        let cfg = tiny_flux_config(&text, &vae);
+        let flux = Flux::new(&cfg, &WeightSource::Seeded(TINY_SEED), DType::F32, device)?;
+        Ok(Self {
+            name: "tiny-untrained".into(),
+            flux,
+            text,
+            vae,
+            defaults: Self::tiny_defaults(),
+        })
+    }
+
+    /// Sampling defaults of the tiny model: 64×64, 12 steps, shifted schedule.
+    pub fn tiny_defaults() -> SamplingDefaults {
+        SamplingDefaults {
+            width: 64,
+            height: 64,
+            steps: 12,
+            guidance: 1.0,
+            shift: Some(Shift::default()),
+        }
     }
 
     /// Loads a real model set from `path` (see the module doc for the layouts).

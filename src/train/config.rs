@@ -218,7 +218,7 @@ impl TrainConfig {
             .validate()
             .map_err(|e| invalid("optimizer", e.to_string()))?;
         self.lr_scheduler
-            .validate()
+            .check(self.learning_rate)
             .map_err(|e| invalid("lr_scheduler", e.to_string()))?;
         self.objective
             .validate()

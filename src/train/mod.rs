@@ -12,6 +12,7 @@ pub mod lr_schedule;
 pub mod network;
 pub mod objective;
 pub mod optim;
+pub mod pretrain_tiny;
 pub mod prompts;
 pub mod recompute;
 pub mod shapes;

@@ -523,6 +523,12 @@ impl Trainer {
         } else {
             None
         };
+        if grad_norm.is_some_and(|n| !n.is_finite()) {
+            return Err(TrainError::Model(candle_core::Error::msg(format!(
+                "gradient norm became non-finite at step {}: lower the learning rate",
+                self.progress.step + 1
+            ))));
+        }
         self.optimizer.step(&grads)?;
         self.progress.step += 1;
         self.steps_this_session += 1;

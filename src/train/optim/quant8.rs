@@ -100,7 +100,6 @@ fn thresholds(kind: MapKind, values: &[f32; 256]) -> [f32; 256] {
 /// A code map resident on one device.
 #[derive(Clone, Debug)]
 pub struct Codebook {
-    kind: MapKind,
     /// (256,) f32 code values.
     values: Tensor,
     /// (256,) f32 decision thresholds.
@@ -112,14 +111,9 @@ impl Codebook {
         let values = dynamic_map(kind);
         let thr = thresholds(kind, &values);
         Ok(Self {
-            kind,
             values: Tensor::from_slice(&values, 256, device)?,
             thresholds: Tensor::from_slice(&thr, 256, device)?,
         })
-    }
-
-    pub fn kind(&self) -> MapKind {
-        self.kind
     }
 
     fn on(&self, device: &Device) -> Result<Self> {
@@ -127,7 +121,6 @@ impl Codebook {
             return Ok(self.clone());
         }
         Ok(Self {
-            kind: self.kind,
             values: self.values.to_device(device)?,
             thresholds: self.thresholds.to_device(device)?,
         })
@@ -200,12 +193,9 @@ impl Quantized {
             .reshape(self.shape.clone())?)
     }
 
+    #[cfg(test)]
     pub fn codes(&self) -> &Tensor {
         &self.codes
-    }
-
-    pub fn absmax(&self) -> &Tensor {
-        &self.absmax
     }
 }
 
