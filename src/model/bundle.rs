@@ -64,7 +64,10 @@ pub fn tiny_vae_from_bytes(bytes: &[u8], device: &Device) -> Result<Vae> {
     cfg.scale_factor = num("scale_factor").unwrap_or(1.0);
     cfg.shift_factor = num("shift_factor").unwrap_or(0.0);
     let tensors = candle_core::safetensors::load_buffer(bytes, device)?;
-    Vae::tiny_from_varbuilder(&cfg, candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device))
+    Vae::tiny_from_varbuilder(
+        &cfg,
+        candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device),
+    )
 }
 
 /// The built-in tiny transformer's config, sized to the tiny encoders and VAE.

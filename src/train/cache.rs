@@ -88,61 +88,53 @@ impl Cache {
             .map_err(|e| candle_core::Error::msg(format!("cache {}: {e}", path.display())))
     }
 
-    /// The latents for `key`, computed by `compute` on a miss.
-    pub fn latents(
-        &mut self,
-        key: &str,
-        device: &Device,
-        compute: impl FnOnce() -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    /// The latents for `key` from memory or disk, if cached.
+    pub fn get_latents(&mut self, key: &str, device: &Device) -> Result<Option<Tensor>> {
         if let Some(t) = self.latents.get(key) {
             self.hits += 1;
-            return Ok(t.clone());
+            return Ok(Some(t.clone()));
         }
-        let t = match self.read("latents", key, &["latents"]) {
-            Some(mut v) => {
-                self.hits += 1;
-                v.remove(0).to_device(device)?
-            }
-            None => {
-                self.misses += 1;
-                let t = compute()?;
-                self.write("latents", key, &[("latents", &t)])?;
-                t
-            }
+        let Some(mut v) = self.read("latents", key, &["latents"]) else {
+            return Ok(None);
         };
+        self.hits += 1;
+        let t = v.remove(0).to_device(device)?;
         self.latents.insert(key.to_string(), t.clone());
-        Ok(t)
+        Ok(Some(t))
     }
 
-    /// The text conditioning for `key`, computed by `compute` on a miss.
-    pub fn text(
-        &mut self,
-        key: &str,
-        device: &Device,
-        compute: impl FnOnce() -> Result<TextCond>,
-    ) -> Result<TextCond> {
-        if let Some(t) = self.text.get(key) {
+    /// Stores freshly computed latents in memory and on disk.
+    pub fn put_latents(&mut self, key: &str, t: &Tensor) -> Result<()> {
+        self.misses += 1;
+        self.write("latents", key, &[("latents", t)])?;
+        self.latents.insert(key.to_string(), t.clone());
+        Ok(())
+    }
+
+    /// The text conditioning for `key` from memory or disk, if cached.
+    pub fn get_text(&mut self, key: &str, device: &Device) -> Result<Option<TextCond>> {
+        if let Some(c) = self.text.get(key) {
             self.hits += 1;
-            return Ok(t.clone());
+            return Ok(Some(c.clone()));
         }
-        let cond = match self.read("text", key, &["t5", "pooled"]) {
-            Some(v) => {
-                self.hits += 1;
-                TextCond {
-                    t5: v[0].to_device(device)?,
-                    pooled: v[1].to_device(device)?,
-                }
-            }
-            None => {
-                self.misses += 1;
-                let c = compute()?;
-                self.write("text", key, &[("t5", &c.t5), ("pooled", &c.pooled)])?;
-                c
-            }
+        let Some(v) = self.read("text", key, &["t5", "pooled"]) else {
+            return Ok(None);
         };
-        self.text.insert(key.to_string(), cond.clone());
-        Ok(cond)
+        self.hits += 1;
+        let c = TextCond {
+            t5: v[0].to_device(device)?,
+            pooled: v[1].to_device(device)?,
+        };
+        self.text.insert(key.to_string(), c.clone());
+        Ok(Some(c))
+    }
+
+    /// Stores freshly computed text conditioning in memory and on disk.
+    pub fn put_text(&mut self, key: &str, c: &TextCond) -> Result<()> {
+        self.misses += 1;
+        self.write("text", key, &[("t5", &c.t5), ("pooled", &c.pooled)])?;
+        self.text.insert(key.to_string(), c.clone());
+        Ok(())
     }
 }
 
@@ -156,22 +148,26 @@ mod tests {
         let dev = Device::Cpu;
         let t = Tensor::new(&[1f32, 2., 3.], &dev)?;
         let mut a = Cache::new(Some(dir.path()));
-        a.latents("img#1", &dev, || Ok(t.clone()))?;
-        assert_eq!(a.misses, 1);
+        assert!(a.get_latents("img#1", &dev)?.is_none());
+        a.put_latents("img#1", &t)?;
         let mut b = Cache::new(Some(dir.path()));
-        let got = b.latents("img#1", &dev, || candle_core::bail!("must not recompute"))?;
+        let got = b.get_latents("img#1", &dev)?.expect("read back from disk");
         assert_eq!(got.to_vec1::<f32>()?, vec![1., 2., 3.]);
         assert_eq!(b.hits, 1);
-        let other = b.latents("img#2", &dev, || Tensor::new(&[9f32], &dev))?;
-        assert_eq!(other.to_vec1::<f32>()?, vec![9.]);
+        assert!(b.get_latents("img#2", &dev)?.is_none());
         let c = TextCond {
             t5: Tensor::ones((2, 3), candle_core::DType::F32, &dev)?,
             pooled: Tensor::zeros(4, candle_core::DType::F32, &dev)?,
         };
-        a.text("caption", &dev, || Ok(c.clone()))?;
-        let got =
-            Cache::new(Some(dir.path())).text("caption", &dev, || candle_core::bail!("no"))?;
+        a.put_text("caption", &c)?;
+        let got = Cache::new(Some(dir.path()))
+            .get_text("caption", &dev)?
+            .expect("cached");
         assert_eq!(got.t5.dims(), &[2, 3]);
+        // Memory-only caches keep nothing on disk.
+        let mut m = Cache::new(None);
+        m.put_latents("x", &t)?;
+        assert!(m.get_latents("x", &dev)?.is_some());
         Ok(())
     }
 }

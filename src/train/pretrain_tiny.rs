@@ -151,7 +151,12 @@ pub fn pretrain_vae(
     let x = batch_of_scenes(&mut rng, 64, cfg.image_size, device)?;
     let z = vae.encode(&x)?.flatten_all()?.to_dtype(DType::F64)?;
     let mean = z.mean_all()?.to_scalar::<f64>()?;
-    let std = (z - mean)?.sqr()?.mean_all()?.to_scalar::<f64>()?.sqrt().max(1e-6);
+    let std = (z - mean)?
+        .sqr()?
+        .mean_all()?
+        .to_scalar::<f64>()?
+        .sqrt()
+        .max(1e-6);
     let weights = vars
         .iter()
         .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?)))
@@ -165,13 +170,18 @@ fn save_vae(path: &Path, weights: &[(String, Tensor)], scale: f64, shift: f64) -
         ("scale_factor".to_string(), scale.to_string()),
         ("shift_factor".to_string(), shift.to_string()),
     ]);
-    let bytes = safetensors::serialize(weights.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
-        .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
-    atomic_file::write(path, &bytes).map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))
+    let bytes =
+        safetensors::serialize(weights.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+            .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
+    atomic_file::write(path, &bytes)
+        .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))
 }
 
 /// Both stages; writes `vae.safetensors` and `flux.safetensors` into `cfg.out_dir`.
-pub fn pretrain(cfg: &PretrainConfig, log: &mut dyn FnMut(&str)) -> std::result::Result<(), TrainError> {
+pub fn pretrain(
+    cfg: &PretrainConfig,
+    log: &mut dyn FnMut(&str),
+) -> std::result::Result<(), TrainError> {
     let device = Device::Cpu;
     std::fs::create_dir_all(&cfg.out_dir).map_err(|source| TrainError::Io {
         path: cfg.out_dir.clone(),
@@ -188,15 +198,20 @@ pub fn pretrain(cfg: &PretrainConfig, log: &mut dyn FnMut(&str)) -> std::result:
 
     // Stage 2: the DiT, fully fine-tuned by the ordinary trainer on cached latents.
     let data = cfg.out_dir.join(".pretrain-dataset");
-    shapes::write_dataset(&data, cfg.dit_images, cfg.image_size, cfg.seed).map_err(|source| TrainError::Io {
-        path: data.clone(),
-        source,
+    shapes::write_dataset(&data, cfg.dit_images, cfg.image_size, cfg.seed).map_err(|source| {
+        TrainError::Io {
+            path: data.clone(),
+            source,
+        }
     })?;
     let text = TextEncoders::tiny(TINY_SEED, &device)?;
-    let vae = tiny_vae_from_bytes(&std::fs::read(&vae_path).map_err(|source| TrainError::Io {
-        path: vae_path.clone(),
-        source,
-    })?, &device)?;
+    let vae = tiny_vae_from_bytes(
+        &std::fs::read(&vae_path).map_err(|source| TrainError::Io {
+            path: vae_path.clone(),
+            source,
+        })?,
+        &device,
+    )?;
     let flux_cfg = tiny_flux_config(&text, &vae);
     let flux = Flux::new_trainable(&flux_cfg, &WeightSource::Seeded(TINY_SEED), &device)?;
     let bundle = Arc::new(ModelBundle {
@@ -237,7 +252,10 @@ pub fn pretrain(cfg: &PretrainConfig, log: &mut dyn FnMut(&str)) -> std::result:
         .run(&TrainControl::default(), &mut |e| {
             if let TrainEvent::Step(s) = e {
                 if s.step % 100 == 0 {
-                    log(&format!("dit step {}/{}: loss {:.4} (avg {:.4}), {:.1} it/s", s.step, s.total_steps, s.loss, s.loss_ema, s.it_per_s));
+                    log(&format!(
+                        "dit step {}/{}: loss {:.4} (avg {:.4}), {:.1} it/s",
+                        s.step, s.total_steps, s.loss, s.loss_ema, s.it_per_s
+                    ));
                 }
             }
         })?

@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor};
 use super::cache::{Cache, TextCond};
 use super::checkpoint::{self, Progress};
 use super::config::{ConfigError, TrainConfig};
-use super::dataset::{Batch, BatchItem, Dataset, DatasetError};
+use super::dataset::{Augment, Batch, BatchItem, Bucket, Dataset, DatasetError};
 use super::events::{peak_memory_bytes, StepStats, TrainControl, TrainEvent};
 use super::network::{Trainable, TrainableLora};
 use super::objective::{noised, velocity_target};
@@ -260,28 +260,7 @@ impl Trainer {
         }
     }
 
-    fn latent_key(
-        &self,
-        image: usize,
-        batch: &Batch,
-        flip: bool,
-        crop: (u32, u32),
-    ) -> Result<String> {
-        let hash = self.dataset.content_hash(image)?;
-        let vae = self.bundle.vae.config();
-        Ok(format!(
-            "{hash}|{}x{}|flip={flip}|crop={},{}|vae={}:{}:{}",
-            batch.bucket.width,
-            batch.bucket.height,
-            crop.0,
-            crop.1,
-            self.bundle.name,
-            vae.z_channels,
-            vae.ch
-        ))
-    }
-
-    fn encode_image(&self, image: usize, augment: &super::dataset::Augment) -> Result<Tensor> {
+    fn encode_image(&self, image: usize, augment: &Augment) -> Result<Tensor> {
         let (pixels, _, _) = self.dataset.load_pixels(image, augment)?;
         let pixels = pixels
             .unsqueeze(0)?
@@ -313,63 +292,49 @@ impl Trainer {
     }
 
     fn text_for(&mut self, item: &BatchItem) -> Result<TextCond> {
-        if self.dataset.captions_are_static() {
-            let caption = self.dataset.fixed_caption(item.image)?.text;
-            let key = format!(
-                "{}|t5={}|{caption}",
-                self.bundle.name,
-                self.bundle.text.t5_max_len()
-            );
-            if let Some(c) = self.cache_text_hit(&key)? {
-                return Ok(c);
-            }
-            let cond = self.encode_text(&caption)?;
-            let device = self.bundle.device().clone();
-            Ok(self.cache.text(&key, &device, || Ok(cond))?)
-        } else {
+        if !self.dataset.captions_are_static() {
             let caption = self.dataset.caption(item)?.text;
-            self.encode_text(&caption)
+            return self.encode_text(&caption);
         }
+        let caption = self.dataset.fixed_caption(item.image)?.text;
+        let key = format!(
+            "{}|t5={}|{caption}",
+            self.bundle.name,
+            self.bundle.text.t5_max_len()
+        );
+        let device = self.bundle.device().clone();
+        if let Some(c) = self.cache.get_text(&key, &device)? {
+            return Ok(c);
+        }
+        let cond = self.encode_text(&caption)?;
+        self.cache.put_text(&key, &cond)?;
+        Ok(cond)
     }
 
-    fn cache_text_hit(&mut self, key: &str) -> Result<Option<TextCond>> {
+    /// The latents of `image` cropped to `bucket` under `augment`: from the cache, or
+    /// encoded and cached. The key holds everything that changes them.
+    fn latents_for(&mut self, image: usize, bucket: Bucket, augment: &Augment) -> Result<Tensor> {
+        let hash = self.dataset.content_hash(image)?;
+        let vae = self.bundle.vae.config();
+        let key = format!(
+            "{hash}|{}x{}|flip={}|crop={},{}|vae={}:{}:{}:{}",
+            bucket.width,
+            bucket.height,
+            augment.flip,
+            augment.crop_left_top.0,
+            augment.crop_left_top.1,
+            self.bundle.name,
+            vae.z_channels,
+            vae.scale_factor,
+            vae.shift_factor
+        );
         let device = self.bundle.device().clone();
-        match self.cache.text(key, &device, || candle_core::bail!("miss")) {
-            Ok(c) => Ok(Some(c)),
-            Err(_) => {
-                self.cache.misses = self.cache.misses.saturating_sub(1);
-                Ok(None)
-            }
+        if let Some(t) = self.cache.get_latents(&key, &device)? {
+            return Ok(t);
         }
-    }
-
-    fn latents_for(&mut self, item: &BatchItem, batch: &Batch) -> Result<Tensor> {
-        let augment = self.dataset.augment(item)?;
-        let key = self.latent_key(item.image, batch, augment.flip, augment.crop_left_top)?;
-        let device = self.bundle.device().clone();
-        let encoded = if self.cache_latent_hit(&key)? {
-            None
-        } else {
-            Some(self.encode_image(item.image, &augment)?)
-        };
-        Ok(self.cache.latents(&key, &device, || match encoded {
-            Some(t) => Ok(t),
-            None => candle_core::bail!("latent cache entry vanished: {key}"),
-        })?)
-    }
-
-    fn cache_latent_hit(&mut self, key: &str) -> Result<bool> {
-        let device = self.bundle.device().clone();
-        match self
-            .cache
-            .latents(key, &device, || candle_core::bail!("miss"))
-        {
-            Ok(_) => Ok(true),
-            Err(_) => {
-                self.cache.misses = self.cache.misses.saturating_sub(1);
-                Ok(false)
-            }
-        }
+        let t = self.encode_image(image, augment)?;
+        self.cache.put_latents(&key, &t)?;
+        Ok(t)
     }
 
     /// Encodes every latent (both flips when `flip_aug`) and every static caption once,
@@ -384,18 +349,8 @@ impl Trainer {
         for image in 0..n {
             let plain = self.dataset.plain_augment(image)?;
             let bucket = self.dataset.images()[image].placement.bucket;
-            let batch = Batch {
-                bucket,
-                items: vec![],
-            };
             for &flip in flips {
-                let augment = super::dataset::Augment { flip, ..plain };
-                let key = self.latent_key(image, &batch, flip, augment.crop_left_top)?;
-                if !self.cache_latent_hit(&key)? {
-                    let t = self.encode_image(image, &augment)?;
-                    let device = self.bundle.device().clone();
-                    self.cache.latents(&key, &device, || Ok(t))?;
-                }
+                self.latents_for(image, bucket, &Augment { flip, ..plain })?;
             }
             if self.dataset.captions_are_static() {
                 self.text_for(&BatchItem { image, seed: 0 })?;
@@ -403,7 +358,7 @@ impl Trainer {
             on_item(image + 1, n);
         }
         tracing::info!(
-            hits = self.cache.hits,
+            cached = self.cache.hits,
             encoded = self.cache.misses,
             "caches ready"
         );
@@ -429,7 +384,8 @@ impl Trainer {
         let mut t5 = vec![];
         let mut pooled = vec![];
         for item in &batch.items {
-            latents.push(self.latents_for(item, &batch)?);
+            let augment = self.dataset.augment(item)?;
+            latents.push(self.latents_for(item.image, batch.bucket, &augment)?);
             let cond = self.text_for(item)?;
             t5.push(cond.t5);
             pooled.push(cond.pooled);
