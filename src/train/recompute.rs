@@ -20,8 +20,9 @@ use crate::model::adapter::AdapterSet;
 use crate::model::flux::{Flux, FluxInputs};
 
 /// The batch loss (MSE of the prediction against `target`) and the gradients of
-/// every tracked tensor (adapter `Var`s), `scale`·loss being what is differentiated
-/// (1 / accumulation steps).
+/// `params`, `scale`·loss being what is differentiated (1 / accumulation steps).
+/// The returned store holds only the parameters' gradients, detached, so no forward
+/// graph outlives this call.
 pub fn loss_and_grads(
     flux: &Flux,
     inputs: &FluxInputs,
@@ -29,12 +30,15 @@ pub fn loss_and_grads(
     target: &Tensor,
     scale: f64,
     checkpointing: bool,
+    params: &[Var],
 ) -> Result<(f32, GradStore)> {
+    let mut param_grads = GradStore::default();
     if !checkpointing {
         let pred = flux.forward(inputs, adapters)?;
         let loss = mse(&pred, target)?;
         let grads = (&loss * scale)?.backward()?;
-        return Ok((loss.to_scalar::<f32>()?, grads));
+        keep_params(&mut param_grads, &grads, params)?;
+        return Ok((loss.to_scalar::<f32>()?, param_grads));
     }
 
     let emb = flux.embed(inputs, adapters)?;
@@ -67,6 +71,8 @@ pub fn loss_and_grads(
     let mut grads = (&loss * scale)?.backward()?;
     let mut grad_x = take(&mut grads, x_var.as_tensor())?;
     let mut grad_vec = take(&mut grads, vec_var.as_tensor())?;
+    keep_params(&mut param_grads, &grads, params)?;
+    drop(grads);
 
     // Backwards through the single blocks, recomputing each.
     for (block, input) in flux.single_blocks.iter().zip(single_inputs).rev() {
@@ -76,7 +82,7 @@ pub fn loss_and_grads(
         let mut g = out.mul(&grad_x)?.sum_all()?.backward()?;
         grad_x = take(&mut g, xv.as_tensor())?;
         grad_vec = (grad_vec + take(&mut g, vv.as_tensor())?)?;
-        grads.extend(g)?;
+        keep_params(&mut param_grads, &g, params)?;
     }
 
     // The joint sequence splits back into text and image streams.
@@ -95,24 +101,39 @@ pub fn loss_and_grads(
         grad_img = take(&mut g, iv.as_tensor())?;
         grad_txt = take(&mut g, tv.as_tensor())?;
         grad_vec = (grad_vec + take(&mut g, vv.as_tensor())?)?;
-        grads.extend(g)?;
+        keep_params(&mut param_grads, &g, params)?;
     }
 
     // Finally the embedders, through the graph kept from `embed`.
     let surrogate = ((emb.img.mul(&grad_img)?.sum_all()? + emb.txt.mul(&grad_txt)?.sum_all()?)?
         + emb.vec.mul(&grad_vec)?.sum_all()?)?;
     if surrogate.track_op() {
-        grads.extend(surrogate.backward()?)?;
+        keep_params(&mut param_grads, &surrogate.backward()?, params)?;
     }
-    Ok((loss.to_scalar::<f32>()?, grads))
+    Ok((loss.to_scalar::<f32>()?, param_grads))
 }
 
-/// Removes and returns the gradient of `t` (zeros when it received none).
+/// Removes and returns the gradient of `t`, detached (zeros when it received none).
 fn take(grads: &mut GradStore, t: &Tensor) -> Result<Tensor> {
     match grads.remove(t) {
-        Some(g) => Ok(g),
+        Some(g) => Ok(g.detach()),
         None => t.zeros_like(),
     }
+}
+
+/// Adds the (detached) gradients of `params` found in `from` to `into`.
+pub fn keep_params(into: &mut GradStore, from: &GradStore, params: &[Var]) -> Result<()> {
+    for p in params {
+        if let Some(g) = from.get(p.as_tensor()) {
+            let g = g.detach();
+            let sum = match into.remove(p.as_tensor()) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            into.insert(p.as_tensor(), sum);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -171,8 +192,9 @@ mod tests {
             guidance: Some(&g),
         };
         let target = rng.randn((2, 6, 8), &dev)?;
-        let (l1, plain) = loss_and_grads(&flux, &inputs, &adapters, &target, 0.5, false)?;
-        let (l2, ckpt) = loss_and_grads(&flux, &inputs, &adapters, &target, 0.5, true)?;
+        let params = lora.params();
+        let (l1, plain) = loss_and_grads(&flux, &inputs, &adapters, &target, 0.5, false, &params)?;
+        let (l2, ckpt) = loss_and_grads(&flux, &inputs, &adapters, &target, 0.5, true, &params)?;
         assert!((l1 - l2).abs() < 1e-6 * l1.abs().max(1.0), "{l1} vs {l2}");
         for p in lora.params() {
             let a = plain.get(p.as_tensor()).expect("plain gradient");

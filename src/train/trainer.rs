@@ -26,7 +26,7 @@ use super::network::{Trainable, TrainableLora};
 use super::objective::{noised, velocity_target};
 use super::optim::{self, OptimError, Optimizer, ParamGroup};
 use super::prompts::PromptSpec;
-use super::recompute::loss_and_grads;
+use super::recompute::{keep_params, loss_and_grads};
 use crate::model::adapter::{AdapterSet, Lora};
 use crate::model::bundle::ModelBundle;
 use crate::model::flux::{image_ids, pack_latents, save_checkpoint, text_ids, FluxInputs};
@@ -444,13 +444,14 @@ impl Trainer {
                 y: &mb.y,
                 guidance: Some(&mb.guidance),
             };
-            let (loss, mut g) = loss_and_grads(
+            let (loss, g) = loss_and_grads(
                 &self.bundle.flux,
                 &inputs,
                 &adapters,
                 &mb.target,
                 1.0 / accum as f64,
                 self.cfg.gradient_checkpointing,
+                &params,
             )?;
             if !loss.is_finite() {
                 return Err(TrainError::Model(candle_core::Error::msg(format!(
@@ -459,16 +460,7 @@ impl Trainer {
                 ))));
             }
             loss_sum += loss as f64;
-            // Keep only the parameters' gradients; intermediate ones are dropped here.
-            for p in &params {
-                if let Some(gp) = g.remove(p.as_tensor()) {
-                    let sum = match grads.remove(p.as_tensor()) {
-                        Some(prev) => (prev + gp)?,
-                        None => gp,
-                    };
-                    grads.insert(p.as_tensor(), sum);
-                }
-            }
+            keep_params(&mut grads, &g, &params)?;
         }
         let grad_norm = if self.cfg.max_grad_norm > 0.0 {
             Some(optim::clip_grad_norm(

@@ -25,8 +25,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 
 use super::{
-    check_all_used, f32_value, load_tensor, write_back, Groups, Optimizer, OptimizerConfig,
-    OptimizerKind, OptimizerState, ParamGroup, Result,
+    check_all_used, f32_value, gradient, load_tensor, write_back, Groups, Optimizer,
+    OptimizerConfig, OptimizerKind, OptimizerState, ParamGroup, Result,
 };
 
 #[derive(Clone, Debug)]
@@ -98,7 +98,7 @@ impl Optimizer for Adafactor {
         for (gi, group) in self.groups.groups.iter_mut().enumerate() {
             let mut first_alpha = None;
             for slot in &mut group.slots {
-                let Some(g) = grads.get(&slot.var) else {
+                let Some(g) = gradient(grads, &slot.var) else {
                     continue;
                 };
                 let g = g.to_dtype(DType::F32)?;

@@ -18,7 +18,7 @@ use candle_core::backprop::GradStore;
 
 use super::quant8::{Codec, MapKind, Quant8, StateTensor};
 use super::{
-    check_all_used, decay, f32_value, write_back, Groups, Optimizer, OptimizerConfig,
+    check_all_used, decay, f32_value, gradient, write_back, Groups, Optimizer, OptimizerConfig,
     OptimizerKind, OptimizerState, ParamGroup, Result,
 };
 
@@ -78,7 +78,7 @@ impl Optimizer for AdamW {
         for group in &mut self.groups.groups {
             let lr = group.lr;
             for slot in &mut group.slots {
-                let Some(g) = grads.get(&slot.var) else {
+                let Some(g) = gradient(grads, &slot.var) else {
                     continue;
                 };
                 let g = g.to_dtype(candle_core::DType::F32)?;

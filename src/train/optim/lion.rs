@@ -18,7 +18,7 @@ use candle_core::DType;
 
 use super::quant8::{MapKind, Quant8, StateTensor};
 use super::{
-    check_all_used, decay, f32_value, write_back, Groups, Optimizer, OptimizerConfig,
+    check_all_used, decay, f32_value, gradient, write_back, Groups, Optimizer, OptimizerConfig,
     OptimizerKind, OptimizerState, ParamGroup, Result,
 };
 
@@ -63,7 +63,7 @@ impl Optimizer for Lion {
         for group in &mut self.groups.groups {
             let lr = group.lr;
             for slot in &mut group.slots {
-                let Some(g) = grads.get(&slot.var) else {
+                let Some(g) = gradient(grads, &slot.var) else {
                     continue;
                 };
                 let g = g.to_dtype(DType::F32)?;

@@ -794,8 +794,16 @@ fn load_scalar(st: &OptimizerState, key: &str, used: &mut BTreeSet<String>) -> R
 }
 
 /// The parameter as f32 (a copy only when it is not f32 already).
+/// The parameter's value in f32, detached: update arithmetic must not build a graph.
 fn f32_value(var: &Var) -> Result<Tensor> {
-    Ok(var.as_tensor().to_dtype(DType::F32)?)
+    Ok(var.as_detached_tensor().to_dtype(DType::F32)?)
+}
+
+/// The gradient of `var`, detached. A leaf's gradient from `backward` still refers
+/// to the forward graph; kept in optimizer state it would chain every step's graph
+/// to the next and memory would grow without bound.
+fn gradient(grads: &GradStore, var: &Var) -> Option<Tensor> {
+    grads.get(var.as_tensor()).map(Tensor::detach)
 }
 
 /// Writes an f32 result back into the parameter in its own dtype.

@@ -30,8 +30,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 
 use super::{
-    check_all_used, f32_value, load_scalar, load_tensor, scalars_to_host, write_back, Groups,
-    Optimizer, OptimizerConfig, OptimizerKind, OptimizerState, ParamGroup, Result,
+    check_all_used, f32_value, gradient, load_scalar, load_tensor, scalars_to_host, write_back,
+    Groups, Optimizer, OptimizerConfig, OptimizerKind, OptimizerState, ParamGroup, Result,
 };
 
 #[derive(Clone, Debug)]
@@ -120,7 +120,7 @@ impl Optimizer for Prodigy {
         for (gi, group) in self.groups.groups.iter().enumerate() {
             let dlr = d * group.lr * bc;
             for (si, slot) in group.slots.iter().enumerate() {
-                let Some(g) = grads.get(&slot.var) else {
+                let Some(g) = gradient(grads, &slot.var) else {
                     continue;
                 };
                 let p = f32_value(&slot.var)?;

@@ -16,8 +16,8 @@ use candle_core::DType;
 
 use super::quant8::{MapKind, Quant8, StateTensor};
 use super::{
-    check_all_used, f32_value, write_back, Groups, Optimizer, OptimizerConfig, OptimizerKind,
-    OptimizerState, ParamGroup, Result,
+    check_all_used, f32_value, gradient, write_back, Groups, Optimizer, OptimizerConfig,
+    OptimizerKind, OptimizerState, ParamGroup, Result,
 };
 
 /// SGD with Nesterov momentum, or its 8-bit variant.
@@ -58,7 +58,7 @@ impl Optimizer for SgdNesterov {
         for group in &mut self.groups.groups {
             let lr = group.lr;
             for slot in &mut group.slots {
-                let Some(g) = grads.get(&slot.var) else {
+                let Some(g) = gradient(grads, &slot.var) else {
                     continue;
                 };
                 let p = f32_value(&slot.var)?;

@@ -313,3 +313,30 @@ fn load_state_rejects_foreign_states() -> Result<()> {
     assert_eq!(fresh.steps_taken(), 1);
     Ok(())
 }
+
+/// Gradients from a real `backward` still refer to the forward graph; an optimizer
+/// that kept them (or values derived from them) in its state would chain every
+/// step's graph to the next and leak memory. Its state must track nothing.
+#[test]
+fn optimizer_state_holds_no_graph() -> Result<()> {
+    for kind in ALL_KINDS {
+        let mut cfg = OptimizerConfig::new(kind);
+        if kind.is_8bit() {
+            cfg.min_8bit_size = Some(1);
+        }
+        let p = var(&[0.5, -1.0, 2.0, 0.25]);
+        let x = tensor(&[1.0, 2.0, 3.0, 4.0]);
+        let mut opt = build(&cfg, vec![group("g", vec![p.clone()], 0.01)])?;
+        for _ in 0..2 {
+            let loss = (p.as_tensor() * &x)?.sqr()?.sum_all()?;
+            let grads = loss.backward()?;
+            opt.step(&grads)?;
+        }
+        let state = opt.state()?;
+        for (name, t) in &state.tensors {
+            assert!(!t.track_op(), "{kind:?}: state `{name}` keeps a graph");
+        }
+        assert!(!p.as_tensor().detach().track_op());
+    }
+    Ok(())
+}
