@@ -229,6 +229,31 @@ pub fn train(cfg: TrainConfig, resume: Option<&ResumeArg>) -> Result<PathBuf> {
     result?.context("training was cancelled")
 }
 
+/// The demo run's config (`examples/demo.toml`), built into the binary.
+pub const DEMO_CONFIG: &str = include_str!("../examples/demo.toml");
+
+/// `fluxlora train --demo`: writes the demo dataset (pink "zorbly" shapes) and
+/// trains the demo config on the built-in tiny model. With `out`, everything goes
+/// under that folder instead of `demo-output/`.
+pub fn demo(out: Option<&Path>) -> Result<PathBuf> {
+    let mut cfg: TrainConfig = toml::from_str(DEMO_CONFIG).context("examples/demo.toml")?;
+    if let Some(out) = out {
+        cfg.output_dir = out.to_path_buf();
+        cfg.dataset.folders[0].path = out.join("dataset");
+    }
+    let data = cfg.dataset.folders[0].path.clone();
+    crate::train::shapes::write_concept_dataset(
+        &data,
+        &crate::train::shapes::Concept::demo(),
+        24,
+        64,
+        7,
+    )
+    .with_context(|| format!("writing the demo dataset to {}", data.display()))?;
+    cfg.validate()?;
+    train(cfg, None)
+}
+
 /// `fluxlora lora inspect`.
 pub fn lora_inspect(path: &Path, json: bool) -> Result<String> {
     let file = lora_io::load(path, &candle_core::Device::Cpu)?;

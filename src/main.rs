@@ -22,10 +22,17 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt (the built-in tiny model when no --model is given).
     Sample(SampleArgs),
-    /// Train a LoRA from a TOML or JSON config.
+    /// Train a LoRA from a TOML or JSON config, or the built-in demo with --demo.
     Train {
         /// The training config (see examples/).
-        config: PathBuf,
+        #[arg(required_unless_present = "demo")]
+        config: Option<PathBuf>,
+        /// Train the demo: a new colour ("zorbly") taught to the built-in tiny model.
+        #[arg(long, conflicts_with = "config")]
+        demo: bool,
+        /// With --demo: the output folder (default demo-output/).
+        #[arg(long, requires = "demo")]
+        out: Option<PathBuf>,
         /// Continue from a saved state folder, or `auto` for the newest in the output folder.
         #[arg(long)]
         resume: Option<ResumeArg>,
@@ -127,9 +134,18 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", path.display());
             }
         }
-        Command::Train { config, resume } => {
-            let cfg = TrainConfig::from_file(&config)?;
-            let path = commands::train(cfg, resume.as_ref())?;
+        Command::Train {
+            config,
+            demo,
+            out,
+            resume,
+        } => {
+            let path = match config {
+                Some(config) if !demo => {
+                    commands::train(TrainConfig::from_file(&config)?, resume.as_ref())?
+                }
+                _ => commands::demo(out.as_deref())?,
+            };
             println!("{}", path.display());
         }
         Command::PretrainTiny {

@@ -160,16 +160,71 @@ pub fn write_dataset(
     let mut scenes = Vec::with_capacity(count);
     for i in 0..count {
         let scene = ShapeScene::random(&mut rng, size);
-        let mut png = Vec::new();
-        scene
-            .render(size, None)
-            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .map_err(std::io::Error::other)?;
-        atomic_file::write(&dir.join(format!("{i:04}.png")), &png)?;
-        atomic_file::write(&dir.join(format!("{i:04}.txt")), scene.caption().as_bytes())?;
+        write_pair(dir, i, &scene.render(size, None), &scene.caption())?;
         scenes.push(scene);
     }
     Ok(scenes)
+}
+
+/// A concept the base model has never seen: shapes filled with `rgb`, captioned
+/// with `trigger` in place of a colour name ("a zorbly circle on a blue background").
+#[derive(Clone, Debug)]
+pub struct Concept {
+    pub trigger: String,
+    pub rgb: [u8; 3],
+}
+
+impl Concept {
+    /// The demo's concept: a hot pink the tiny base was not trained on.
+    pub fn demo() -> Self {
+        Self {
+            trigger: "zorbly".into(),
+            rgb: [255, 80, 200],
+        }
+    }
+
+    pub fn caption(&self, scene: &ShapeScene) -> String {
+        format!(
+            "a {} {} on a {} background",
+            self.trigger,
+            scene.shape.name(),
+            COLOURS[scene.background].0
+        )
+    }
+}
+
+/// Writes `count` scenes of `concept` as `NNNN.png` + `NNNN.txt` into `dir`.
+pub fn write_concept_dataset(
+    dir: &Path,
+    concept: &Concept,
+    count: usize,
+    size: u32,
+    seed: u64,
+) -> std::io::Result<Vec<ShapeScene>> {
+    std::fs::create_dir_all(dir)?;
+    let mut rng = SeededRng::for_name(seed, "concept");
+    let fill = |_: u32, _: u32| concept.rgb;
+    let mut scenes = Vec::with_capacity(count);
+    for i in 0..count {
+        let scene = ShapeScene::random(&mut rng, size);
+        write_pair(
+            dir,
+            i,
+            &scene.render(size, Some(&fill)),
+            &concept.caption(&scene),
+        )?;
+        scenes.push(scene);
+    }
+    Ok(scenes)
+}
+
+fn write_pair(dir: &Path, i: usize, image: &RgbImage, caption: &str) -> std::io::Result<()> {
+    let mut png = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(std::io::Error::other)?;
+    atomic_file::write(&dir.join(format!("{i:04}.png")), &png)?;
+    atomic_file::write(&dir.join(format!("{i:04}.txt")), caption.as_bytes())
 }
 
 #[cfg(test)]
