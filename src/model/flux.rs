@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::adapter::AdapterSet;
 use super::keymap;
+use super::layers::{layer_norm, softmax_last, tracks, Linear};
 use super::seeded::SeededInit;
 use candle_nn::var_builder::SimpleBackend;
 
@@ -330,71 +331,12 @@ impl Loader<'_> {
             None
         };
         self.shapes.insert(module.to_string(), (out_f, in_f));
-        Ok(Linear {
-            module: module.to_string(),
-            weight,
-            bias,
-        })
+        Ok(Linear::new(module, weight, bias))
     }
 
     fn rms_scale(&self, name: &str, dim: usize) -> Result<Tensor> {
         self.tensor(name, &[dim], Init::Const(1.0))
     }
-}
-
-/// A linear layer that knows its module path and applies the adapters for it.
-#[derive(Clone, Debug)]
-pub struct Linear {
-    module: String,
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    pub fn module(&self) -> &str {
-        &self.module
-    }
-
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
-    /// x (…, in) → (…, out) = x·Wᵀ + b + adapter updates.
-    pub fn forward(&self, x: &Tensor, adapters: &AdapterSet) -> Result<Tensor> {
-        let w = if self.weight.dtype() == x.dtype() {
-            self.weight.clone()
-        } else {
-            self.weight.to_dtype(x.dtype())?
-        };
-        let mut y = x.broadcast_matmul(&w.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
-        }
-        adapters.apply(&self.module, x, y)
-    }
-}
-
-/// True when gradients may flow through `x` (then fused kernels without backward are avoided).
-fn tracks(xs: &[&Tensor]) -> bool {
-    xs.iter().any(|x| x.track_op())
-}
-
-/// LayerNorm without affine parameters, eps 1e-6, computed in f32.
-fn layer_norm(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    if !tracks(&[&x]) {
-        let dim = x.dim(D::Minus1)?;
-        let ones = Tensor::ones(dim, DType::F32, x.device())?;
-        let zeros = Tensor::zeros(dim, DType::F32, x.device())?;
-        return candle_nn::ops::layer_norm(&x.contiguous()?, &ones, &zeros, 1e-6)?.to_dtype(dtype);
-    }
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    centered
-        .broadcast_div(&(var + 1e-6)?.sqrt()?)?
-        .to_dtype(dtype)
 }
 
 /// Flux's QK RMSNorm: x·rsqrt(mean(x²) + 1e-6) in f32, back to x's dtype, times `scale`.
@@ -412,14 +354,6 @@ fn rms_norm(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(&xf.contiguous()?, &ones, 1e-6)?
     };
     normed.to_dtype(dtype)?.broadcast_mul(&scale)
-}
-
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if tracks(&[x]) {
-        candle_nn::ops::softmax(x, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
-    }
 }
 
 /// RoPE angles for position ids: cos and sin, each (b, seq, head_dim / 2), f32.
@@ -614,7 +548,7 @@ impl Stream {
         ad: &AdapterSet,
     ) -> Result<(Tensor, Tensor, Tensor, Vec<ModulationOut>)> {
         let mods = modulation(&self.modulation, vec, 2, ad)?;
-        let x_mod = mods[0].modulate(&layer_norm(x)?)?;
+        let x_mod = mods[0].modulate(&layer_norm(x, None, 1e-6)?)?;
         let (q, k, v) = split_qkv(&self.qkv.forward(&x_mod, ad)?, heads)?;
         let q = rms_norm(&q, &self.query_norm)?;
         let k = rms_norm(&k, &self.key_norm)?;
@@ -630,7 +564,7 @@ impl Stream {
         ad: &AdapterSet,
     ) -> Result<Tensor> {
         let x = (x + mods[0].gate(&self.proj.forward(attn, ad)?)?)?;
-        let h = mods[1].modulate(&layer_norm(&x)?)?;
+        let h = mods[1].modulate(&layer_norm(&x, None, 1e-6)?)?;
         let h = self.mlp_in.forward(&h, ad)?.gelu()?;
         let h = self.mlp_out.forward(&h, ad)?;
         x + mods[1].gate(&h)?
@@ -709,7 +643,7 @@ impl SingleBlock {
     /// x (b, n_txt + n_img, hidden) → same shape.
     pub fn forward(&self, x: &Tensor, vec: &Tensor, pe: &Rope, ad: &AdapterSet) -> Result<Tensor> {
         let mods = modulation(&self.modulation, vec, 1, ad)?;
-        let x_mod = mods[0].modulate(&layer_norm(x)?)?;
+        let x_mod = mods[0].modulate(&layer_norm(x, None, 1e-6)?)?;
         let lin1 = self.linear1.forward(&x_mod, ad)?;
         let mlp_width = lin1.dim(D::Minus1)? - 3 * self.hidden;
         let qkv = lin1.narrow(D::Minus1, 0, 3 * self.hidden)?;
@@ -736,7 +670,7 @@ impl FinalLayer {
     fn forward(&self, x: &Tensor, vec: &Tensor, ad: &AdapterSet) -> Result<Tensor> {
         let mods = self.ada_ln.forward(&vec.silu()?, ad)?.unsqueeze(1)?;
         let chunks = mods.chunk(2, D::Minus1)?; // (shift, scale)
-        let x = layer_norm(x)?
+        let x = layer_norm(x, None, 1e-6)?
             .broadcast_mul(&(&chunks[1] + 1.0)?)?
             .broadcast_add(&chunks[0])?;
         self.linear.forward(&x, ad)
@@ -907,11 +841,11 @@ impl Flux {
         let mut out = vec![];
         for l in self.linears() {
             out.push((
-                format!("{}.weight", l.module),
-                adapters.merged_weight(&l.module, &l.weight)?,
+                format!("{}.weight", l.module()),
+                adapters.merged_weight(l.module(), l.weight())?,
             ));
-            if let Some(b) = &l.bias {
-                out.push((format!("{}.bias", l.module), b.clone()));
+            if let Some(b) = l.bias() {
+                out.push((format!("{}.bias", l.module()), b.clone()));
             }
         }
         let norms = |prefix: String, q: &Tensor, k: &Tensor| {

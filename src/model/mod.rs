@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod bundle;
 pub mod flux;
 pub mod keymap;
+pub mod layers;
 pub mod lora_io;
 pub mod seeded;
 pub mod text;

@@ -1,0 +1,135 @@
+//! Building blocks shared by the model files: the adapter-aware [`Linear`], and
+//! layer norm / softmax that use candle's fused kernels for inference but switch to
+//! differentiable compositions of basic ops whenever a gradient may flow (candle's
+//! fused kernels have no backward: shared/research/candle-training.md).
+//!
+//! Must not: know any architecture's key names.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use super::adapter::AdapterSet;
+
+/// A linear layer that knows its module path and applies the adapters for it.
+/// Its weight may be stored in a narrower dtype (fp8) and is upcast per call.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    module: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `weight` (out, in), `bias` (out,).
+    pub fn new(module: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            module: module.into(),
+            weight,
+            bias,
+        }
+    }
+
+    pub fn module(&self) -> &str {
+        &self.module
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// (out_features, in_features)
+    pub fn shape(&self) -> (usize, usize) {
+        let d = self.weight.dims();
+        (d[0], d[1])
+    }
+
+    /// x (…, in) → (…, out) = x·Wᵀ + b + adapter updates.
+    pub fn forward(&self, x: &Tensor, adapters: &AdapterSet) -> Result<Tensor> {
+        let w = if self.weight.dtype() == x.dtype() {
+            self.weight.clone()
+        } else {
+            self.weight.to_dtype(x.dtype())?
+        };
+        let mut y = x.broadcast_matmul(&w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
+        }
+        adapters.apply(&self.module, x, y)
+    }
+}
+
+/// True when gradients may flow through any of `xs`.
+pub fn tracks(xs: &[&Tensor]) -> bool {
+    xs.iter().any(|x| x.track_op())
+}
+
+/// LayerNorm over the last dim, computed in f32 and returned in x's dtype, with
+/// optional affine (weight, bias).
+pub fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let dim = xf.dim(D::Minus1)?;
+    let grad = tracks(&[&xf]) || affine.is_some_and(|(w, b)| tracks(&[w, b]));
+    let normed = if grad {
+        let mean = xf.mean_keepdim(D::Minus1)?;
+        let centered = xf.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let n = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+        match affine {
+            Some((w, b)) => n
+                .broadcast_mul(&w.to_dtype(DType::F32)?)?
+                .broadcast_add(&b.to_dtype(DType::F32)?)?,
+            None => n,
+        }
+    } else {
+        let (w, b) = match affine {
+            Some((w, b)) => (w.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?),
+            None => (
+                Tensor::ones(dim, DType::F32, xf.device())?,
+                Tensor::zeros(dim, DType::F32, xf.device())?,
+            ),
+        };
+        candle_nn::ops::layer_norm(&xf.contiguous()?, &w, &b, eps as f32)?
+    };
+    normed.to_dtype(dtype)
+}
+
+/// Softmax over the last dim.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if tracks(&[x]) {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::seeded::SeededRng;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_and_differentiable_forms_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = SeededRng::new(1).randn((3, 5, 8), &dev)?;
+        let w = SeededRng::new(2).randn(8, &dev)?;
+        let b = SeededRng::new(3).randn(8, &dev)?;
+        let xv = Var::from_tensor(&x)?;
+        for affine in [None, Some((&w, &b))] {
+            let fused = layer_norm(&x, affine, 1e-5)?;
+            let slow = layer_norm(xv.as_tensor(), affine, 1e-5)?;
+            let d = (fused - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-5, "layer norm: {d}");
+        }
+        let d = (softmax_last(&x)? - softmax_last(xv.as_tensor())?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-6, "softmax: {d}");
+        Ok(())
+    }
+}
