@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod bundle;
+pub mod clip;
 pub mod flux;
 pub mod keymap;
 pub mod layers;

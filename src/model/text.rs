@@ -20,9 +20,7 @@ use candle_core::{bail, DType, Device, Result, Shape, Tensor};
 use candle_nn::init::Init;
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use candle_transformers::models::clip::text_model::{
-    Activation as ClipActivation, ClipTextConfig, ClipTextTransformer,
-};
+use candle_transformers::models::clip::text_model::{Activation as ClipActivation, ClipTextConfig};
 use candle_transformers::models::t5::{self, ActivationWithOptionalGating, T5EncoderModel};
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormalizerSequence, NFC};
@@ -32,6 +30,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::{AddedToken, Model, SplitDelimiterBehavior, Tokenizer, TruncationParams};
 
+use super::adapter::AdapterSet;
+use super::clip::ClipText;
 use super::seeded::SeededInit;
 
 /// CLIP's context length (and the position table of every CLIP text model).
@@ -91,7 +91,7 @@ pub struct TextEncoderPaths {
 /// The T5 and CLIP text encoders of a Flux model set, with their tokenizers.
 pub struct TextEncoders {
     t5: T5EncoderModel,
-    clip: ClipTextTransformer,
+    clip: ClipText,
     t5_tokenizer: PromptTokenizer,
     clip_tokenizer: PromptTokenizer,
     t5_dim: usize,
@@ -117,7 +117,7 @@ impl TextEncoders {
         let t5_cfg = tiny_t5_config();
         let clip_cfg = tiny_clip_config();
         let t5 = T5EncoderModel::load(vb.pp("t5"), &t5_cfg)?;
-        let clip = ClipTextTransformer::new(vb.pp("clip_l").pp("text_model"), &clip_cfg)?;
+        let clip = ClipText::new(vb.pp("clip_l"), &clip_cfg)?;
         Ok(Self {
             t5,
             clip,
@@ -222,6 +222,49 @@ impl TextEncoders {
 
     /// Encodes a batch of prompts. Outputs are F32 on the encoders' device.
     pub fn encode(&self, prompts: &[&str]) -> Result<TextEmbedding> {
+        self.encode_with(prompts, &AdapterSet::none())
+    }
+
+    /// Every CLIP linear's module path and (out, in): what a text-encoder LoRA may target.
+    pub fn clip_linear_shapes(&self) -> std::collections::BTreeMap<String, (usize, usize)> {
+        self.clip.linear_shapes()
+    }
+
+    /// The CLIP pooled vectors (b, pooled_dim) of `prompts` with text-encoder
+    /// adapters applied (T5 is not run): what training a CLIP LoRA needs each step.
+    pub fn pooled_with(&self, prompts: &[&str], adapters: &AdapterSet) -> Result<Tensor> {
+        let b = prompts.len();
+        let mut clip_ids = Vec::with_capacity(b * self.clip_max_len());
+        let mut eos_rows = Vec::with_capacity(b);
+        let clip_eos = self.clip_tokenizer.eos_id();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let (_, clip, _) = self.tokenize(prompt)?;
+            let eos = clip
+                .iter()
+                .position(|&t| t == clip_eos)
+                .unwrap_or(clip.len() - 1);
+            eos_rows.push((i * self.clip_max_len() + eos) as u32);
+            clip_ids.extend(clip);
+        }
+        self.pooled_of(clip_ids, eos_rows, b, adapters)
+    }
+
+    fn pooled_of(
+        &self,
+        clip_ids: Vec<u32>,
+        eos_rows: Vec<u32>,
+        b: usize,
+        adapters: &AdapterSet,
+    ) -> Result<Tensor> {
+        let clip_ids = Tensor::from_vec(clip_ids, (b, self.clip_max_len()), &self.device)?;
+        let hidden = self.clip.forward(&clip_ids, adapters)?; // (b, 77, d)
+        let hidden = hidden.reshape((b * self.clip_max_len(), self.pooled_dim))?;
+        let rows = Tensor::from_vec(eos_rows, b, &self.device)?;
+        hidden.index_select(&rows, 0)?.to_dtype(DType::F32) // (b, d)
+    }
+
+    /// [`TextEncoders::encode`] with text-encoder LoRAs from `adapters` applied to CLIP.
+    pub fn encode_with(&self, prompts: &[&str], adapters: &AdapterSet) -> Result<TextEmbedding> {
         if prompts.is_empty() {
             bail!("text encoders: no prompts to encode");
         }
@@ -266,11 +309,7 @@ impl TextEncoders {
         let mut t5 = self.t5.clone();
         let t5_out = t5.forward(&t5_ids)?.to_dtype(DType::F32)?;
 
-        let clip_ids = Tensor::from_vec(clip_ids, (b, self.clip_max_len()), &self.device)?;
-        let hidden = self.clip.forward_with_mask(&clip_ids, usize::MAX)?; // (b, 77, d)
-        let hidden = hidden.reshape((b * self.clip_max_len(), self.pooled_dim))?;
-        let rows = Tensor::from_vec(eos_rows, b, &self.device)?;
-        let pooled = hidden.index_select(&rows, 0)?.to_dtype(DType::F32)?; // (b, d)
+        let pooled = self.pooled_of(clip_ids, eos_rows, b, adapters)?;
 
         Ok(TextEmbedding {
             t5: t5_out,
@@ -971,11 +1010,7 @@ fn infer_t5_config(ckpt: &Checkpoint) -> Result<t5::Config> {
     })
 }
 
-fn load_clip(
-    path: &Path,
-    device: &Device,
-    dtype: DType,
-) -> Result<(ClipTextTransformer, ClipTextConfig)> {
+fn load_clip(path: &Path, device: &Device, dtype: DType) -> Result<(ClipText, ClipTextConfig)> {
     let what = "CLIP text encoder";
     let mut ckpt = Checkpoint::open(&safetensors_files(path, what)?, what)?;
     ckpt.find_prefix("text_model.final_layer_norm.weight")?;
@@ -986,7 +1021,7 @@ fn load_clip(
     };
     let cfg = infer_clip_config(&ckpt, config_json.as_ref())?;
     let vb = VarBuilder::from_backend(Box::new(ckpt), dtype, device.clone());
-    Ok((ClipTextTransformer::new(vb.pp("text_model"), &cfg)?, cfg))
+    Ok((ClipText::new(vb, &cfg)?, cfg))
 }
 
 /// A CLIP text config from the tensor shapes, with the head count and the
@@ -1158,7 +1193,7 @@ mod tests {
         let out = enc.encode(&["a green star"])?;
         let (_, clip, _) = enc.tokenize("a green star")?;
         let ids = Tensor::from_vec(clip, (1, 77), &Device::Cpu)?;
-        let hidden = enc.clip.forward_with_mask(&ids, usize::MAX)?;
+        let hidden = enc.clip.forward(&ids, &AdapterSet::none())?;
         // <bos> a green star <eos>: the first EOS is at position 4.
         let expect = hidden.narrow(1, 4, 1)?.squeeze(1)?;
         assert!(max_abs_diff(&out.pooled, &expect) < 1e-6);
@@ -1367,8 +1402,8 @@ mod tests {
         assert_eq!(max_abs_diff(&loaded, &stored.to_dtype(DType::F32)?), 0.0);
         // f16 CLIP weights give (nearly) the same hidden states.
         let ids = Tensor::new(&[[8u32, 3, 6, 9, 9]], &dev)?;
-        let want = tiny.clip.forward_with_mask(&ids, usize::MAX)?;
-        let got = enc.clip.forward_with_mask(&ids, usize::MAX)?;
+        let want = tiny.clip.forward(&ids, &AdapterSet::none())?;
+        let got = enc.clip.forward(&ids, &AdapterSet::none())?;
         assert!(max_abs_diff(&want, &got) < 1e-2);
         let out = enc.encode(&["a red dot"])?;
         assert_eq!(out.t5.dims(), &[1, 4, 32]);

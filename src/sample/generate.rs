@@ -152,7 +152,7 @@ pub fn generate(
     let channels = bundle.vae.latent_channels();
 
     let prompts: Vec<&str> = vec![req.prompt.as_str(); b];
-    let emb = bundle.text.encode(&prompts)?;
+    let emb = bundle.text.encode_with(&prompts, adapters)?;
     let n_txt = emb.t5.dim(1)?;
     let txt_ids = text_ids(b, n_txt, device)?;
     let img_ids = image_ids(b, lh / 2, lw / 2, device)?;
