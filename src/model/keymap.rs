@@ -403,6 +403,56 @@ pub fn swap_halves(t: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::cat(&[t.narrow(0, h, h)?, t.narrow(0, 0, h)?], 0)
 }
 
+/// CLIP-L text-encoder linears: our module path (`te1.text_model.encoder.layers.N.…`,
+/// see `model::clip`), kohya's `lora_te1_text_model_encoder_layers_N_…` stem and
+/// diffusers/peft's `text_encoder.text_model.encoder.layers.N.…`.
+const CLIP_LEAVES: [(&str, &str); 6] = [
+    ("self_attn_q_proj", "self_attn.q_proj"),
+    ("self_attn_k_proj", "self_attn.k_proj"),
+    ("self_attn_v_proj", "self_attn.v_proj"),
+    ("self_attn_out_proj", "self_attn.out_proj"),
+    ("mlp_fc1", "mlp.fc1"),
+    ("mlp_fc2", "mlp.fc2"),
+];
+
+/// Our CLIP module path from kohya's stem after `lora_te1_`.
+pub fn clip_module_from_kohya(stem: &str) -> Option<String> {
+    let rest = stem.strip_prefix("text_model_encoder_layers_")?;
+    let (layer, leaf) = rest.split_once('_')?;
+    let layer: usize = layer.parse().ok()?;
+    let dotted = CLIP_LEAVES.iter().find(|(u, _)| *u == leaf)?.1;
+    Some(format!("te1.text_model.encoder.layers.{layer}.{dotted}"))
+}
+
+/// Our CLIP module path from a diffusers/peft path after `text_encoder.`.
+pub fn clip_module_from_diffusers(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("text_model.encoder.layers.")?;
+    let (layer, leaf) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    CLIP_LEAVES.iter().find(|(_, d)| *d == leaf)?;
+    Some(format!("te1.text_model.encoder.layers.{layer}.{leaf}"))
+}
+
+/// Whether `module` is one of our CLIP-L module paths.
+pub fn is_clip_module(module: &str) -> bool {
+    module
+        .strip_prefix("te1.")
+        .is_some_and(|p| clip_module_from_diffusers(p).is_some())
+}
+
+/// kohya's name of a CLIP module (`lora_te1_text_model_encoder_layers_0_mlp_fc1`).
+pub fn clip_kohya_name(module: &str) -> String {
+    format!("lora_{}", module.replace('.', "_"))
+}
+
+/// diffusers/peft's name of a CLIP module (`text_encoder.text_model.encoder.layers.0.mlp.fc1`).
+pub fn clip_diffusers_name(module: &str) -> String {
+    format!(
+        "text_encoder.{}",
+        module.strip_prefix("te1.").unwrap_or(module)
+    )
+}
+
 /// True if the keys look like a diffusers `FluxTransformer2DModel` state dict rather
 /// than a BFL one (also accepts a `transformer.` prefix on every key).
 pub fn is_diffusers_layout<I, S>(keys: I) -> bool
@@ -648,6 +698,37 @@ pub fn convert_diffusers_to_bfl<S: TensorSource + ?Sized>(
         out.insert(k, t);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod clip_name_tests {
+    use super::*;
+
+    #[test]
+    fn clip_names_round_trip_through_kohya_and_diffusers() {
+        let m = "te1.text_model.encoder.layers.11.self_attn.out_proj";
+        assert!(is_clip_module(m));
+        let k = clip_kohya_name(m);
+        assert_eq!(
+            k,
+            "lora_te1_text_model_encoder_layers_11_self_attn_out_proj"
+        );
+        assert_eq!(
+            clip_module_from_kohya(k.strip_prefix("lora_te1_").unwrap()).as_deref(),
+            Some(m)
+        );
+        let d = clip_diffusers_name(m);
+        assert_eq!(
+            d,
+            "text_encoder.text_model.encoder.layers.11.self_attn.out_proj"
+        );
+        assert_eq!(
+            clip_module_from_diffusers(d.strip_prefix("text_encoder.").unwrap()).as_deref(),
+            Some(m)
+        );
+        assert!(clip_module_from_kohya("text_model_encoder_layers_0_mlp_fc9").is_none());
+        assert!(!is_clip_module("double_blocks.0.img_attn.qkv"));
+    }
 }
 
 #[cfg(test)]

@@ -269,6 +269,8 @@ enum Style {
 enum Target {
     Bfl(String),
     Diffusers(String),
+    /// A CLIP-L text-encoder linear, by our module path (`te1.text_model.…`).
+    Clip(String),
 }
 
 const ROLE_SUFFIXES: &[(&str, Role)] = &[
@@ -381,6 +383,15 @@ fn strip_dotted_prefix(module: &str) -> (&str, bool) {
 
 /// Maps a module name (key without role suffix) to its target module and style.
 fn classify_module(module: &str) -> Option<(Target, Style)> {
+    if let Some(rest) = module.strip_prefix("lora_te1_") {
+        return keymap::clip_module_from_kohya(rest).map(|c| (Target::Clip(c), Style::Kohya));
+    }
+    for p in ["text_encoder.", "base_model.model.text_encoder."] {
+        if let Some(rest) = module.strip_prefix(p) {
+            return keymap::clip_module_from_diffusers(rest)
+                .map(|c| (Target::Clip(c), Style::Diffusers));
+        }
+    }
     if let Some(rest) = module.strip_prefix("lora_unet_") {
         if let Some(b) = keymap::bfl_from_underscored(rest) {
             return Some((Target::Bfl(b), Style::Kohya));
@@ -516,7 +527,10 @@ fn parse_inner(
     let mut styles: BTreeMap<Style, usize> = BTreeMap::new();
 
     for (key, tensor) in sorted {
-        if is_text_encoder_key(&key) {
+        let clip = split_role(&key)
+            .and_then(|(m, _)| classify_module(m))
+            .is_some_and(|(t, _)| matches!(t, Target::Clip(_)));
+        if is_text_encoder_key(&key) && !clip {
             text_encoder.push(key);
             continue;
         }
@@ -572,9 +586,17 @@ fn parse_inner(
                 Some((map, i)) => (map, Some(i)),
                 None => continue,
             },
+            Target::Clip(c) => (
+                LinearMap {
+                    bfl: c.clone(),
+                    diffusers: vec![keymap::clip_diffusers_name(c)],
+                    layout: keymap::RowLayout::Same,
+                },
+                None,
+            ),
         };
         let pattern_name = match &target {
-            Target::Bfl(b) | Target::Diffusers(b) => b.clone(),
+            Target::Bfl(b) | Target::Diffusers(b) | Target::Clip(b) => b.clone(),
         };
         let Some(found) = resolve_entry(entry, &pattern_name, peft.as_ref(), file, &mut unmatched)?
         else {
@@ -1288,13 +1310,16 @@ pub fn kohya_tensors(lora: &Lora, dtype: DType) -> Result<Vec<(String, Tensor)>,
     };
     let mut out = Vec::with_capacity(lora.layers.len() * 3);
     for (module, layer) in &lora.layers {
-        if keymap::linear_from_bfl(module).is_none() {
+        let name = if keymap::is_clip_module(module) {
+            keymap::clip_kohya_name(module)
+        } else if keymap::linear_from_bfl(module).is_some() {
+            keymap::kohya_name(module)
+        } else {
             return Err(LoraIoError::UnknownModule {
                 file: file.to_string(),
                 module: module.clone(),
             });
-        }
-        let name = keymap::kohya_name(module);
+        };
         out.push((
             format!("{name}.lora_down.weight"),
             to_save(&layer.down, dtype).map_err(terr)?,
@@ -1417,14 +1442,23 @@ pub fn diffusers_tensors(lora: &Lora, dtype: DType) -> Result<Vec<(String, Tenso
     };
     let mut out = Vec::new();
     for (module, layer) in &lora.layers {
-        let Some(map) = keymap::linear_from_bfl(module) else {
+        let (map, prefix) = if keymap::is_clip_module(module) {
+            let map = LinearMap {
+                bfl: module.clone(),
+                diffusers: vec![module.strip_prefix("te1.").unwrap_or(module).to_string()],
+                layout: keymap::RowLayout::Same,
+            };
+            (map, "text_encoder")
+        } else if let Some(map) = keymap::linear_from_bfl(module) {
+            (map, "transformer")
+        } else {
             return Err(LoraIoError::UnknownModule {
                 file: file.to_string(),
                 module: module.clone(),
             });
         };
         for c in split_layer(&map, layer).map_err(terr)? {
-            let name = format!("transformer.{}", c.module);
+            let name = format!("{prefix}.{}", c.module);
             out.push((
                 format!("{name}.lora_A.weight"),
                 to_save(&c.down, dtype).map_err(terr)?,
@@ -2574,6 +2608,53 @@ mod tests {
     }
 
     #[test]
+    fn clip_text_encoder_loras_load_and_round_trip() {
+        let module = "te1.text_model.encoder.layers.0.mlp.fc1";
+        let mut sd = kohya_dict(&reference());
+        sd.insert(
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight".into(),
+            mat(2, 8, 3),
+        );
+        sd.insert(
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight".into(),
+            mat(16, 2, 4),
+        );
+        sd.insert(
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha".into(),
+            scalar_t(1.0),
+        );
+        let f = parse(sd, BTreeMap::new(), "te").unwrap();
+        assert!(f.text_encoder.is_empty() && f.unmatched.is_empty());
+        let layer = &f.lora.layers[module];
+        assert_eq!((layer.rank(), layer.alpha), (2, 1.0));
+        // kohya → diffusers → kohya keeps the CLIP layer bit for bit.
+        let diffusers: HashMap<String, Tensor> = diffusers_tensors(&f.lora, DType::F32)
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert!(diffusers
+            .contains_key("text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight"));
+        let back = parse(diffusers, BTreeMap::new(), "d").unwrap();
+        let kohya: HashMap<String, Tensor> = kohya_tensors(&back.lora, DType::F32)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let up = &kohya["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"];
+        assert_eq!(
+            up.to_vec2::<f32>().unwrap(),
+            layer.up.to_vec2::<f32>().unwrap()
+        );
+        // A missing partner is named.
+        let mut bad = HashMap::new();
+        bad.insert(
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight".to_string(),
+            mat(2, 8, 1),
+        );
+        let err = parse(bad, BTreeMap::new(), "bad").unwrap_err().to_string();
+        assert!(err.contains("lora_B"), "{err}");
+    }
+
+    #[test]
     fn unmatched_and_text_encoder_keys_are_reported() {
         let mut sd = kohya_dict(&reference());
         sd.insert(
@@ -2587,11 +2668,12 @@ mod tests {
         sd.insert("random_key".into(), mat(1, 1, 1));
         sd.insert("lora_unet_img_in.alpha".into(), scalar_t(2.0));
         sd.insert("diffusion_model.img_in.diff_b".into(), mat(1, H, 1));
+        // T5 (second text encoder) LoRA keys are recognised but not loaded.
         let te = [
-            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
-            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
-            "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha",
-            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+            "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight",
+            "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight",
+            "lora_te2_encoder_block_0_layer_0_SelfAttention_q.alpha",
+            "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight",
         ];
         for k in te {
             sd.insert(k.into(), mat(1, 1, 1));
