@@ -101,7 +101,7 @@ fn load_adapters(
         if !file.unmatched.is_empty() {
             tracing::warn!(file = %arg.path.display(), keys = ?file.unmatched, "LoRA keys that match no module were ignored");
         }
-        lora_io::validate(&file.lora, bundle.flux.linear_shapes())?;
+        lora_io::validate(&file.lora, &bundle.adapter_shapes())?;
         names.push((file.lora.name.clone(), arg.strength));
         set.push(Arc::new(file.lora), arg.strength);
     }

@@ -200,3 +200,70 @@ fn bad_configs_name_the_field() {
         .to_string();
     assert!(err.contains("learning_rate"), "{err}");
 }
+
+#[test]
+fn text_encoder_lora_trains_with_its_own_rate_and_saves_kohya_te_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    shapes::write_dataset(&data, 4, 64, 3).unwrap();
+    let out = tmp.path().join("out");
+    let mut cfg = config(&data, &out, 3);
+    cfg.network.train_text_encoder = true;
+    cfg.text_encoder_lr = Some(1e-3);
+    let model = bundle();
+    let mut trainer = Trainer::new(cfg, model.clone(), None).unwrap();
+    let path = trainer
+        .run(&TrainControl::default(), &mut |_| {})
+        .unwrap()
+        .expect("finished");
+
+    let file = lora_io::load(&path, &Device::Cpu).unwrap();
+    lora_io::validate(&file.lora, &model.adapter_shapes()).unwrap();
+    let clip: Vec<_> = file
+        .lora
+        .layers
+        .iter()
+        .filter(|(m, _)| m.starts_with("te1."))
+        .collect();
+    assert_eq!(
+        clip.len(),
+        model.text.clip_linear_shapes().len(),
+        "every CLIP linear trains"
+    );
+    // Ups start at zero: non-zero after 3 steps means gradient reached every one.
+    for (m, layer) in &clip {
+        let up = layer
+            .up
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(up > 0.0, "{m}: up never updated");
+    }
+    assert_eq!(file.metadata["ss_text_encoder_lr"], "0.001");
+    let raw = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    assert!(raw
+        .keys()
+        .any(|k| k.starts_with("lora_te1_text_model_encoder_layers_0_")));
+
+    // The text-encoder LoRA changes the pooled conditioning when sampling.
+    let lora = Arc::new(file.lora);
+    let with = fluxlora::model::adapter::AdapterSet::none().with(lora, 1.0);
+    let a = model.text.encode(&["a red circle"]).unwrap().pooled;
+    let b = model
+        .text
+        .encode_with(&["a red circle"], &with)
+        .unwrap()
+        .pooled;
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d > 0.0, "text-encoder LoRA had no effect");
+}

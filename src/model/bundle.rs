@@ -177,6 +177,13 @@ impl ModelBundle {
     pub fn device(&self) -> &Device {
         self.text.device()
     }
+
+    /// Every module a LoRA may target, DiT and CLIP text encoder, with (out, in).
+    pub fn adapter_shapes(&self) -> std::collections::BTreeMap<String, (usize, usize)> {
+        let mut shapes = self.flux.linear_shapes().clone();
+        shapes.extend(self.text.clip_linear_shapes());
+        shapes
+    }
 }
 
 /// The files of one model set.

@@ -35,6 +35,9 @@ pub struct TrainConfig {
     pub objective: ObjectiveConfig,
     /// Base learning rate of the DiT adapter.
     pub learning_rate: f64,
+    /// Learning rate of the CLIP text-encoder adapter (`network.train_text_encoder`);
+    /// `learning_rate` when absent.
+    pub text_encoder_lr: Option<f64>,
     /// Stop after this many optimizer steps (wins over `max_train_epochs`).
     pub max_train_steps: Option<u64>,
     /// Stop after this many epochs when `max_train_steps` is not set.
@@ -83,6 +86,7 @@ impl Default for TrainConfig {
             lr_scheduler: LrSchedule::default(),
             objective: ObjectiveConfig::default(),
             learning_rate: 1e-4,
+            text_encoder_lr: None,
             max_train_steps: None,
             max_train_epochs: None,
             train_batch_size: 1,
@@ -163,6 +167,11 @@ impl TrainConfig {
                 "learning_rate",
                 format!("must be > 0, got {}", self.learning_rate),
             ));
+        }
+        if let Some(lr) = self.text_encoder_lr {
+            if !(lr.is_finite() && lr >= 0.0) {
+                return Err(invalid("text_encoder_lr", format!("must be ≥ 0, got {lr}")));
+            }
         }
         match (self.max_train_steps, self.max_train_epochs) {
             (None, None) => {

@@ -16,7 +16,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::model::adapter::{AdapterSet, Lora, LoraLayer};
-use crate::model::keymap::{module_group, ModuleGroup};
+use crate::model::keymap::{is_clip_module, module_group, ModuleGroup};
 use crate::model::lora_io;
 use crate::model::seeded::SeededRng;
 
@@ -58,8 +58,14 @@ pub struct NetworkConfig {
     pub dropout: f64,
     pub targets: TargetPreset,
     pub train_blocks: TrainBlocks,
-    /// Regexes on the BFL module path (`double_blocks.3.img_attn.qkv`): when not
-    /// empty, only matching modules train.
+    /// Train a LoRA on the DiT (kohya: off with `network_train_text_encoder_only`).
+    pub train_transformer: bool,
+    /// Train a LoRA on the CLIP-L text encoder too (kohya: the default unless
+    /// `network_train_unet_only`; off here, as Flux recipes recommend).
+    pub train_text_encoder: bool,
+    /// Regexes on the module path (`double_blocks.3.img_attn.qkv`,
+    /// `te1.text_model.encoder.layers.0.mlp.fc1`): when not empty, only matching
+    /// modules train.
     pub include: Vec<String>,
     /// Regexes on the module path: matching modules never train.
     pub exclude: Vec<String>,
@@ -73,6 +79,8 @@ impl Default for NetworkConfig {
             dropout: 0.0,
             targets: TargetPreset::Blocks,
             train_blocks: TrainBlocks::All,
+            train_transformer: true,
+            train_text_encoder: false,
             include: vec![],
             exclude: vec![],
         }
@@ -93,6 +101,9 @@ impl NetworkConfig {
                 self.dropout
             ));
         }
+        if !self.train_transformer && !self.train_text_encoder {
+            return Err("network: train_transformer and train_text_encoder are both off; nothing would train".into());
+        }
         for (field, list) in [("include", &self.include), ("exclude", &self.exclude)] {
             for re in list {
                 Regex::new(re).map_err(|e| format!("network.{field}: bad regex `{re}`: {e}"))?;
@@ -101,8 +112,20 @@ impl NetworkConfig {
         Ok(())
     }
 
-    /// Whether the linear at `module` trains under this config.
+    /// Whether the linear at `module` (a DiT or CLIP module path) trains under this config.
     pub fn targets_module(&self, module: &str) -> bool {
+        let matches = |list: &[String]| {
+            list.iter()
+                .any(|re| Regex::new(re).is_ok_and(|r| r.is_match(module)))
+        };
+        let filtered =
+            (self.include.is_empty() || matches(&self.include)) && !matches(&self.exclude);
+        if is_clip_module(module) {
+            return self.train_text_encoder && filtered;
+        }
+        if !self.train_transformer {
+            return false;
+        }
         let group = module_group(module);
         let block_ok = match (self.train_blocks, group) {
             (TrainBlocks::All, _) => true,
@@ -188,6 +211,17 @@ impl TrainableLora {
             .collect()
     }
 
+    /// The trainable tensors split into (DiT, CLIP text encoder), for separate learning rates.
+    pub fn param_groups(&self) -> (Vec<Var>, Vec<Var>) {
+        let (te, dit): (Vec<_>, Vec<_>) = self.vars.iter().partition(|(m, _, _)| is_clip_module(m));
+        let flat = |v: Vec<&(String, Var, Var)>| -> Vec<Var> {
+            v.into_iter()
+                .flat_map(|(_, d, u)| [d.clone(), u.clone()])
+                .collect()
+        };
+        (flat(dit), flat(te))
+    }
+
     /// Copies weights from a saved LoRA (resume); every module must be present with the same shapes.
     pub fn load_from(&self, saved: &Lora) -> Result<()> {
         for (module, down, up) in &self.vars {
@@ -226,6 +260,14 @@ pub enum Trainable {
 }
 
 impl Trainable {
+    /// Whether a CLIP text-encoder LoRA trains (its outputs then change every step).
+    pub fn trains_text_encoder(&self) -> bool {
+        match self {
+            Self::Lora(l) => l.vars.iter().any(|(m, _, _)| is_clip_module(m)),
+            Self::Full(_) => false,
+        }
+    }
+
     pub fn params(&self) -> Vec<Var> {
         match self {
             Self::Lora(l) => l.params(),
@@ -326,6 +368,24 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(all.len(), shapes().len());
+    }
+
+    #[test]
+    fn text_encoder_modules_train_only_when_asked() {
+        let clip = "te1.text_model.encoder.layers.0.self_attn.q_proj";
+        assert!(!NetworkConfig::default().targets_module(clip));
+        let te_only = NetworkConfig {
+            train_transformer: false,
+            train_text_encoder: true,
+            ..Default::default()
+        };
+        assert!(te_only.targets_module(clip));
+        assert!(!te_only.targets_module("double_blocks.0.img_attn.qkv"));
+        let none = NetworkConfig {
+            train_transformer: false,
+            ..Default::default()
+        };
+        assert!(none.validate().unwrap_err().contains("nothing would train"));
     }
 
     #[test]

@@ -90,6 +90,8 @@ pub struct Trainer {
     batches: Vec<Batch>,
     batches_per_epoch: usize,
     resumed_from: Option<u64>,
+    /// Base learning rate of each optimizer group (DiT, then text encoder).
+    base_lrs: Vec<f64>,
     started: Instant,
     steps_this_session: u64,
     started_at_unix: f64,
@@ -148,21 +150,34 @@ impl Trainer {
             })?;
             Trainable::Full(weights)
         } else {
+            let shapes = bundle.adapter_shapes();
             Trainable::Lora(TrainableLora::new(
                 &cfg.network,
-                bundle.flux.linear_shapes(),
+                &shapes,
                 cfg.seed,
                 &device,
             )?)
         };
-        let mut optimizer = optim::build(
-            &cfg.optimizer,
-            vec![ParamGroup {
-                name: "dit".into(),
-                params: network.params(),
-                lr: cfg.learning_rate,
-            }],
-        )?;
+        // One optimizer group per learning rate: the DiT's and the text encoder's.
+        let (dit_params, te_params) = match &network {
+            Trainable::Lora(l) => l.param_groups(),
+            Trainable::Full(_) => (network.params(), vec![]),
+        };
+        let te_lr = cfg.text_encoder_lr.unwrap_or(cfg.learning_rate);
+        let groups: Vec<ParamGroup> = [
+            ("dit", dit_params, cfg.learning_rate),
+            ("te", te_params, te_lr),
+        ]
+        .into_iter()
+        .filter(|(_, p, _)| !p.is_empty())
+        .map(|(name, params, lr)| ParamGroup {
+            name: name.into(),
+            params,
+            lr,
+        })
+        .collect();
+        let base_lrs: Vec<f64> = groups.iter().map(|g| g.lr).collect();
+        let mut optimizer = optim::build(&cfg.optimizer, groups)?;
         let batches_per_epoch = dataset.steps_per_epoch(cfg.train_batch_size);
         let steps_per_epoch = batches_per_epoch.div_ceil(cfg.gradient_accumulation_steps) as u64;
         let total_steps = match (cfg.max_train_steps, cfg.max_train_epochs) {
@@ -212,6 +227,7 @@ impl Trainer {
             batches,
             batches_per_epoch,
             resumed_from,
+            base_lrs,
             started: Instant::now(),
             steps_this_session: 0,
             started_at_unix: unix_now(),
@@ -291,10 +307,12 @@ impl Trainer {
         })
     }
 
-    fn text_for(&mut self, item: &BatchItem) -> Result<TextCond> {
+    /// The caption of one use of an image and its (cached when static) conditioning.
+    fn text_for(&mut self, item: &BatchItem) -> Result<(String, TextCond)> {
         if !self.dataset.captions_are_static() {
             let caption = self.dataset.caption(item)?.text;
-            return self.encode_text(&caption);
+            let cond = self.encode_text(&caption)?;
+            return Ok((caption, cond));
         }
         let caption = self.dataset.fixed_caption(item.image)?.text;
         let key = format!(
@@ -304,11 +322,11 @@ impl Trainer {
         );
         let device = self.bundle.device().clone();
         if let Some(c) = self.cache.get_text(&key, &device)? {
-            return Ok(c);
+            return Ok((caption, c));
         }
         let cond = self.encode_text(&caption)?;
         self.cache.put_text(&key, &cond)?;
-        Ok(cond)
+        Ok((caption, cond))
     }
 
     /// The latents of `image` cropped to `bucket` under `augment`: from the cache, or
@@ -383,13 +401,25 @@ impl Trainer {
         let mut latents = vec![];
         let mut t5 = vec![];
         let mut pooled = vec![];
+        let mut captions = vec![];
         for item in &batch.items {
             let augment = self.dataset.augment(item)?;
             latents.push(self.latents_for(item.image, batch.bucket, &augment)?);
-            let cond = self.text_for(item)?;
+            let (caption, cond) = self.text_for(item)?;
             t5.push(cond.t5);
             pooled.push(cond.pooled);
+            captions.push(caption);
         }
+        // A trained text encoder changes the pooled vector every step: recompute it
+        // through the adapters (T5 is not trained, so its cached output stands).
+        let y = if self.network.trains_text_encoder() {
+            let captions: Vec<&str> = captions.iter().map(String::as_str).collect();
+            self.bundle
+                .text
+                .pooled_with(&captions, &self.network.adapters(self.cfg.network.dropout))?
+        } else {
+            Tensor::stack(&pooled, 0)?
+        };
         let device = self.bundle.device().clone();
         let x0 = Tensor::stack(&latents, 0)?; // (b, c, h, w)
         let (b, c, lh, lw) = x0.dims4()?;
@@ -411,7 +441,7 @@ impl Trainer {
             txt,
             txt_ids: text_ids(b, n_txt, &device)?,
             timesteps: Tensor::from_vec(t32, b, &device)?,
-            y: Tensor::stack(&pooled, 0)?,
+            y,
             guidance: Tensor::full(obj.guidance_scale as f32, b, &device)?,
             target: pack_latents(&target)?,
         })
@@ -420,13 +450,15 @@ impl Trainer {
     /// One optimizer step (with gradient accumulation); emits `Step` and any
     /// `Saved` / `Sample` events that fall due.
     pub fn step(&mut self, emit: &mut dyn FnMut(TrainEvent)) -> Result<StepStats> {
-        let lr = self.cfg.learning_rate
-            * self.cfg.lr_scheduler.multiplier(
-                self.progress.step,
-                self.total_steps,
-                self.cfg.learning_rate,
-            );
-        self.optimizer.set_lr(0, lr)?;
+        let factor = self.cfg.lr_scheduler.multiplier(
+            self.progress.step,
+            self.total_steps,
+            self.cfg.learning_rate,
+        );
+        for (group, base) in self.base_lrs.iter().enumerate() {
+            self.optimizer.set_lr(group, base * factor)?;
+        }
+        let lr = self.base_lrs[0] * factor;
         let accum = self.cfg.gradient_accumulation_steps;
         let params = self.network.params();
         let adapters = self.network.adapters(self.cfg.network.dropout);
@@ -582,6 +614,9 @@ impl Trainer {
         m.network_dropout = (cfg.network.dropout > 0.0).then_some(cfg.network.dropout);
         m.learning_rate = cfg.learning_rate;
         m.unet_lr = Some(cfg.learning_rate);
+        if cfg.network.train_text_encoder {
+            m.text_encoder_lr = Some(cfg.text_encoder_lr.unwrap_or(cfg.learning_rate));
+        }
         m.optimizer = format!("{:?}", cfg.optimizer.kind);
         m.lr_scheduler = format!("{:?}", cfg.lr_scheduler.kind).to_lowercase();
         m.lr_warmup_steps = cfg.lr_scheduler.warmup_steps(self.total_steps) as usize;
@@ -729,7 +764,14 @@ impl Trainer {
                 .encode(&pixels)?
                 .to_dtype(candle_core::DType::F32)?;
             let caption = val.fixed_caption(image)?.text;
-            let cond = self.encode_text(&caption)?;
+            let emb = self
+                .bundle
+                .text
+                .encode_with(&[caption.as_str()], &adapters)?;
+            let cond = TextCond {
+                t5: emb.t5.squeeze(0)?,
+                pooled: emb.pooled.squeeze(0)?,
+            };
             let (_, c, lh, lw) = x0.dims4()?;
             let mut rng = SeededRng::for_name(self.cfg.seed, &format!("validation/{image}"));
             let noise = rng.randn((1, c, lh, lw), &device)?;
