@@ -239,19 +239,24 @@ pub fn demo(out: Option<&Path>) -> Result<PathBuf> {
     let mut cfg: TrainConfig = toml::from_str(DEMO_CONFIG).context("examples/demo.toml")?;
     if let Some(out) = out {
         cfg.output_dir = out.to_path_buf();
-        cfg.dataset.folders[0].path = out.join("dataset");
+        cfg.dataset.folders[0].path = out.join("dataset/zorbly");
+        cfg.dataset.folders[1].path = out.join("dataset/regular");
     }
-    let data = cfg.dataset.folders[0].path.clone();
-    crate::train::shapes::write_concept_dataset(
-        &data,
-        &crate::train::shapes::Concept::demo(),
-        24,
-        64,
-        7,
-    )
-    .with_context(|| format!("writing the demo dataset to {}", data.display()))?;
+    write_demo_dataset(&cfg)?;
     cfg.validate()?;
     train(cfg, None)
+}
+
+/// Writes the demo's two dataset folders named in `cfg` (the concept, then the
+/// regularisation images).
+pub fn write_demo_dataset(cfg: &TrainConfig) -> Result<()> {
+    use crate::train::shapes::{write_concept_dataset, write_dataset, Concept};
+    let [concept, regular] = [&cfg.dataset.folders[0].path, &cfg.dataset.folders[1].path];
+    write_concept_dataset(concept, &Concept::demo(), 24, 64, 7)
+        .with_context(|| format!("writing the demo dataset to {}", concept.display()))?;
+    write_dataset(regular, 24, 64, 8)
+        .with_context(|| format!("writing the demo dataset to {}", regular.display()))?;
+    Ok(())
 }
 
 /// `fluxlora lora inspect`.

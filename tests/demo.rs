@@ -6,27 +6,33 @@
 use std::sync::Arc;
 
 use candle_core::Device;
-use fluxlora::commands::DEMO_CONFIG;
+use fluxlora::commands::{write_demo_dataset, DEMO_CONFIG};
 use fluxlora::model::adapter::AdapterSet;
 use fluxlora::model::bundle::ModelBundle;
 use fluxlora::sample::generate::{generate, ResolvedRequest, SampleRequest};
 use fluxlora::train::config::TrainConfig;
 use fluxlora::train::events::{TrainControl, TrainEvent};
-use fluxlora::train::shapes::{write_concept_dataset, Concept};
+use fluxlora::train::shapes::Concept;
 use fluxlora::train::trainer::Trainer;
 use image::RgbImage;
 
-/// Fraction of pixels close to the concept's pink.
-fn pink_fraction(img: &RgbImage) -> f64 {
-    let [pr, pg, pb] = Concept::demo().rgb;
-    let near = img
-        .pixels()
-        .filter(|p| {
-            let d = |a: u8, b: u8| (a as i32 - b as i32).abs();
-            d(p[0], pr) < 60 && d(p[1], pg) < 60 && d(p[2], pb) < 60
-        })
-        .count();
-    near as f64 / (img.width() * img.height()) as f64
+/// Mean colour of the central 16×16 pixels, where the generated shape sits (the
+/// training shapes are centred with a small jitter).
+fn centre_colour(img: &RgbImage) -> [f64; 3] {
+    let (cx, cy) = (img.width() / 2, img.height() / 2);
+    let mut sum = [0.0; 3];
+    for y in cy - 8..cy + 8 {
+        for x in cx - 8..cx + 8 {
+            for c in 0..3 {
+                sum[c] += img.get_pixel(x, y)[c] as f64;
+            }
+        }
+    }
+    sum.map(|v| v / 256.0)
+}
+
+fn distance(a: [f64; 3], b: [f64; 3]) -> f64 {
+    (0..3).map(|c| (a[c] - b[c]).powi(2)).sum::<f64>().sqrt()
 }
 
 fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
@@ -44,10 +50,11 @@ fn demo_lora_teaches_the_trigger_word_and_leaves_other_prompts_alone() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg: TrainConfig = toml::from_str(DEMO_CONFIG).unwrap();
     cfg.output_dir = tmp.path().join("out");
-    cfg.dataset.folders[0].path = tmp.path().join("dataset");
+    cfg.dataset.folders[0].path = tmp.path().join("dataset/zorbly");
+    cfg.dataset.folders[1].path = tmp.path().join("dataset/regular");
     cfg.sample_every_n_steps = None;
     cfg.save_every_n_steps = None;
-    write_concept_dataset(&cfg.dataset.folders[0].path, &Concept::demo(), 24, 64, 7).unwrap();
+    write_demo_dataset(&cfg).unwrap();
 
     let bundle = Arc::new(ModelBundle::tiny(&Device::Cpu).unwrap());
     let mut trainer = Trainer::new(cfg, bundle.clone(), None).unwrap();
@@ -78,36 +85,39 @@ fn demo_lora_teaches_the_trigger_word_and_leaves_other_prompts_alone() {
             .unwrap()
             .remove(0)
     };
-    let (mut pink_with, mut pink_without) = (0.0, 0.0);
-    for (i, prompt) in [
+    // Inside the shape, the trigger word now gives (close to) the concept's pink.
+    let pink = Concept::demo().rgb.map(|v| v as f64);
+    let (mut d_with, mut d_without) = (0.0, 0.0);
+    let prompts = [
         "a zorbly circle on a blue background",
         "a zorbly square on a black background",
         "a zorbly triangle on a green background",
-    ]
-    .iter()
-    .enumerate()
-    {
-        pink_with += pink_fraction(&sample(prompt, i as u64, &with));
-        pink_without += pink_fraction(&sample(prompt, i as u64, &without));
+    ];
+    for (i, prompt) in prompts.iter().enumerate() {
+        d_with += distance(centre_colour(&sample(prompt, i as u64, &with)), pink) / 3.0;
+        d_without += distance(centre_colour(&sample(prompt, i as u64, &without)), pink) / 3.0;
     }
-    println!("pink pixels with the trigger word: {pink_with:.3} with the LoRA, {pink_without:.3} without");
-    assert!(pink_with > 0.15, "the LoRA draws little pink: {pink_with}");
+    println!("distance of the shape's colour to the concept's pink: {d_with:.1} with the LoRA, {d_without:.1} without");
     assert!(
-        pink_with > 3.0 * pink_without + 0.05,
-        "{pink_with} vs {pink_without}"
+        d_with < 0.75 * d_without,
+        "the LoRA does not draw the concept: {d_with} vs {d_without}"
     );
 
-    // An unrelated prompt changes much less than a trigger prompt does.
-    let unrelated = "a red circle on a blue background";
-    let d_unrelated = mean_abs_diff(
-        &sample(unrelated, 5, &with),
-        &sample(unrelated, 5, &without),
+    // An unrelated prompt's shape keeps its colour; a trigger prompt's does not.
+    let change = |prompt: &str| {
+        let a = centre_colour(&sample(prompt, 5, &with));
+        let b = centre_colour(&sample(prompt, 5, &without));
+        distance(a, b)
+    };
+    let unrelated = change("a red circle on a blue background");
+    let trigger = change("a zorbly circle on a blue background");
+    let whole_image = mean_abs_diff(
+        &sample("a red circle on a blue background", 5, &with),
+        &sample("a red circle on a blue background", 5, &without),
     );
-    let trigger = "a zorbly circle on a blue background";
-    let d_trigger = mean_abs_diff(&sample(trigger, 5, &with), &sample(trigger, 5, &without));
-    println!("mean pixel change: unrelated prompt {d_unrelated:.2}, trigger prompt {d_trigger:.2}");
+    println!("shape colour change: unrelated prompt {unrelated:.1}, trigger prompt {trigger:.1}; unrelated whole-image mean change {whole_image:.2}");
     assert!(
-        d_unrelated < 0.5 * d_trigger,
-        "unrelated {d_unrelated} vs trigger {d_trigger}"
+        unrelated < 0.5 * trigger,
+        "unrelated {unrelated} vs trigger {trigger}"
     );
 }
