@@ -182,7 +182,11 @@ pub fn train(cfg: TrainConfig, resume: Option<&ResumeArg>) -> Result<PathBuf> {
         device: cfg.device,
         precision: cfg.mixed_precision,
     };
-    let bundle = Arc::new(model.load()?);
+    let mut bundle = model.load()?;
+    if let Some(n) = cfg.t5_max_token_length {
+        bundle.text.set_t5_max_len(n)?;
+    }
+    let bundle = Arc::new(bundle);
     let state = match resume {
         None => None,
         Some(ResumeArg::State(p)) => Some(p.clone()),

@@ -301,3 +301,51 @@ fn broken_files_give_errors_that_name_them() {
     );
     assert!(!dir.path().join("x.png").exists());
 }
+
+#[test]
+fn train_command_runs_a_toml_config_and_resumes() {
+    use fluxlora::commands::ResumeArg;
+    use fluxlora::train::config::TrainConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    fluxlora::train::shapes::write_dataset(&data, 3, 64, 4).unwrap();
+    let out = dir.path().join("out");
+    let toml = format!(
+        r#"
+output_dir = "{out}"
+output_name = "cli"
+max_train_steps = 4
+save_every_n_steps = 2
+learning_rate = 1e-3
+t5_max_token_length = 16
+[dataset]
+folders = ["{data}"]
+resolution = 64
+enable_bucket = false
+[network]
+rank = 2
+alpha = 1.0
+"#,
+        out = out.display(),
+        data = data.display()
+    );
+    let path = dir.path().join("run.toml");
+    std::fs::write(&path, toml).unwrap();
+    let cfg = TrainConfig::from_file(&path).unwrap();
+    let lora = commands::train(cfg.clone(), None).unwrap();
+    assert_eq!(lora, out.join("cli.safetensors"));
+    assert!(out.join("cli-step000002.safetensors").is_file());
+    // `--resume auto` picks the newest state (step 2) and finishes the run again.
+    let again = commands::train(cfg, Some(&ResumeArg::Auto)).unwrap();
+    assert_eq!(again, lora);
+
+    // Unknown fields and bad values are named.
+    std::fs::write(&path, "max_train_steps = 3\nlerning_rate = 1.0\n").unwrap();
+    let err = TrainConfig::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("lerning_rate"), "{err}");
+    std::fs::write(&path, "{\"max_train_steps\": 0}").unwrap();
+    let json = dir.path().join("run.json");
+    std::fs::rename(&path, &json).unwrap();
+    let err = TrainConfig::from_file(&json).unwrap_err().to_string();
+    assert!(err.contains("max_train_steps"), "{err}");
+}

@@ -63,6 +63,10 @@ pub struct TrainConfig {
     pub sample_every_n_steps: Option<u64>,
     /// Preview prompts, one per line, with kohya's options (`--w --h --d --s --l --n`).
     pub sample_prompts: Vec<String>,
+    /// T5 sequence length for captions (kohya's `t5xxl_max_token_length`: 512 for dev,
+    /// 256 for schnell); the model's own when absent. Longer captions are truncated,
+    /// reported once per run.
+    pub t5_max_token_length: Option<usize>,
     /// Held-out images for a validation loss at fixed timesteps and noise.
     pub validation_dataset: Option<DatasetConfig>,
     /// Compute the validation loss every N steps (and at the end).
@@ -102,6 +106,7 @@ impl Default for TrainConfig {
             save_precision: Precision::Bf16,
             sample_every_n_steps: None,
             sample_prompts: vec![],
+            t5_max_token_length: None,
             validation_dataset: None,
             validate_every_n_steps: None,
             full_finetune: false,
@@ -183,6 +188,9 @@ impl TrainConfig {
             (Some(0), _) => return Err(invalid("max_train_steps", "must be at least 1")),
             (None, Some(0)) => return Err(invalid("max_train_epochs", "must be at least 1")),
             _ => {}
+        }
+        if self.t5_max_token_length.is_some_and(|n| n == 0 || n > 4096) {
+            return Err(invalid("t5_max_token_length", "must be between 1 and 4096"));
         }
         if self.train_batch_size == 0 {
             return Err(invalid("train_batch_size", "must be at least 1"));

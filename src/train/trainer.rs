@@ -133,6 +133,17 @@ impl Trainer {
                 ),
             ));
         }
+        if let Some(n) = cfg.t5_max_token_length {
+            if bundle.text.t5_max_len() != n {
+                return Err(config_error(
+                    "t5_max_token_length",
+                    format!(
+                        "the loaded text encoders use {} T5 tokens, not {n}",
+                        bundle.text.t5_max_len()
+                    ),
+                ));
+            }
+        }
         let dataset = Dataset::scan(&cfg.dataset)?;
         if !dataset.latents_are_cacheable() {
             return Err(config_error(
