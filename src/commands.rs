@@ -184,7 +184,7 @@ pub fn train(cfg: TrainConfig, resume: Option<&ResumeArg>) -> Result<PathBuf> {
     };
     let mut bundle = model.load()?;
     if let Some(n) = cfg.t5_max_token_length {
-        bundle.text.set_t5_max_len(n)?;
+        bundle.text_mut()?.set_t5_max_len(n)?;
     }
     let bundle = Arc::new(bundle);
     let state = match resume {

@@ -227,7 +227,7 @@ fn text_encoder_lora_trains_with_its_own_rate_and_saves_kohya_te_keys() {
         .collect();
     assert_eq!(
         clip.len(),
-        model.text.clip_linear_shapes().len(),
+        model.text().unwrap().clip_linear_shapes().len(),
         "every CLIP linear trains"
     );
     // Ups start at zero: non-zero after 3 steps means gradient reached every one.
@@ -251,9 +251,15 @@ fn text_encoder_lora_trains_with_its_own_rate_and_saves_kohya_te_keys() {
     // The text-encoder LoRA changes the pooled conditioning when sampling.
     let lora = Arc::new(file.lora);
     let with = fluxlora::model::adapter::AdapterSet::none().with(lora, 1.0);
-    let a = model.text.encode(&["a red circle"]).unwrap().pooled;
+    let a = model
+        .text()
+        .unwrap()
+        .encode(&["a red circle"])
+        .unwrap()
+        .pooled;
     let b = model
-        .text
+        .text()
+        .unwrap()
         .encode_with(&["a red circle"], &with)
         .unwrap()
         .pooled;
@@ -266,4 +272,21 @@ fn text_encoder_lora_trains_with_its_own_rate_and_saves_kohya_te_keys() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(d > 0.0, "text-encoder LoRA had no effect");
+}
+
+#[test]
+fn encoders_are_released_after_caching_when_nothing_needs_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    shapes::write_dataset(&data, 3, 64, 5).unwrap();
+    let cfg = config(&data, &tmp.path().join("out"), 2);
+    // The trainer is the only owner of the model, as in `fluxlora train`.
+    let mut trainer = Trainer::new(cfg, bundle(), None).unwrap();
+    trainer
+        .run(&TrainControl::default(), &mut |_| {})
+        .unwrap()
+        .expect("finished");
+    let err = trainer.bundle().text().err().expect("released").to_string();
+    assert!(err.contains("released"), "{err}");
+    assert!(trainer.bundle().vae().is_err());
 }

@@ -39,14 +39,17 @@ pub struct SamplingDefaults {
     pub shift: Option<Shift>,
 }
 
-/// A complete model set on one device.
+/// A complete model set on one device. The text encoders and the autoencoder can
+/// be released once a training run has cached their outputs (the largest memory
+/// saving on real weights); asking for them afterwards is an error that says so.
 pub struct ModelBundle {
     /// Display name: `tiny`, or the transformer file/folder name.
     pub name: String,
     pub flux: Flux,
-    pub text: TextEncoders,
-    pub vae: Vae,
+    text: Option<TextEncoders>,
+    vae: Option<Vae>,
     pub defaults: SamplingDefaults,
+    device: Device,
 }
 
 /// Pretrained tiny DiT weights (BFL keys), written by `fluxlora pretrain-tiny`.
@@ -69,6 +72,10 @@ pub fn tiny_vae_from_bytes(bytes: &[u8], device: &Device) -> Result<Vae> {
         candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device),
     )
 }
+
+const RELEASED: &str =
+    "the text encoders and autoencoder were released after caching to save memory \
+(keep them with sample prompts, a validation set, or a text-encoder LoRA)";
 
 /// The built-in tiny transformer's config, sized to the tiny encoders and VAE.
 pub fn tiny_flux_config(text: &TextEncoders, vae: &Vae) -> FluxConfig {
@@ -98,13 +105,7 @@ impl ModelBundle {
         let cfg = tiny_flux_config(&text, &vae);
         let weights = candle_core::safetensors::load_buffer(TINY_FLUX, device)?;
         let flux = Flux::new(&cfg, &WeightSource::Tensors(weights), DType::F32, device)?;
-        Ok(Self {
-            name: "tiny".into(),
-            flux,
-            text,
-            vae,
-            defaults: Self::tiny_defaults(),
-        })
+        Ok(Self::new("tiny", flux, text, vae, Self::tiny_defaults()))
     }
 
     /// The tiny model before pretraining: every weight from the seed.
@@ -113,13 +114,13 @@ impl ModelBundle {
         let vae = Vae::tiny(TINY_SEED, device)?;
         let cfg = tiny_flux_config(&text, &vae);
         let flux = Flux::new(&cfg, &WeightSource::Seeded(TINY_SEED), DType::F32, device)?;
-        Ok(Self {
-            name: "tiny-untrained".into(),
+        Ok(Self::new(
+            "tiny-untrained",
             flux,
             text,
             vae,
-            defaults: Self::tiny_defaults(),
-        })
+            Self::tiny_defaults(),
+        ))
     }
 
     /// Sampling defaults of the tiny model: 64×64, 12 steps, shifted schedule.
@@ -165,23 +166,63 @@ impl ModelBundle {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "flux".into());
-        Ok(Self {
-            name,
+        Ok(Self::new(name, flux, text, vae, defaults))
+    }
+
+    pub fn new(
+        name: impl Into<String>,
+        flux: Flux,
+        text: TextEncoders,
+        vae: Vae,
+        defaults: SamplingDefaults,
+    ) -> Self {
+        let device = text.device().clone();
+        Self {
+            name: name.into(),
             flux,
-            text,
-            vae,
+            text: Some(text),
+            vae: Some(vae),
             defaults,
-        })
+            device,
+        }
     }
 
     pub fn device(&self) -> &Device {
-        self.text.device()
+        &self.device
+    }
+
+    /// The text encoders, unless released.
+    pub fn text(&self) -> Result<&TextEncoders> {
+        self.text
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::msg(RELEASED))
+    }
+
+    pub fn text_mut(&mut self) -> Result<&mut TextEncoders> {
+        self.text
+            .as_mut()
+            .ok_or_else(|| candle_core::Error::msg(RELEASED))
+    }
+
+    /// The autoencoder, unless released.
+    pub fn vae(&self) -> Result<&Vae> {
+        self.vae
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::msg(RELEASED))
+    }
+
+    /// Frees the text encoders and the autoencoder (after caching their outputs).
+    pub fn release_encoders(&mut self) {
+        self.text = None;
+        self.vae = None;
     }
 
     /// Every module a LoRA may target, DiT and CLIP text encoder, with (out, in).
     pub fn adapter_shapes(&self) -> std::collections::BTreeMap<String, (usize, usize)> {
         let mut shapes = self.flux.linear_shapes().clone();
-        shapes.extend(self.text.clip_linear_shapes());
+        if let Some(text) = &self.text {
+            shapes.extend(text.clip_linear_shapes());
+        }
         shapes
     }
 }

@@ -147,12 +147,13 @@ pub fn generate(
 ) -> Result<Vec<RgbImage>> {
     let device = bundle.device();
     let b = req.batch_size;
-    let factor = bundle.vae.downsample_factor();
+    let vae = bundle.vae()?;
+    let factor = vae.downsample_factor();
     let (lh, lw) = (req.height / factor, req.width / factor);
-    let channels = bundle.vae.latent_channels();
+    let channels = vae.latent_channels();
 
     let prompts: Vec<&str> = vec![req.prompt.as_str(); b];
-    let emb = bundle.text.encode_with(&prompts, adapters)?;
+    let emb = bundle.text()?.encode_with(&prompts, adapters)?;
     let n_txt = emb.t5.dim(1)?;
     let txt_ids = text_ids(b, n_txt, device)?;
     let img_ids = image_ids(b, lh / 2, lw / 2, device)?;
@@ -174,6 +175,6 @@ pub fn generate(
     let times = schedule(req.steps, (lh / 2) * (lw / 2), bundle.defaults.shift);
     let packed = euler(&velocity, noise, &times, on_step)?;
     let latents = unpack_latents(&packed, lh, lw)?;
-    let pixels = bundle.vae.decode(&latents)?;
+    let pixels = vae.decode(&latents)?;
     tensor_to_images(&pixels)
 }

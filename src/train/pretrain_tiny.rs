@@ -214,13 +214,13 @@ pub fn pretrain(
     )?;
     let flux_cfg = tiny_flux_config(&text, &vae);
     let flux = Flux::new_trainable(&flux_cfg, &WeightSource::Seeded(TINY_SEED), &device)?;
-    let bundle = Arc::new(ModelBundle {
-        name: "tiny".into(),
+    let bundle = Arc::new(ModelBundle::new(
+        "tiny",
         flux,
         text,
         vae,
-        defaults: ModelBundle::tiny_defaults(),
-    });
+        ModelBundle::tiny_defaults(),
+    ));
     let train = TrainConfig {
         output_dir: cfg.out_dir.join(".pretrain-run"),
         output_name: "flux".into(),

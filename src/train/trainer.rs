@@ -92,6 +92,11 @@ pub struct Trainer {
     resumed_from: Option<u64>,
     /// Base learning rate of each optimizer group (DiT, then text encoder).
     base_lrs: Vec<f64>,
+    /// The autoencoder's part of every latent cache key (fixed for the run, so keys
+    /// can be formed after the autoencoder is released).
+    latent_tag: String,
+    /// The text encoders' part of every text cache key.
+    text_tag: String,
     started: Instant,
     steps_this_session: u64,
     started_at_unix: f64,
@@ -134,12 +139,12 @@ impl Trainer {
             ));
         }
         if let Some(n) = cfg.t5_max_token_length {
-            if bundle.text.t5_max_len() != n {
+            if bundle.text()?.t5_max_len() != n {
                 return Err(config_error(
                     "t5_max_token_length",
                     format!(
                         "the loaded text encoders use {} T5 tokens, not {n}",
-                        bundle.text.t5_max_len()
+                        bundle.text()?.t5_max_len()
                     ),
                 ));
             }
@@ -220,6 +225,12 @@ impl Trainer {
         }
         let batches = dataset.epoch_batches(progress.epoch, cfg.train_batch_size, cfg.seed);
         let cache = Cache::new(cfg.cache_dir.as_deref());
+        let vae = bundle.vae()?.config();
+        let latent_tag = format!(
+            "vae={}:{}:{}:{}",
+            bundle.name, vae.z_channels, vae.scale_factor, vae.shift_factor
+        );
+        let text_tag = format!("{}|t5={}", bundle.name, bundle.text()?.t5_max_len());
         let validation = cfg
             .validation_dataset
             .as_ref()
@@ -239,6 +250,8 @@ impl Trainer {
             batches_per_epoch,
             resumed_from,
             base_lrs,
+            latent_tag,
+            text_tag,
             started: Instant::now(),
             steps_this_session: 0,
             started_at_unix: unix_now(),
@@ -292,17 +305,17 @@ impl Trainer {
         let pixels = pixels
             .unsqueeze(0)?
             .to_device(self.bundle.device())?
-            .to_dtype(self.bundle.vae.dtype())?;
+            .to_dtype(self.bundle.vae()?.dtype())?;
         Ok(self
             .bundle
-            .vae
+            .vae()?
             .encode(&pixels)?
             .squeeze(0)?
             .to_dtype(candle_core::DType::F32)?)
     }
 
     fn encode_text(&mut self, caption: &str) -> Result<TextCond> {
-        let emb = self.bundle.text.encode(&[caption])?;
+        let emb = self.bundle.text()?.encode(&[caption])?;
         if !self.truncation_warned
             && emb
                 .truncated
@@ -326,11 +339,7 @@ impl Trainer {
             return Ok((caption, cond));
         }
         let caption = self.dataset.fixed_caption(item.image)?.text;
-        let key = format!(
-            "{}|t5={}|{caption}",
-            self.bundle.name,
-            self.bundle.text.t5_max_len()
-        );
+        let key = format!("{}|{caption}", self.text_tag);
         let device = self.bundle.device().clone();
         if let Some(c) = self.cache.get_text(&key, &device)? {
             return Ok((caption, c));
@@ -344,18 +353,14 @@ impl Trainer {
     /// encoded and cached. The key holds everything that changes them.
     fn latents_for(&mut self, image: usize, bucket: Bucket, augment: &Augment) -> Result<Tensor> {
         let hash = self.dataset.content_hash(image)?;
-        let vae = self.bundle.vae.config();
         let key = format!(
-            "{hash}|{}x{}|flip={}|crop={},{}|vae={}:{}:{}:{}",
+            "{hash}|{}x{}|flip={}|crop={},{}|{}",
             bucket.width,
             bucket.height,
             augment.flip,
             augment.crop_left_top.0,
             augment.crop_left_top.1,
-            self.bundle.name,
-            vae.z_channels,
-            vae.scale_factor,
-            vae.shift_factor
+            self.latent_tag
         );
         let device = self.bundle.device().clone();
         if let Some(t) = self.cache.get_latents(&key, &device)? {
@@ -394,6 +399,25 @@ impl Trainer {
         Ok(())
     }
 
+    /// After caching, frees the text encoders and the autoencoder when no step needs
+    /// them (static captions, no text-encoder LoRA, no previews, no validation) and
+    /// nobody else holds the model (the CLI; a daemon keeps them for its sampler).
+    fn release_encoders_if_unused(&mut self) {
+        let needed = !self.dataset.captions_are_static()
+            || self.network.trains_text_encoder()
+            || self.validation.is_some()
+            || (self.cfg.sample_every_n_steps.is_some() && !self.cfg.sample_prompts.is_empty());
+        if needed {
+            return;
+        }
+        if let Some(bundle) = Arc::get_mut(&mut self.bundle) {
+            bundle.release_encoders();
+            tracing::info!(
+                "text encoders and autoencoder released: every latent and caption is cached"
+            );
+        }
+    }
+
     /// The next micro-batch of the epoch (rolling over to the next epoch).
     fn next_micro_batch(&mut self) -> Result<MicroBatch> {
         if self.progress.batch_in_epoch >= self.batches.len() {
@@ -426,7 +450,7 @@ impl Trainer {
         let y = if self.network.trains_text_encoder() {
             let captions: Vec<&str> = captions.iter().map(String::as_str).collect();
             self.bundle
-                .text
+                .text()?
                 .pooled_with(&captions, &self.network.adapters(self.cfg.network.dropout))?
         } else {
             Tensor::stack(&pooled, 0)?
@@ -768,16 +792,16 @@ impl Trainer {
             let pixels = pixels
                 .unsqueeze(0)?
                 .to_device(&device)?
-                .to_dtype(self.bundle.vae.dtype())?;
+                .to_dtype(self.bundle.vae()?.dtype())?;
             let x0 = self
                 .bundle
-                .vae
+                .vae()?
                 .encode(&pixels)?
                 .to_dtype(candle_core::DType::F32)?;
             let caption = val.fixed_caption(image)?.text;
             let emb = self
                 .bundle
-                .text
+                .text()?
                 .encode_with(&[caption.as_str()], &adapters)?;
             let cond = TextCond {
                 t5: emb.t5.squeeze(0)?,
@@ -836,6 +860,7 @@ impl Trainer {
             source,
         })?;
         self.prepare_caches(&mut |_, _| {})?;
+        self.release_encoders_if_unused();
         emit(self.started_event());
         if self.progress.step == 0 && self.cfg.sample_every_n_steps.is_some() {
             let paths = self.sample_previews(0)?;
