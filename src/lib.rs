@@ -3,6 +3,7 @@
 //! The library holds everything; `main.rs` only parses the command line.
 
 pub mod atomic_file;
+pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod model;

@@ -46,6 +46,18 @@ enum Command {
         #[arg(long)]
         dit_steps: Option<u64>,
     },
+    /// Measure throughput (matmul peak, transformer forward, LoRA step, sampling).
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Image width (default: the model's sampling default).
+        #[arg(long)]
+        width: Option<usize>,
+        #[arg(long)]
+        height: Option<usize>,
+    },
     /// Inspect, convert or merge LoRA files.
     #[command(subcommand)]
     Lora(LoraCommand),
@@ -161,6 +173,19 @@ fn main() -> anyhow::Result<()> {
                 ..defaults
             };
             pretrain(&cfg, &mut |line| eprintln!("{line}"))?;
+        }
+        Command::Bench {
+            model,
+            batch,
+            width,
+            height,
+        } => {
+            let bundle = std::sync::Arc::new(model.load()?);
+            let (w, h) = (
+                width.unwrap_or(bundle.defaults.width),
+                height.unwrap_or(bundle.defaults.height),
+            );
+            print!("{}", fluxlora::bench::run(&bundle, batch, w, h)?);
         }
         Command::Lora(LoraCommand::Inspect { file, json }) => {
             print!("{}", commands::lora_inspect(&file, json)?);

@@ -25,8 +25,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 
 use super::{
-    check_all_used, f32_value, gradient, load_tensor, write_back, Groups, Optimizer,
-    OptimizerConfig, OptimizerKind, OptimizerState, ParamGroup, Result,
+    check_all_used, load_tensor, Groups, Optimizer, OptimizerConfig, OptimizerKind, OptimizerState,
+    ParamGroup, Result,
 };
 
 #[derive(Clone, Debug)]
@@ -41,8 +41,15 @@ struct State {
     first: Option<Tensor>,
 }
 
-pub struct Adafactor {
+pub(super) struct Adafactor {
     groups: Groups<State>,
+    rule: Rule,
+    /// Last step size α of each group's first updated parameter (0-d f32).
+    last_alpha: Vec<Option<Tensor>>,
+}
+
+/// Adafactor's hyper-parameters and per-parameter update.
+struct Rule {
     eps: f64,
     eps_scale: f64,
     clip_threshold: f64,
@@ -52,8 +59,6 @@ pub struct Adafactor {
     scale_parameter: bool,
     relative_step: bool,
     warmup_init: bool,
-    /// Last step size α of each group's first updated parameter (0-d f32).
-    last_alpha: Vec<Option<Tensor>>,
 }
 
 /// Root mean square of all elements, as a 0-d tensor.
@@ -61,31 +66,126 @@ fn rms(x: &Tensor) -> Result<Tensor> {
     Ok(x.sqr()?.mean_all()?.sqrt()?)
 }
 
+/// Shapes of the row and column statistics of a factored parameter.
+fn factored_shapes(dims: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let n = dims.len();
+    let row = dims[..n - 1].to_vec();
+    let mut col = dims[..n - 2].to_vec();
+    col.push(dims[n - 1]);
+    (row, col)
+}
+
 impl Adafactor {
     pub(super) fn new(cfg: &OptimizerConfig, groups: Vec<ParamGroup>) -> Self {
         let n = groups.len();
         Self {
             groups: Groups::new(groups),
-            eps: cfg.resolved_eps(),
-            eps_scale: cfg.eps_scale.unwrap_or(1e-3),
-            clip_threshold: cfg.clip_threshold.unwrap_or(1.0),
-            decay_rate: cfg.decay_rate.unwrap_or(-0.8),
-            beta1: cfg.beta1,
-            weight_decay: cfg.resolved_weight_decay(),
-            scale_parameter: cfg.scale_parameter.unwrap_or(true),
-            relative_step: cfg.relative_step.unwrap_or(true),
-            warmup_init: cfg.warmup_init.unwrap_or(false),
+            rule: Rule {
+                eps: cfg.resolved_eps(),
+                eps_scale: cfg.eps_scale.unwrap_or(1e-3),
+                clip_threshold: cfg.clip_threshold.unwrap_or(1.0),
+                decay_rate: cfg.decay_rate.unwrap_or(-0.8),
+                beta1: cfg.beta1,
+                weight_decay: cfg.resolved_weight_decay(),
+                scale_parameter: cfg.scale_parameter.unwrap_or(true),
+                relative_step: cfg.relative_step.unwrap_or(true),
+                warmup_init: cfg.warmup_init.unwrap_or(false),
+            },
             last_alpha: vec![None; n],
         }
     }
+}
 
-    /// Shapes of the row and column statistics of a factored parameter.
-    fn factored_shapes(dims: &[usize]) -> (Vec<usize>, Vec<usize>) {
-        let n = dims.len();
-        let row = dims[..n - 1].to_vec();
-        let mut col = dims[..n - 2].to_vec();
-        col.push(dims[n - 1]);
-        (row, col)
+impl Rule {
+    /// The new value and state of one parameter from its f32 value `p` and
+    /// gradient `g`, with the step size α it took (0-d f32).
+    fn update(
+        &self,
+        p: Tensor,
+        g: Tensor,
+        state: Option<&State>,
+        lr: f64,
+        steps: u64,
+    ) -> Result<(Tensor, State, Tensor)> {
+        let dims = p.dims().to_vec();
+        let factored = dims.len() >= 2;
+        let t = (steps + 1) as f64;
+
+        // Step size α as a 0-d tensor (it depends on RMS(p)).
+        let rho = if self.relative_step {
+            let min_step = if self.warmup_init { 1e-6 * t } else { 1e-2 };
+            min_step.min(1.0 / t.sqrt())
+        } else {
+            lr
+        };
+        let alpha = if self.scale_parameter {
+            (rms(&p)?.maximum(self.eps_scale)? * rho)?
+        } else {
+            Tensor::new(rho as f32, p.device())?
+        };
+
+        let beta2t = 1.0 - t.powf(self.decay_rate);
+        let u = g.sqr()?.affine(1.0, self.eps)?;
+        let nd = dims.len();
+        let (second, update) = if factored {
+            let (row, col) = match state {
+                Some(State {
+                    second: Second::Factored { row, col },
+                    ..
+                }) => (row.clone(), col.clone()),
+                _ => {
+                    let (rs, cs) = factored_shapes(&dims);
+                    (
+                        Tensor::zeros(rs, DType::F32, p.device())?,
+                        Tensor::zeros(cs, DType::F32, p.device())?,
+                    )
+                }
+            };
+            let row = ((row * beta2t)? + (u.mean(nd - 1)? * (1.0 - beta2t))?)?;
+            let col = ((col * beta2t)? + (u.mean(nd - 2)? * (1.0 - beta2t))?)?;
+            // (…, R, 1) and (…, 1, C)
+            let r = row
+                .broadcast_div(&row.mean_keepdim(nd - 2)?)?
+                .sqrt()?
+                .recip()?
+                .unsqueeze(nd - 1)?;
+            let c = col.sqrt()?.recip()?.unsqueeze(nd - 2)?;
+            let update = r.broadcast_mul(&c)?.mul(&g)?;
+            (Second::Factored { row, col }, update)
+        } else {
+            let v = match state {
+                Some(State {
+                    second: Second::Full(v),
+                    ..
+                }) => v.clone(),
+                _ => u.zeros_like()?,
+            };
+            let v = ((v * beta2t)? + (u * (1.0 - beta2t))?)?;
+            let update = v.sqrt()?.recip()?.mul(&g)?;
+            (Second::Full(v), update)
+        };
+        // Clip the update's RMS to clip_threshold, then scale by α.
+        let clip = (rms(&update)? / self.clip_threshold)?.maximum(1.0)?;
+        let update = update.broadcast_div(&clip)?.broadcast_mul(&alpha)?;
+        let (first, update) = match self.beta1 {
+            Some(b1) => {
+                let m = match state.and_then(|s| s.first.clone()) {
+                    Some(m) => m,
+                    None => update.zeros_like()?,
+                };
+                let m = ((m * b1)? + (update * (1.0 - b1))?)?;
+                (Some(m.clone()), m)
+            }
+            None => (None, update),
+        };
+        let p = if self.weight_decay != 0.0 {
+            let wd_alpha = (&alpha * self.weight_decay)?;
+            (&p - p.broadcast_mul(&wd_alpha)?)?
+        } else {
+            p
+        };
+        let p = (p - update)?;
+        Ok((p, State { second, first }, alpha))
     }
 }
 
@@ -95,104 +195,18 @@ impl Optimizer for Adafactor {
     }
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {
-        for (gi, group) in self.groups.groups.iter_mut().enumerate() {
-            let mut first_alpha = None;
-            for slot in &mut group.slots {
-                let Some(g) = gradient(grads, &slot.var) else {
-                    continue;
-                };
-                let g = g.to_dtype(DType::F32)?;
-                let p = f32_value(&slot.var)?;
-                let dims = p.dims().to_vec();
-                let factored = dims.len() >= 2;
-                let t = (slot.steps + 1) as f64;
-
-                // Step size α as a 0-d tensor (it depends on RMS(p)).
-                let rho = if self.relative_step {
-                    let min_step = if self.warmup_init { 1e-6 * t } else { 1e-2 };
-                    min_step.min(1.0 / t.sqrt())
-                } else {
-                    group.lr
-                };
-                let alpha = if self.scale_parameter {
-                    (rms(&p)?.maximum(self.eps_scale)? * rho)?
-                } else {
-                    Tensor::new(rho as f32, p.device())?
-                };
-
-                let beta2t = 1.0 - t.powf(self.decay_rate);
-                let u = g.sqr()?.affine(1.0, self.eps)?;
-                let nd = dims.len();
-                let (second, update) = if factored {
-                    let (row, col) = match &slot.state {
-                        Some(State {
-                            second: Second::Factored { row, col },
-                            ..
-                        }) => (row.clone(), col.clone()),
-                        _ => {
-                            let (rs, cs) = Self::factored_shapes(&dims);
-                            (
-                                Tensor::zeros(rs, DType::F32, p.device())?,
-                                Tensor::zeros(cs, DType::F32, p.device())?,
-                            )
-                        }
-                    };
-                    let row = ((row * beta2t)? + (u.mean(nd - 1)? * (1.0 - beta2t))?)?;
-                    let col = ((col * beta2t)? + (u.mean(nd - 2)? * (1.0 - beta2t))?)?;
-                    // (…, R, 1) and (…, 1, C)
-                    let r = row
-                        .broadcast_div(&row.mean_keepdim(nd - 2)?)?
-                        .sqrt()?
-                        .recip()?
-                        .unsqueeze(nd - 1)?;
-                    let c = col.sqrt()?.recip()?.unsqueeze(nd - 2)?;
-                    let update = r.broadcast_mul(&c)?.mul(&g)?;
-                    (Second::Factored { row, col }, update)
-                } else {
-                    let v = match &slot.state {
-                        Some(State {
-                            second: Second::Full(v),
-                            ..
-                        }) => v.clone(),
-                        _ => u.zeros_like()?,
-                    };
-                    let v = ((v * beta2t)? + (u * (1.0 - beta2t))?)?;
-                    let update = v.sqrt()?.recip()?.mul(&g)?;
-                    (Second::Full(v), update)
-                };
-                // Clip the update's RMS to clip_threshold, then scale by α.
-                let clip = (rms(&update)? / self.clip_threshold)?.maximum(1.0)?;
-                let update = update.broadcast_div(&clip)?.broadcast_mul(&alpha)?;
-                let (first, update) = match self.beta1 {
-                    Some(b1) => {
-                        let m = match slot.state.as_ref().and_then(|s| s.first.clone()) {
-                            Some(m) => m,
-                            None => update.zeros_like()?,
-                        };
-                        let m = ((m * b1)? + (update * (1.0 - b1))?)?;
-                        (Some(m.clone()), m)
-                    }
-                    None => (None, update),
-                };
-                let p = if self.weight_decay != 0.0 {
-                    let wd_alpha = (&alpha * self.weight_decay)?;
-                    (&p - p.broadcast_mul(&wd_alpha)?)?
-                } else {
-                    p
-                };
-                let p = (p - update)?;
-                write_back(&slot.var, &p)?;
-                slot.state = Some(State { second, first });
-                slot.steps += 1;
-                if first_alpha.is_none() {
-                    first_alpha = Some(alpha);
-                }
-            }
-            if let Some(a) = first_alpha {
-                self.last_alpha[gi] = Some(a);
+        let mut first_alpha: Vec<Option<Tensor>> = vec![None; self.last_alpha.len()];
+        let rule = &self.rule;
+        self.groups.step(grads, |group, lr, p, g, state, steps| {
+            let (p, state, alpha) = rule.update(p, g, state, lr, steps)?;
+            first_alpha[group].get_or_insert(alpha);
+            Ok((p, state))
+        })?;
+        for (last, first) in self.last_alpha.iter_mut().zip(first_alpha) {
+            if first.is_some() {
+                *last = first;
             }
         }
-        self.groups.steps += 1;
         Ok(())
     }
 
@@ -215,7 +229,7 @@ impl Optimizer for Adafactor {
     fn effective_lr(&self, group: usize) -> Option<f64> {
         match self.last_alpha.get(group)? {
             Some(a) => a.to_scalar::<f32>().ok().map(|v| v as f64),
-            None if self.relative_step => None,
+            None if self.rule.relative_step => None,
             None => self.lr(group),
         }
     }
@@ -241,12 +255,12 @@ impl Optimizer for Adafactor {
     }
 
     fn load_state(&mut self, st: &OptimizerState) -> Result<()> {
-        let use_first = self.beta1.is_some();
+        let use_first = self.rule.beta1.is_some();
         let (loaded, used) = self.groups.load(self.kind(), st, |prefix, var, st, used| {
             let dims = var.dims();
             let dev = var.device();
             let second = if dims.len() >= 2 {
-                let (rs, cs) = Self::factored_shapes(dims);
+                let (rs, cs) = factored_shapes(dims);
                 Second::Factored {
                     row: load_tensor(
                         st,

@@ -8,143 +8,69 @@
 //!   m ← β1·m + (1 − β1)·g,   v ← β2·v + (1 − β2)·g²
 //!   p ← p − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε)
 //! AdamW8bit stores m (signed map) and v (unsigned map) block-wise in 8 bits
-//! (see `quant8`), decoding before and encoding after each update; the
-//! parameter update uses the f32 values of this step, as bitsandbytes does.
+//! (see `quant8`; `elementwise` decodes them before and encodes them after
+//! each update); the parameter update uses the f32 values of this step, as
+//! bitsandbytes does.
 //! Differences from bitsandbytes' kernel: weight decay is applied before the
 //! step (PyTorch order, bitsandbytes decays after: an O(lr²·wd) difference),
 //! and non-finite gradients are not zeroed (the trainer skips such steps).
 
-use candle_core::backprop::GradStore;
+use candle_core::Tensor;
 
-use super::quant8::{Codec, MapKind, Quant8, StateTensor};
-use super::{
-    check_all_used, decay, f32_value, gradient, write_back, Groups, Optimizer, OptimizerConfig,
-    OptimizerKind, OptimizerState, ParamGroup, Result,
-};
+use super::elementwise::ElementwiseRule;
+use super::quant8::MapKind;
+use super::{decay, OptimizerConfig, OptimizerKind, Result};
 
-#[derive(Clone, Debug)]
-struct Moments {
-    m: StateTensor,
-    v: StateTensor,
-}
-
-/// AdamW, or AdamW8bit when built with 8-bit settings.
-pub struct AdamW {
-    groups: Groups<Moments>,
+/// AdamW's hyper-parameters; its state is (m, v).
+pub(super) struct AdamW {
     beta1: f64,
     beta2: f64,
     eps: f64,
     weight_decay: f64,
-    quant: Option<Quant8>,
 }
 
 impl AdamW {
-    pub(super) fn new(
-        cfg: &OptimizerConfig,
-        groups: Vec<ParamGroup>,
-        quant: Option<Quant8>,
-    ) -> Self {
+    pub(super) fn new(cfg: &OptimizerConfig) -> Self {
         let (beta1, beta2) = cfg.resolved_betas();
         Self {
-            groups: Groups::new(groups),
             beta1,
             beta2,
             eps: cfg.resolved_eps(),
             weight_decay: cfg.resolved_weight_decay(),
-            quant,
         }
-    }
-
-    fn codecs(&self, numel: usize) -> (Codec, Codec) {
-        (
-            Quant8::codec(self.quant.as_ref(), MapKind::Signed, numel),
-            Quant8::codec(self.quant.as_ref(), MapKind::Unsigned, numel),
-        )
     }
 }
 
-impl Optimizer for AdamW {
-    fn kind(&self) -> OptimizerKind {
-        if self.quant.is_some() {
-            OptimizerKind::Adamw8bit
-        } else {
-            OptimizerKind::Adamw
-        }
-    }
+impl ElementwiseRule for AdamW {
+    const KIND: OptimizerKind = OptimizerKind::Adamw;
+    const KIND_8BIT: OptimizerKind = OptimizerKind::Adamw8bit;
+    const STATE: &'static [(&'static str, MapKind)] = &[
+        ("exp_avg", MapKind::Signed),
+        ("exp_avg_sq", MapKind::Unsigned),
+    ];
 
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
+    fn update(
+        &self,
+        p: Tensor,
+        g: Tensor,
+        state: Option<&[Tensor]>,
+        lr: f64,
+        steps: u64,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let (b1, b2, eps, wd) = (self.beta1, self.beta2, self.eps, self.weight_decay);
-        let quant = self.quant.as_ref();
-        for group in &mut self.groups.groups {
-            let lr = group.lr;
-            for slot in &mut group.slots {
-                let Some(g) = gradient(grads, &slot.var) else {
-                    continue;
-                };
-                let g = g.to_dtype(candle_core::DType::F32)?;
-                let p = f32_value(&slot.var)?;
-                let numel = p.elem_count();
-                let cm = Quant8::codec(quant, MapKind::Signed, numel);
-                let cv = Quant8::codec(quant, MapKind::Unsigned, numel);
-                let (m, v) = match &slot.state {
-                    Some(s) => (s.m.decode(&cm)?, s.v.decode(&cv)?),
-                    None => (g.zeros_like()?, g.zeros_like()?),
-                };
-                let t = (slot.steps + 1) as i32;
-                let m = ((m * b1)? + (&g * (1.0 - b1))?)?;
-                let v = ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-                let bc1 = 1.0 - b1.powi(t);
-                let bc2 = 1.0 - b2.powi(t);
-                let denom = v.sqrt()?.affine(1.0 / bc2.sqrt(), eps)?;
-                let p = decay(p, lr * wd)?;
-                let p = (p - ((&m / denom)? * (lr / bc1))?)?;
-                write_back(&slot.var, &p)?;
-                slot.state = Some(Moments {
-                    m: StateTensor::encode(m, &cm)?,
-                    v: StateTensor::encode(v, &cv)?,
-                });
-                slot.steps += 1;
-            }
-        }
-        self.groups.steps += 1;
-        Ok(())
-    }
-
-    fn steps_taken(&self) -> u64 {
-        self.groups.steps
-    }
-
-    fn num_groups(&self) -> usize {
-        self.groups.groups.len()
-    }
-
-    fn set_lr(&mut self, group: usize, lr: f64) -> Result<()> {
-        self.groups.set_lr(group, lr)
-    }
-
-    fn lr(&self, group: usize) -> Option<f64> {
-        self.groups.lr(group)
-    }
-
-    fn state(&self) -> Result<OptimizerState> {
-        Ok(self.groups.save(self.kind(), |s, prefix, out| {
-            s.m.save(&format!("{prefix}.exp_avg"), out);
-            s.v.save(&format!("{prefix}.exp_avg_sq"), out);
-        }))
-    }
-
-    fn load_state(&mut self, st: &OptimizerState) -> Result<()> {
-        let (loaded, used) = self.groups.load(self.kind(), st, |prefix, var, st, used| {
-            let (cm, cv) = self.codecs(var.elem_count());
-            let (shape, dev) = (var.shape(), var.device());
-            Ok(Moments {
-                m: StateTensor::load(&format!("{prefix}.exp_avg"), st, &cm, shape, dev, used)?,
-                v: StateTensor::load(&format!("{prefix}.exp_avg_sq"), st, &cv, shape, dev, used)?,
-            })
-        })?;
-        check_all_used(st, &used)?;
-        self.groups.commit(loaded, st.step);
-        Ok(())
+        let (m, v) = match state {
+            Some([m, v]) => (m.clone(), v.clone()),
+            _ => (g.zeros_like()?, g.zeros_like()?),
+        };
+        let t = (steps + 1) as i32;
+        let m = ((m * b1)? + (&g * (1.0 - b1))?)?;
+        let v = ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2 = 1.0 - b2.powi(t);
+        let denom = v.sqrt()?.affine(1.0 / bc2.sqrt(), eps)?;
+        let p = decay(p, lr * wd)?;
+        let p = (p - ((&m / denom)? * (lr / bc1))?)?;
+        Ok((p, vec![m, v]))
     }
 }
 

@@ -13,117 +13,53 @@
 //! often less than the code spacing of large entries, so the stored momentum
 //! lags (on the test problem: final loss 0.019 vs 0.0024 for f32 Lion).
 
-use candle_core::backprop::GradStore;
-use candle_core::DType;
+use candle_core::Tensor;
 
-use super::quant8::{MapKind, Quant8, StateTensor};
-use super::{
-    check_all_used, decay, f32_value, gradient, write_back, Groups, Optimizer, OptimizerConfig,
-    OptimizerKind, OptimizerState, ParamGroup, Result,
-};
+use super::elementwise::ElementwiseRule;
+use super::quant8::MapKind;
+use super::{decay, OptimizerConfig, OptimizerKind, Result};
 
-/// Lion, or Lion8bit when built with 8-bit settings.
-pub struct Lion {
-    groups: Groups<StateTensor>,
+/// Lion's hyper-parameters; its state is the momentum m.
+pub(super) struct Lion {
     beta1: f64,
     beta2: f64,
     weight_decay: f64,
-    quant: Option<Quant8>,
 }
 
 impl Lion {
-    pub(super) fn new(
-        cfg: &OptimizerConfig,
-        groups: Vec<ParamGroup>,
-        quant: Option<Quant8>,
-    ) -> Self {
+    pub(super) fn new(cfg: &OptimizerConfig) -> Self {
         let (beta1, beta2) = cfg.resolved_betas();
         Self {
-            groups: Groups::new(groups),
             beta1,
             beta2,
             weight_decay: cfg.resolved_weight_decay(),
-            quant,
         }
     }
 }
 
-impl Optimizer for Lion {
-    fn kind(&self) -> OptimizerKind {
-        if self.quant.is_some() {
-            OptimizerKind::Lion8bit
-        } else {
-            OptimizerKind::Lion
-        }
-    }
+impl ElementwiseRule for Lion {
+    const KIND: OptimizerKind = OptimizerKind::Lion;
+    const KIND_8BIT: OptimizerKind = OptimizerKind::Lion8bit;
+    const STATE: &'static [(&'static str, MapKind)] = &[("exp_avg", MapKind::Signed)];
 
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
+    fn update(
+        &self,
+        p: Tensor,
+        g: Tensor,
+        state: Option<&[Tensor]>,
+        lr: f64,
+        _steps: u64,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let (b1, b2, wd) = (self.beta1, self.beta2, self.weight_decay);
-        let quant = self.quant.as_ref();
-        for group in &mut self.groups.groups {
-            let lr = group.lr;
-            for slot in &mut group.slots {
-                let Some(g) = gradient(grads, &slot.var) else {
-                    continue;
-                };
-                let g = g.to_dtype(DType::F32)?;
-                let p = f32_value(&slot.var)?;
-                let codec = Quant8::codec(quant, MapKind::Signed, p.elem_count());
-                let m = match &slot.state {
-                    Some(s) => s.decode(&codec)?,
-                    None => g.zeros_like()?,
-                };
-                let direction = ((&m * b1)? + (&g * (1.0 - b1))?)?.sign()?;
-                let p = decay(p, lr * wd)?;
-                let p = (p - (direction * lr)?)?;
-                write_back(&slot.var, &p)?;
-                let m = ((m * b2)? + (g * (1.0 - b2))?)?;
-                slot.state = Some(StateTensor::encode(m, &codec)?);
-                slot.steps += 1;
-            }
-        }
-        self.groups.steps += 1;
-        Ok(())
-    }
-
-    fn steps_taken(&self) -> u64 {
-        self.groups.steps
-    }
-
-    fn num_groups(&self) -> usize {
-        self.groups.groups.len()
-    }
-
-    fn set_lr(&mut self, group: usize, lr: f64) -> Result<()> {
-        self.groups.set_lr(group, lr)
-    }
-
-    fn lr(&self, group: usize) -> Option<f64> {
-        self.groups.lr(group)
-    }
-
-    fn state(&self) -> Result<OptimizerState> {
-        Ok(self.groups.save(self.kind(), |m, prefix, out| {
-            m.save(&format!("{prefix}.exp_avg"), out);
-        }))
-    }
-
-    fn load_state(&mut self, st: &OptimizerState) -> Result<()> {
-        let quant = self.quant.as_ref();
-        let (loaded, used) = self.groups.load(self.kind(), st, |prefix, var, st, used| {
-            let codec = Quant8::codec(quant, MapKind::Signed, var.elem_count());
-            StateTensor::load(
-                &format!("{prefix}.exp_avg"),
-                st,
-                &codec,
-                var.shape(),
-                var.device(),
-                used,
-            )
-        })?;
-        check_all_used(st, &used)?;
-        self.groups.commit(loaded, st.step);
-        Ok(())
+        let m = match state {
+            Some([m]) => m.clone(),
+            _ => g.zeros_like()?,
+        };
+        let direction = ((&m * b1)? + (&g * (1.0 - b1))?)?.sign()?;
+        let p = decay(p, lr * wd)?;
+        let p = (p - (direction * lr)?)?;
+        let m = ((m * b2)? + (g * (1.0 - b2))?)?;
+        Ok((p, vec![m]))
     }
 }
 

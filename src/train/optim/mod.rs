@@ -4,9 +4,19 @@
 //!
 //! Owns: [`OptimizerConfig`] (what a user writes), [`ParamGroup`], the
 //! object-safe [`Optimizer`] trait, [`build`], resumable [`OptimizerState`] and
-//! [`clip_grad_norm`]. Every optimizer keeps f32 state on the parameters'
-//! device, updates its `Var`s in place, skips parameters without a gradient,
-//! and continues bit-identically after `state()` → `load_state()`.
+//! [`clip_grad_norm`]. Every optimizer keeps its state (f32, or 8-bit for the
+//! 8-bit kinds) on the parameters' device, updates its `Var`s in place, skips
+//! parameters without a gradient, and continues bit-identically after
+//! `state()` → `load_state()`.
+//!
+//! Layout: `Groups` (at the end of this file) holds the parameter groups, the
+//! per-parameter state and step counts, the step loop and the state keys
+//! that every optimizer shares. `elementwise` runs the rules whose state is
+//! shaped like the parameter, in f32 or 8 bits: AdamW, Lion and SGD, each a
+//! file with its hyper-parameters, update rule and state names. Adafactor
+//! (per-group step sizes, factored state) and Prodigy (an optimizer-wide D
+//! estimate over all parameters before the update) implement [`Optimizer`]
+//! themselves on `Groups`.
 //!
 //! Must not: compute gradients, accumulate micro-batches, schedule learning
 //! rates (the trainer calls [`Optimizer::set_lr`] each step), or read and
@@ -19,6 +29,7 @@
 
 mod adafactor;
 mod adamw;
+mod elementwise;
 mod lion;
 mod prodigy;
 mod quant8;
@@ -30,11 +41,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-pub use adafactor::Adafactor;
-pub use adamw::AdamW;
-pub use lion::Lion;
-pub use prodigy::Prodigy;
-pub use sgd::SgdNesterov;
+use adafactor::Adafactor;
+use adamw::AdamW;
+use elementwise::ElementwiseOptimizer;
+use lion::Lion;
+use prodigy::Prodigy;
+use sgd::SgdNesterov;
 
 /// Errors of building, stepping and restoring optimizers.
 #[derive(Debug, thiserror::Error)]
@@ -481,9 +493,15 @@ pub fn build(cfg: &OptimizerConfig, groups: Vec<ParamGroup>) -> Result<Box<dyn O
         None
     };
     Ok(match cfg.kind {
-        K::Adamw | K::Adamw8bit => Box::new(AdamW::new(cfg, groups, quant)),
-        K::Lion | K::Lion8bit => Box::new(Lion::new(cfg, groups, quant)),
-        K::SgdNesterov | K::SgdNesterov8bit => Box::new(SgdNesterov::new(cfg, groups, quant)),
+        K::Adamw | K::Adamw8bit => {
+            Box::new(ElementwiseOptimizer::new(AdamW::new(cfg), groups, quant))
+        }
+        K::Lion | K::Lion8bit => Box::new(ElementwiseOptimizer::new(Lion::new(cfg), groups, quant)),
+        K::SgdNesterov | K::SgdNesterov8bit => Box::new(ElementwiseOptimizer::new(
+            SgdNesterov::new(cfg),
+            groups,
+            quant,
+        )),
         K::Adafactor => Box::new(Adafactor::new(cfg, groups)),
         K::Prodigy => Box::new(Prodigy::new(cfg, groups)),
     })
@@ -610,7 +628,8 @@ fn scalars_to_host(xs: &[Tensor]) -> Result<Vec<f32>> {
 }
 
 // ---------------------------------------------------------------------------
-// Shared bookkeeping of the optimizers: groups, per-parameter slots, state keys.
+// Shared bookkeeping of the optimizers: groups, per-parameter slots, the step
+// loop, state keys.
 
 /// One parameter and its optimizer state (`None` until its first gradient).
 struct Slot<S> {
@@ -668,6 +687,35 @@ impl<S: Clone> Groups<S> {
 
     fn lr(&self, group: usize) -> Option<f64> {
         self.groups.get(group).map(|g| g.lr)
+    }
+
+    /// One step of a per-parameter rule and its count. For each parameter
+    /// with a gradient, `update(group, lr, p, g, state, steps)` gets its
+    /// group's index and learning rate, its f32 value and detached f32
+    /// gradient, its state (`None` before its first update) and the updates
+    /// it had so far, and returns its new value and state, which are stored.
+    /// Parameters without a gradient, and their state, are left alone.
+    #[allow(clippy::type_complexity)]
+    fn step(
+        &mut self,
+        grads: &GradStore,
+        mut update: impl FnMut(usize, f64, Tensor, Tensor, Option<&S>, u64) -> Result<(Tensor, S)>,
+    ) -> Result<()> {
+        for (gi, group) in self.groups.iter_mut().enumerate() {
+            let lr = group.lr;
+            for slot in &mut group.slots {
+                let Some(g) = gradient(grads, &slot.var)? else {
+                    continue;
+                };
+                let p = f32_value(&slot.var)?;
+                let (p, state) = update(gi, lr, p, g, slot.state.as_ref(), slot.steps)?;
+                write_back(&slot.var, &p)?;
+                slot.state = Some(state);
+                slot.steps += 1;
+            }
+        }
+        self.steps += 1;
+        Ok(())
     }
 
     /// Writes the per-slot states with `save(state, key_prefix, out)`.
@@ -793,17 +841,20 @@ fn load_scalar(st: &OptimizerState, key: &str, used: &mut BTreeSet<String>) -> R
     Ok(v)
 }
 
-/// The parameter as f32 (a copy only when it is not f32 already).
-/// The parameter's value in f32, detached: update arithmetic must not build a graph.
+/// The parameter's value in f32 (a copy only when it is not f32 already),
+/// detached: update arithmetic must not build a graph.
 fn f32_value(var: &Var) -> Result<Tensor> {
     Ok(var.as_detached_tensor().to_dtype(DType::F32)?)
 }
 
-/// The gradient of `var`, detached. A leaf's gradient from `backward` still refers
-/// to the forward graph; kept in optimizer state it would chain every step's graph
-/// to the next and memory would grow without bound.
-fn gradient(grads: &GradStore, var: &Var) -> Option<Tensor> {
-    grads.get(var.as_tensor()).map(Tensor::detach)
+/// The gradient of `var` in f32, detached. A leaf's gradient from `backward`
+/// still refers to the forward graph; kept in optimizer state it would chain
+/// every step's graph to the next and memory would grow without bound.
+fn gradient(grads: &GradStore, var: &Var) -> Result<Option<Tensor>> {
+    match grads.get(var.as_tensor()) {
+        Some(g) => Ok(Some(g.detach().to_dtype(DType::F32)?)),
+        None => Ok(None),
+    }
 }
 
 /// Writes an f32 result back into the parameter in its own dtype.

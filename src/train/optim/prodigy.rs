@@ -30,8 +30,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 
 use super::{
-    check_all_used, f32_value, gradient, load_scalar, load_tensor, scalars_to_host, write_back,
-    Groups, Optimizer, OptimizerConfig, OptimizerKind, OptimizerState, ParamGroup, Result,
+    check_all_used, f32_value, gradient, load_scalar, load_tensor, scalars_to_host, Groups,
+    OptimError, Optimizer, OptimizerConfig, OptimizerKind, OptimizerState, ParamGroup, Result,
 };
 
 #[derive(Clone, Debug)]
@@ -43,7 +43,25 @@ struct State {
     v: Tensor,
 }
 
-pub struct Prodigy {
+impl State {
+    /// The state at a parameter's first gradient: s = 0, p0 = p, m = v = 0.
+    fn new(p: &Tensor, first_moment: bool) -> Result<Self> {
+        let nonzero =
+            p.elem_count() > 0 && p.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? != 0.0;
+        Ok(Self {
+            s: p.zeros_like()?,
+            p0: if nonzero { Some(p.copy()?) } else { None },
+            m: if first_moment {
+                Some(p.zeros_like()?)
+            } else {
+                None
+            },
+            v: p.zeros_like()?,
+        })
+    }
+}
+
+pub(super) struct Prodigy {
     groups: Groups<State>,
     beta1: f64,
     beta2: f64,
@@ -86,11 +104,6 @@ impl Prodigy {
             k: 0,
         }
     }
-
-    /// The current D estimate.
-    pub fn d(&self) -> f64 {
-        self.d
-    }
 }
 
 impl Optimizer for Prodigy {
@@ -110,40 +123,29 @@ impl Optimizer for Prodigy {
         let lr_max = self.groups.groups.iter().map(|g| g.lr).fold(0.0, f64::max);
         let wd = self.weight_decay;
         let coupled_wd = wd != 0.0 && !self.decouple;
+        let decoupled_wd = wd != 0.0 && self.decouple;
+        // The gradient the statistics and a step without first moment use.
+        let with_decay = |g: Tensor, p: &Tensor| -> Result<Tensor> {
+            Ok(if coupled_wd { (g + (p * wd)?)? } else { g })
+        };
 
-        // Pass 1: statistics. Nothing is written to `self` until the end.
-        // (group, slot, effective gradient, new state)
-        let mut pending: Vec<(usize, usize, Tensor, State)> = Vec::new();
+        // Pass 1: statistics. Nothing is written to `self` until all are in.
+        // (group, slot, new state)
+        let mut pending: Vec<(usize, usize, State)> = Vec::new();
         let mut dots: Vec<Tensor> = Vec::new();
         let mut dot_coefs: Vec<f64> = Vec::new();
         let mut s_sums: Vec<Tensor> = Vec::new();
         for (gi, group) in self.groups.groups.iter().enumerate() {
             let dlr = d * group.lr * bc;
             for (si, slot) in group.slots.iter().enumerate() {
-                let Some(g) = gradient(grads, &slot.var) else {
+                let Some(g) = gradient(grads, &slot.var)? else {
                     continue;
                 };
                 let p = f32_value(&slot.var)?;
-                let mut g = g.to_dtype(DType::F32)?;
-                if coupled_wd {
-                    g = (g + (&p * wd)?)?;
-                }
+                let g = with_decay(g, &p)?;
                 let mut st = match &slot.state {
                     Some(s) => s.clone(),
-                    None => {
-                        let nonzero = p.elem_count() > 0
-                            && p.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? != 0.0;
-                        State {
-                            s: p.zeros_like()?,
-                            p0: if nonzero { Some(p.copy()?) } else { None },
-                            m: if b1 > 0.0 {
-                                Some(p.zeros_like()?)
-                            } else {
-                                None
-                            },
-                            v: p.zeros_like()?,
-                        }
-                    }
+                    None => State::new(&p, b1 > 0.0)?,
                 };
                 if group.lr > 0.0 {
                     let diff = match &st.p0 {
@@ -160,7 +162,7 @@ impl Optimizer for Prodigy {
                     st.s = ((&st.s * b3)? + (&g * s_coef)?)?;
                     s_sums.push(st.s.abs()?.sum_all()?);
                 }
-                pending.push((gi, si, g, st));
+                pending.push((gi, si, st));
             }
         }
         // One device round trip for all the dot products and |s| sums.
@@ -175,15 +177,13 @@ impl Optimizer for Prodigy {
             .sum();
         let d_denom: f64 = values[n_dots..].iter().map(|v| *v as f64).sum();
 
-        self.groups.steps += 1;
         // Commit the statistics (prodigyopt updates them in place in pass 1).
-        let mut effective = Vec::with_capacity(pending.len());
-        for (gi, si, g, st) in pending {
-            let slot = &mut self.groups.groups[gi].slots[si];
-            slot.state = Some(st);
-            effective.push((gi, si, g));
+        for (gi, si, st) in pending {
+            self.groups.groups[gi].slots[si].state = Some(st);
         }
         if d_denom == 0.0 {
+            // The step counts, though no parameter moved.
+            self.groups.steps += 1;
             return Ok(());
         }
         let numerator = self.d_numerator * b3 + delta_numerator;
@@ -200,28 +200,27 @@ impl Optimizer for Prodigy {
         self.d = d_new;
 
         // Pass 2: parameter updates with the new d in the denominator and the
-        // step's dlr (computed from the old d).
-        for (gi, si, g) in effective {
-            let group = &mut self.groups.groups[gi];
-            let dlr = d * group.lr * bc;
-            let slot = &mut group.slots[si];
-            let Some(st) = &slot.state else {
-                continue;
+        // step's dlr (computed from the old d); the states are pass 1's.
+        // Without a first moment the step takes the gradient as pass 1 did
+        // (p has not moved since).
+        let eps = self.eps;
+        self.groups.step(grads, |_, lr, p, g, state, _| {
+            let st = state
+                .cloned()
+                .ok_or_else(|| OptimError::State("a parameter without statistics".into()))?;
+            let dlr = d * lr * bc;
+            let denom = st.v.sqrt()?.affine(1.0, d_new * eps)?;
+            let step = match &st.m {
+                Some(m) => (m / &denom)?.affine(dlr, 0.0)?,
+                None => (with_decay(g, &p)? / &denom)?.affine(dlr * d_new, 0.0)?,
             };
-            let p = f32_value(&slot.var)?;
-            let denom = st.v.sqrt()?.affine(1.0, d_new * self.eps)?;
-            let p = if wd != 0.0 && self.decouple {
+            let p = if decoupled_wd {
                 p.affine(1.0 - wd * dlr, 0.0)?
             } else {
                 p
             };
-            let p = match &st.m {
-                Some(m) => (p - (m / &denom)?.affine(dlr, 0.0)?)?,
-                None => (p - (g / &denom)?.affine(dlr * d_new, 0.0)?)?,
-            };
-            write_back(&slot.var, &p)?;
-            slot.steps += 1;
-        }
+            Ok(((p - step)?, st))
+        })?;
         self.k += 1;
         Ok(())
     }

@@ -4,7 +4,8 @@
 //! moments), block-wise quantise/dequantise, and [`StateTensor`], the storage
 //! of one state tensor in either f32 or 8 bits, with its save/load keys.
 //!
-//! Must not: know any update rule; optimizers decode, update in f32 and encode.
+//! Must not: know any update rule; `elementwise` decodes, the rule updates in
+//! f32, and `elementwise` encodes.
 //!
 //! # Format
 //! A state tensor of `n` elements is flattened, padded with zeros to a whole

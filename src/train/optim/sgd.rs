@@ -11,115 +11,50 @@
 //! `nesterov=True` but its kernel applies plain heavy-ball momentum; this
 //! implementation applies the Nesterov rule in both variants.
 
-use candle_core::backprop::GradStore;
-use candle_core::DType;
+use candle_core::Tensor;
 
-use super::quant8::{MapKind, Quant8, StateTensor};
-use super::{
-    check_all_used, f32_value, gradient, write_back, Groups, Optimizer, OptimizerConfig,
-    OptimizerKind, OptimizerState, ParamGroup, Result,
-};
+use super::elementwise::ElementwiseRule;
+use super::quant8::MapKind;
+use super::{OptimizerConfig, OptimizerKind, Result};
 
-/// SGD with Nesterov momentum, or its 8-bit variant.
-pub struct SgdNesterov {
-    groups: Groups<StateTensor>,
+/// The hyper-parameters of SGD with Nesterov momentum; its state is the
+/// momentum buffer b.
+pub(super) struct SgdNesterov {
     momentum: f64,
     weight_decay: f64,
-    quant: Option<Quant8>,
 }
 
 impl SgdNesterov {
-    pub(super) fn new(
-        cfg: &OptimizerConfig,
-        groups: Vec<ParamGroup>,
-        quant: Option<Quant8>,
-    ) -> Self {
+    pub(super) fn new(cfg: &OptimizerConfig) -> Self {
         Self {
-            groups: Groups::new(groups),
             momentum: cfg.resolved_momentum(),
             weight_decay: cfg.resolved_weight_decay(),
-            quant,
         }
     }
 }
 
-impl Optimizer for SgdNesterov {
-    fn kind(&self) -> OptimizerKind {
-        if self.quant.is_some() {
-            OptimizerKind::SgdNesterov8bit
-        } else {
-            OptimizerKind::SgdNesterov
-        }
-    }
+impl ElementwiseRule for SgdNesterov {
+    const KIND: OptimizerKind = OptimizerKind::SgdNesterov;
+    const KIND_8BIT: OptimizerKind = OptimizerKind::SgdNesterov8bit;
+    const STATE: &'static [(&'static str, MapKind)] = &[("momentum_buffer", MapKind::Signed)];
 
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
+    fn update(
+        &self,
+        p: Tensor,
+        g: Tensor,
+        state: Option<&[Tensor]>,
+        lr: f64,
+        _steps: u64,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let (mu, wd) = (self.momentum, self.weight_decay);
-        let quant = self.quant.as_ref();
-        for group in &mut self.groups.groups {
-            let lr = group.lr;
-            for slot in &mut group.slots {
-                let Some(g) = gradient(grads, &slot.var) else {
-                    continue;
-                };
-                let p = f32_value(&slot.var)?;
-                let mut g = g.to_dtype(DType::F32)?;
-                if wd != 0.0 {
-                    g = (g + (&p * wd)?)?;
-                }
-                let codec = Quant8::codec(quant, MapKind::Signed, p.elem_count());
-                let buf = match &slot.state {
-                    Some(s) => ((s.decode(&codec)? * mu)? + &g)?,
-                    None => g.clone(),
-                };
-                let update = (g + (&buf * mu)?)?;
-                let p = (p - (update * lr)?)?;
-                write_back(&slot.var, &p)?;
-                slot.state = Some(StateTensor::encode(buf, &codec)?);
-                slot.steps += 1;
-            }
-        }
-        self.groups.steps += 1;
-        Ok(())
-    }
-
-    fn steps_taken(&self) -> u64 {
-        self.groups.steps
-    }
-
-    fn num_groups(&self) -> usize {
-        self.groups.groups.len()
-    }
-
-    fn set_lr(&mut self, group: usize, lr: f64) -> Result<()> {
-        self.groups.set_lr(group, lr)
-    }
-
-    fn lr(&self, group: usize) -> Option<f64> {
-        self.groups.lr(group)
-    }
-
-    fn state(&self) -> Result<OptimizerState> {
-        Ok(self.groups.save(self.kind(), |b, prefix, out| {
-            b.save(&format!("{prefix}.momentum_buffer"), out);
-        }))
-    }
-
-    fn load_state(&mut self, st: &OptimizerState) -> Result<()> {
-        let quant = self.quant.as_ref();
-        let (loaded, used) = self.groups.load(self.kind(), st, |prefix, var, st, used| {
-            let codec = Quant8::codec(quant, MapKind::Signed, var.elem_count());
-            StateTensor::load(
-                &format!("{prefix}.momentum_buffer"),
-                st,
-                &codec,
-                var.shape(),
-                var.device(),
-                used,
-            )
-        })?;
-        check_all_used(st, &used)?;
-        self.groups.commit(loaded, st.step);
-        Ok(())
+        let g = if wd != 0.0 { (g + (&p * wd)?)? } else { g };
+        let buf = match state {
+            Some([b]) => ((b * mu)? + &g)?,
+            _ => g.clone(),
+        };
+        let update = (g + (&buf * mu)?)?;
+        let p = (p - (update * lr)?)?;
+        Ok((p, vec![buf]))
     }
 }
 
