@@ -23,8 +23,8 @@ fn centre_colour(img: &RgbImage) -> [f64; 3] {
     let mut sum = [0.0; 3];
     for y in cy - 8..cy + 8 {
         for x in cx - 8..cx + 8 {
-            for c in 0..3 {
-                sum[c] += img.get_pixel(x, y)[c] as f64;
+            for (acc, v) in sum.iter_mut().zip(img.get_pixel(x, y).0) {
+                *acc += v as f64;
             }
         }
     }

@@ -87,7 +87,8 @@ impl Checks {
         self.report.push(format!(
             "{what}: relative L2 error {err:.2e} (tolerance {tol:.0e})"
         ));
-        if !(err <= tol) {
+        // NaN fails too.
+        if err.is_nan() || err > tol {
             self.failures
                 .push(format!("{what}: relative L2 error {err:.3e} > {tol:.0e}"));
         }

@@ -86,7 +86,7 @@ impl FluxConfig {
 
     /// Checks the sizes fit together; the message names the offending field.
     pub fn validate(&self) -> Result<()> {
-        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
             candle_core::bail!(
                 "flux config: hidden_size {} is not a multiple of num_heads {}",
                 self.hidden_size,
@@ -1083,7 +1083,9 @@ mod tests {
     }
 
     /// A LoRA of Vars on every linear, with non-zero up so every path is live.
-    fn var_lora(model: &Flux, dev: &Device) -> Result<(Lora, Vec<(String, Var, Var)>)> {
+    type LoraVars = Vec<(String, Var, Var)>;
+
+    fn var_lora(model: &Flux, dev: &Device) -> Result<(Lora, LoraVars)> {
         let mut lora = Lora::new("trainable");
         let mut vars = vec![];
         let mut rng = SeededRng::new(11);

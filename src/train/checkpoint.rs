@@ -152,7 +152,7 @@ pub fn latest_state(dir: &Path, name: &str) -> Option<PathBuf> {
         .into_iter()
         .filter(|(_, _, state)| state.is_dir())
         .map(|(_, _, s)| s)
-        .last()
+        .next_back()
 }
 
 /// (step, lora file, state folder) of every step save of `name`, oldest first.

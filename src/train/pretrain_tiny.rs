@@ -100,13 +100,19 @@ fn batch_of_scenes(rng: &mut SeededRng, n: usize, size: u32, device: &Device) ->
     Tensor::cat(&images, 0)
 }
 
-/// Stage 1: trains the tiny autoencoder; returns its weights (BFL keys) and the
-/// calibrated (scale, shift). `log(step, loss)` reports progress.
+/// A trained tiny autoencoder: its weights (BFL keys) and calibrated latent scale/shift.
+pub struct TrainedVae {
+    pub weights: Vec<(String, Tensor)>,
+    pub scale: f64,
+    pub shift: f64,
+}
+
+/// Stage 1: trains the tiny autoencoder. `log(step, loss)` reports progress.
 pub fn pretrain_vae(
     cfg: &PretrainConfig,
     device: &Device,
     log: &mut dyn FnMut(usize, f64),
-) -> std::result::Result<(Vec<(String, Tensor)>, f64, f64), TrainError> {
+) -> std::result::Result<TrainedVae, TrainError> {
     let vars = Arc::new(Mutex::new(vec![]));
     let backend = TrainableInit {
         inner: SeededInit { seed: cfg.seed },
@@ -161,7 +167,11 @@ pub fn pretrain_vae(
         .iter()
         .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?)))
         .collect::<Result<Vec<_>>>()?;
-    Ok((weights, 1.0 / std, mean))
+    Ok(TrainedVae {
+        weights,
+        scale: 1.0 / std,
+        shift: mean,
+    })
 }
 
 /// Writes the VAE weights with its scale/shift in the metadata.
@@ -188,7 +198,11 @@ pub fn pretrain(
         source,
     })?;
     let vae_path = cfg.out_dir.join("vae.safetensors");
-    let (weights, scale, shift) = pretrain_vae(cfg, &device, &mut |step, loss| {
+    let TrainedVae {
+        weights,
+        scale,
+        shift,
+    } = pretrain_vae(cfg, &device, &mut |step, loss| {
         if step % 50 == 0 {
             log(&format!("vae step {step}: reconstruction loss {loss:.5}"));
         }

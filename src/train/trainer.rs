@@ -572,7 +572,12 @@ impl Trainer {
 
         let step = self.progress.step;
         let last = step >= self.total_steps;
-        if !last && self.cfg.save_every_n_steps.is_some_and(|n| step % n == 0) {
+        if !last
+            && self
+                .cfg
+                .save_every_n_steps
+                .is_some_and(|n| step.is_multiple_of(n))
+        {
             self.save_step(emit)?;
         }
         let epoch_done = self.progress.batch_in_epoch >= self.batches.len()
@@ -583,7 +588,7 @@ impl Trainer {
             if self
                 .cfg
                 .save_every_n_epochs
-                .is_some_and(|n| finished_epochs % n == 0)
+                .is_some_and(|n| finished_epochs.is_multiple_of(n))
             {
                 let path = checkpoint::epoch_lora_path(
                     &self.cfg.output_dir,
@@ -597,14 +602,18 @@ impl Trainer {
         if self
             .cfg
             .validate_every_n_steps
-            .is_some_and(|n| step % n == 0)
+            .is_some_and(|n| step.is_multiple_of(n))
             || (last && self.validation.is_some())
         {
             if let Some(loss) = self.validation_loss()? {
                 emit(TrainEvent::Validation { step, loss });
             }
         }
-        if self.cfg.sample_every_n_steps.is_some_and(|n| step % n == 0) {
+        if self
+            .cfg
+            .sample_every_n_steps
+            .is_some_and(|n| step.is_multiple_of(n))
+        {
             let paths = self.sample_previews(step)?;
             if !paths.is_empty() {
                 emit(TrainEvent::Sample { step, paths });
@@ -713,7 +722,7 @@ impl Trainer {
                     dir.clone(),
                     lora_io::DatasetDir {
                         n_repeats: info.n_repeats as usize,
-                        img_count: info.img_count as usize,
+                        img_count: info.img_count,
                     },
                 )
             })
