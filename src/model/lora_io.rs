@@ -1320,20 +1320,31 @@ pub fn kohya_tensors(lora: &Lora, dtype: DType) -> Result<Vec<(String, Tensor)>,
                 module: module.clone(),
             });
         };
-        out.push((
-            format!("{name}.lora_down.weight"),
-            to_save(&layer.down, dtype).map_err(terr)?,
-        ));
-        out.push((
-            format!("{name}.lora_up.weight"),
-            to_save(&layer.up, dtype).map_err(terr)?,
-        ));
-        out.push((
-            format!("{name}.alpha"),
-            alpha_tensor(layer.alpha).map_err(terr)?,
-        ));
+        let names = [".lora_down.weight", ".lora_up.weight"];
+        push_pair(
+            &mut out,
+            &name,
+            names,
+            (&layer.down, &layer.up, layer.alpha),
+            dtype,
+        )
+        .map_err(terr)?;
     }
     Ok(out)
+}
+
+/// Appends one module's down, up (named `name` + `suffixes`) and `name.alpha`.
+fn push_pair(
+    out: &mut Vec<(String, Tensor)>,
+    name: &str,
+    suffixes: [&str; 2],
+    (down, up, alpha): (&Tensor, &Tensor, f32),
+    dtype: DType,
+) -> candle_core::Result<()> {
+    out.push((format!("{name}{}", suffixes[0]), to_save(down, dtype)?));
+    out.push((format!("{name}{}", suffixes[1]), to_save(up, dtype)?));
+    out.push((format!("{name}.alpha"), alpha_tensor(alpha)?));
+    Ok(())
 }
 
 /// One diffusers module's share of a fused layer.
@@ -1459,18 +1470,8 @@ pub fn diffusers_tensors(lora: &Lora, dtype: DType) -> Result<Vec<(String, Tenso
         };
         for c in split_layer(&map, layer).map_err(terr)? {
             let name = format!("{prefix}.{}", c.module);
-            out.push((
-                format!("{name}.lora_A.weight"),
-                to_save(&c.down, dtype).map_err(terr)?,
-            ));
-            out.push((
-                format!("{name}.lora_B.weight"),
-                to_save(&c.up, dtype).map_err(terr)?,
-            ));
-            out.push((
-                format!("{name}.alpha"),
-                alpha_tensor(c.alpha).map_err(terr)?,
-            ));
+            let names = [".lora_A.weight", ".lora_B.weight"];
+            push_pair(&mut out, &name, names, (&c.down, &c.up, c.alpha), dtype).map_err(terr)?;
         }
     }
     Ok(out)

@@ -50,6 +50,14 @@ const CLIP_EOS: &str = "<|endoftext|>";
 // tokenizer uses the same pattern).
 const CLIP_SPLIT_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
+/// A tokenized batch (see [`TextEncoders::tokenize_batch`]).
+struct TokenBatch {
+    t5_ids: Vec<u32>,
+    clip_ids: Vec<u32>,
+    eos_rows: Vec<u32>,
+    truncated: Vec<Truncation>,
+}
+
 /// Conditioning for one batch of prompts, as the Flux DiT consumes it.
 #[derive(Debug, Clone)]
 pub struct TextEmbedding {
@@ -233,20 +241,38 @@ impl TextEncoders {
     /// The CLIP pooled vectors (b, pooled_dim) of `prompts` with text-encoder
     /// adapters applied (T5 is not run): what training a CLIP LoRA needs each step.
     pub fn pooled_with(&self, prompts: &[&str], adapters: &AdapterSet) -> Result<Tensor> {
+        let batch = self.tokenize_batch(prompts)?;
+        self.pooled_of(batch.clip_ids, batch.eos_rows, prompts.len(), adapters)
+    }
+
+    /// Token ids of a batch, the CLIP row of each prompt's first EOS (where the pooled
+    /// vector sits, as in transformers' CLIPTextTransformer: the argmax of the ids
+    /// for OpenAI configs, where EOS is the largest id; the first `eos_token_id`
+    /// otherwise), and what truncation dropped.
+    fn tokenize_batch(&self, prompts: &[&str]) -> Result<TokenBatch> {
+        if prompts.is_empty() {
+            bail!("text encoders: no prompts to encode");
+        }
         let b = prompts.len();
-        let mut clip_ids = Vec::with_capacity(b * self.clip_max_len());
-        let mut eos_rows = Vec::with_capacity(b);
+        let mut batch = TokenBatch {
+            t5_ids: Vec::with_capacity(b * self.t5_max_len()),
+            clip_ids: Vec::with_capacity(b * self.clip_max_len()),
+            eos_rows: Vec::with_capacity(b),
+            truncated: Vec::with_capacity(b),
+        };
         let clip_eos = self.clip_tokenizer.eos_id();
         for (i, prompt) in prompts.iter().enumerate() {
-            let (_, clip, _) = self.tokenize(prompt)?;
+            let (t5, clip, trunc) = self.tokenize(prompt)?;
             let eos = clip
                 .iter()
                 .position(|&t| t == clip_eos)
                 .unwrap_or(clip.len() - 1);
-            eos_rows.push((i * self.clip_max_len() + eos) as u32);
-            clip_ids.extend(clip);
+            batch.eos_rows.push((i * self.clip_max_len() + eos) as u32);
+            batch.t5_ids.extend(t5);
+            batch.clip_ids.extend(clip);
+            batch.truncated.push(trunc);
         }
-        self.pooled_of(clip_ids, eos_rows, b, adapters)
+        Ok(batch)
     }
 
     fn pooled_of(
@@ -265,29 +291,13 @@ impl TextEncoders {
 
     /// [`TextEncoders::encode`] with text-encoder LoRAs from `adapters` applied to CLIP.
     pub fn encode_with(&self, prompts: &[&str], adapters: &AdapterSet) -> Result<TextEmbedding> {
-        if prompts.is_empty() {
-            bail!("text encoders: no prompts to encode");
-        }
         let b = prompts.len();
-        let mut t5_ids = Vec::with_capacity(b * self.t5_max_len());
-        let mut clip_ids = Vec::with_capacity(b * self.clip_max_len());
-        let mut eos_rows = Vec::with_capacity(b);
-        let mut truncated = Vec::with_capacity(b);
-        let clip_eos = self.clip_tokenizer.eos_id();
-        for (i, prompt) in prompts.iter().enumerate() {
-            let (t5, clip, trunc) = self.tokenize(prompt)?;
-            // The pooled vector sits at the first EOS, as in transformers'
-            // CLIPTextTransformer (argmax of the ids for OpenAI configs, where
-            // EOS is the largest id; the first `eos_token_id` otherwise).
-            let eos = clip
-                .iter()
-                .position(|&t| t == clip_eos)
-                .unwrap_or(clip.len() - 1);
-            eos_rows.push((i * self.clip_max_len() + eos) as u32);
-            t5_ids.extend(t5);
-            clip_ids.extend(clip);
-            truncated.push(trunc);
-        }
+        let TokenBatch {
+            t5_ids,
+            clip_ids,
+            eos_rows,
+            truncated,
+        } = self.tokenize_batch(prompts)?;
         let dropped: Vec<(usize, Truncation)> = truncated
             .iter()
             .copied()
