@@ -9,3 +9,6 @@ pub mod config;
 pub mod model;
 pub mod sample;
 pub mod train;
+
+#[cfg(test)]
+mod testing;

@@ -1019,6 +1019,7 @@ mod tests {
     use super::*;
     use crate::model::adapter::{Lora, LoraLayer};
     use crate::model::seeded::SeededRng;
+    use crate::testing::rel_err;
     use candle_core::Var;
     use std::sync::Arc;
 
@@ -1076,12 +1077,6 @@ mod tests {
         }
     }
 
-    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-        let num = (a - b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-        let den = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-        Ok(num / den)
-    }
-
     /// A LoRA of Vars on every linear, with non-zero up so every path is live.
     type LoraVars = Vec<(String, Var, Var)>;
 
@@ -1134,7 +1129,7 @@ mod tests {
         let mut inputs = b.inputs();
         inputs.img = img.as_tensor();
         let slow = model.forward(&inputs, &AdapterSet::none())?;
-        let err = rel_err(&slow, &fused)?;
+        let err = rel_err(&slow, &fused);
         assert!(err < 1e-5, "fused vs differentiable: {err}");
         Ok(())
     }
@@ -1175,17 +1170,17 @@ mod tests {
         let lora = Arc::new(lora);
         let base = model.forward(&inputs, &AdapterSet::none())?;
         let zero = model.forward(&inputs, &AdapterSet::none().with(lora.clone(), 0.0))?;
-        assert_eq!(rel_err(&zero, &base)?, 0.0);
+        assert_eq!(rel_err(&zero, &base), 0.0);
         let set = AdapterSet::none().with(lora, 0.7);
         let unmerged = model.forward(&inputs, &set)?;
         assert!(
-            rel_err(&unmerged, &base)? > 1e-3,
+            rel_err(&unmerged, &base) > 1e-3,
             "the LoRA must change the output"
         );
         let all: HashMap<String, Tensor> = model.merged_weights(&set)?.into_iter().collect();
         let merged = Flux::new(&cfg, &WeightSource::Tensors(all), DType::F32, &dev)?;
         let out = merged.forward(&inputs, &AdapterSet::none())?;
-        let err = rel_err(&out, &unmerged)?;
+        let err = rel_err(&out, &unmerged);
         assert!(err < 1e-5, "merged vs unmerged: {err}");
         Ok(())
     }

@@ -636,16 +636,8 @@ fn up_index(i: &str, levels: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use std::collections::HashMap;
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f32>())
-            .expect("diff")
-    }
 
     fn test_image(w: u32, h: u32) -> RgbImage {
         RgbImage::from_fn(w, h, |x, y| {
