@@ -6,6 +6,7 @@ pub mod atomic_file;
 pub mod bench;
 pub mod commands;
 pub mod config;
+pub mod engine;
 pub mod model;
 pub mod sample;
 pub mod train;

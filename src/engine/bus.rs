@@ -1,0 +1,229 @@
+//! The event bus: every event of every job, numbered, fanned out to subscribers.
+//!
+//! Each subscriber has a bounded queue. Publishing never blocks: when a queue is
+//! full, a preview waiting in it is dropped to make room (previews are the bulky,
+//! replaceable kind); with no preview to drop, the oldest event goes and the
+//! subscriber is told how many it missed, so it can replay them from the store by
+//! sequence number.
+//!
+//! Must not: block the publisher, or know what an event means beyond "is preview".
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use super::events::Event;
+
+/// A subscriber's view: its queue and what it asked for.
+struct Queue {
+    events: VecDeque<Event>,
+    capacity: usize,
+    /// Events dropped since the subscriber last looked (not counting previews).
+    missed: u64,
+    closed: bool,
+}
+
+struct Slot {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    /// Only these jobs; all when `None`.
+    jobs: Option<Vec<String>>,
+}
+
+/// Fans events out to subscribers; cheap to share.
+#[derive(Default)]
+pub struct EventBus {
+    slots: Mutex<Vec<Arc<Slot>>>,
+}
+
+/// The receiving end of one subscription. Dropping it unsubscribes.
+pub struct Subscription {
+    slot: Arc<Slot>,
+}
+
+/// What a subscriber gets when it asks for the next event.
+#[derive(Debug)]
+pub enum Received {
+    Event(Event),
+    /// Events were dropped because the subscriber fell behind; replay from the store.
+    Missed(u64),
+    /// Nothing arrived within the wait.
+    Timeout,
+}
+
+impl EventBus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Subscribes to all jobs (`None`) or some, with room for `capacity` events.
+    pub fn subscribe(&self, jobs: Option<Vec<String>>, capacity: usize) -> Subscription {
+        let slot = Arc::new(Slot {
+            queue: Mutex::new(Queue {
+                events: VecDeque::new(),
+                capacity: capacity.max(1),
+                missed: 0,
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            jobs,
+        });
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.push(slot.clone());
+        }
+        Subscription { slot }
+    }
+
+    /// Delivers `event` to every interested subscriber without blocking.
+    pub fn publish(&self, event: &Event) {
+        let Ok(mut slots) = self.slots.lock() else {
+            return;
+        };
+        // Subscriptions whose receiver is gone hold the only other reference.
+        slots.retain(|s| Arc::strong_count(s) > 1);
+        for slot in slots.iter() {
+            if slot
+                .jobs
+                .as_ref()
+                .is_some_and(|jobs| !jobs.iter().any(|j| *j == event.job))
+            {
+                continue;
+            }
+            let Ok(mut q) = slot.queue.lock() else {
+                continue;
+            };
+            if q.events.len() >= q.capacity {
+                if event.is_preview() {
+                    continue;
+                }
+                match q.events.iter().position(Event::is_preview) {
+                    Some(i) => {
+                        q.events.remove(i);
+                    }
+                    None => {
+                        q.events.pop_front();
+                        q.missed += 1;
+                    }
+                }
+            }
+            q.events.push_back(event.clone());
+            slot.ready.notify_one();
+        }
+    }
+}
+
+impl Subscription {
+    /// The next event, waiting up to `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Received {
+        let Ok(mut q) = self.slot.queue.lock() else {
+            return Received::Timeout;
+        };
+        loop {
+            if q.missed > 0 {
+                let n = q.missed;
+                q.missed = 0;
+                return Received::Missed(n);
+            }
+            if let Some(e) = q.events.pop_front() {
+                return Received::Event(e);
+            }
+            if q.closed {
+                return Received::Timeout;
+            }
+            let (guard, result) = match self.slot.ready.wait_timeout(q, timeout) {
+                Ok(r) => r,
+                Err(_) => return Received::Timeout,
+            };
+            q = guard;
+            if result.timed_out() && q.events.is_empty() && q.missed == 0 {
+                return Received::Timeout;
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Ok(mut q) = self.slot.queue.lock() {
+            q.closed = true;
+            q.events.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::events::{EventKind, JobState};
+
+    fn event(seq: u64, job: &str, kind: EventKind) -> Event {
+        Event {
+            seq,
+            job: job.into(),
+            time: 0.0,
+            kind,
+        }
+    }
+
+    fn progress(seq: u64) -> Event {
+        event(
+            seq,
+            "a",
+            EventKind::State {
+                state: JobState::Running,
+            },
+        )
+    }
+
+    fn preview(seq: u64) -> Event {
+        event(
+            seq,
+            "a",
+            EventKind::Preview {
+                step: seq,
+                png: vec![1, 2, 3],
+            },
+        )
+    }
+
+    #[test]
+    fn full_queues_drop_previews_before_progress_and_count_misses() {
+        let bus = EventBus::new();
+        let sub = bus.subscribe(None, 2);
+        bus.publish(&preview(1));
+        bus.publish(&progress(2));
+        bus.publish(&progress(3)); // full: the preview makes room
+        bus.publish(&preview(4)); // full, no room for a preview: dropped
+        bus.publish(&progress(5)); // full, no preview left: oldest dropped, counted
+        let mut got = vec![];
+        loop {
+            match sub.recv(Duration::from_millis(10)) {
+                Received::Event(e) => got.push(format!("e{}", e.seq)),
+                Received::Missed(n) => got.push(format!("missed{n}")),
+                Received::Timeout => break,
+            }
+        }
+        assert_eq!(got, vec!["missed1", "e3", "e5"]);
+    }
+
+    #[test]
+    fn filters_by_job_and_forgets_dropped_subscriptions() {
+        let bus = EventBus::new();
+        let only_b = bus.subscribe(Some(vec!["b".into()]), 8);
+        bus.publish(&progress(1));
+        bus.publish(&event(
+            2,
+            "b",
+            EventKind::State {
+                state: JobState::Finished,
+            },
+        ));
+        match only_b.recv(Duration::from_millis(10)) {
+            Received::Event(e) => assert_eq!(e.seq, 2),
+            other => panic!("{other:?}"),
+        }
+        drop(only_b);
+        bus.publish(&progress(3));
+        assert_eq!(bus.slots.lock().unwrap().len(), 0);
+    }
+}

@@ -1,0 +1,79 @@
+//! The engine's event: one numbered, timestamped record per thing that happened to
+//! a job. The single source of progress for every surface (WebSocket, job files,
+//! ComfyUI and A1111 adapters).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::train::events::TrainEvent;
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Paused,
+    Finished,
+    Cancelled,
+    Failed,
+    /// The process stopped while the job ran; it can be resumed from its last save.
+    Interrupted,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Finished | Self::Cancelled | Self::Failed)
+    }
+}
+
+/// What happened.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// The job's state changed.
+    State {
+        state: JobState,
+    },
+    /// A training event, as the trainer reported it.
+    Train {
+        event: TrainEvent,
+    },
+    /// A sampling step finished.
+    SampleStep {
+        step: usize,
+        total: usize,
+    },
+    /// Images were written.
+    Images {
+        paths: Vec<PathBuf>,
+    },
+    /// A preview image (PNG bytes); never stored, dropped first under back-pressure.
+    Preview {
+        step: u64,
+        #[serde(skip)]
+        png: Vec<u8>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// One event of one job.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Event {
+    /// Monotonically increasing over the whole daemon.
+    pub seq: u64,
+    pub job: String,
+    /// Unix seconds.
+    pub time: f64,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+impl Event {
+    pub fn is_preview(&self) -> bool {
+        matches!(self.kind, EventKind::Preview { .. })
+    }
+}

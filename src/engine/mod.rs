@@ -1,0 +1,636 @@
+//! The engine: one worker thread owns the device and the loaded model, runs jobs
+//! from one queue, and publishes every event on the bus and into the job store.
+//!
+//! Jobs are training runs and sampling requests. Sampling requests that arrive
+//! while a training job runs are served between its optimizer steps, on the same
+//! base weights, optionally with the live adapter being trained (no second copy of
+//! the model). LoRA files are hot-loaded and cached by path and modification time.
+//! Control (cancel, pause, resume) takes effect between steps. On start, jobs that
+//! were running when the process died are marked interrupted; resuming one
+//! continues from its last saved state.
+//!
+//! Must not: know about HTTP; protocol adapters translate requests into [`JobRequest`]s.
+
+pub mod bus;
+pub mod events;
+pub mod store;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use self::bus::{EventBus, Subscription};
+use self::events::{Event, EventKind, JobState};
+use self::store::{JobKind, JobRecord, JobStore};
+use crate::model::adapter::{AdapterSet, Lora};
+use crate::model::bundle::ModelBundle;
+use crate::model::lora_io;
+use crate::sample::generate::{generate, ResolvedRequest, SampleRequest};
+use crate::sample::png_meta::save_png;
+use crate::train::checkpoint;
+use crate::train::config::TrainConfig;
+use crate::train::events::TrainEvent;
+use crate::train::trainer::Trainer;
+
+/// A LoRA to apply when sampling: a file, or the live adapter of a running
+/// training job (exactly one of the two).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraChoice {
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub live_job: Option<String>,
+    #[serde(default = "one")]
+    pub strength: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// A sampling job: the request and the LoRAs to apply.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleJob {
+    pub request: SampleRequest,
+    #[serde(default)]
+    pub loras: Vec<LoraChoice>,
+}
+
+/// What can be submitted.
+#[derive(Clone, Debug)]
+pub enum JobRequest {
+    Train(Box<TrainConfig>),
+    Sample(SampleJob),
+}
+
+/// Steering a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Cancel,
+    Pause,
+    Resume,
+}
+
+/// Errors the engine reports to callers.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("no job `{0}`")]
+    NoSuchJob(String),
+    #[error("job `{id}` is {state:?}: {action} is not possible")]
+    BadState {
+        id: String,
+        state: JobState,
+        action: &'static str,
+    },
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+enum Command {
+    Run(String, JobRequest),
+    Control(String, Control),
+    Stop,
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// State shared by the handle and the worker.
+struct Shared {
+    store: JobStore,
+    bus: EventBus,
+    jobs: Mutex<HashMap<String, JobRecord>>,
+    seq: AtomicU64,
+    /// Where finished LoRAs are copied for other tools (`<data>/loras` or ComfyUI's).
+    lora_dir: PathBuf,
+}
+
+impl Shared {
+    /// Numbers, stores and publishes an event.
+    fn emit(&self, job: &str, kind: EventKind) {
+        let event = Event {
+            seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
+            job: job.to_string(),
+            time: now(),
+            kind,
+        };
+        if let Err(e) = self.store.append(&event) {
+            tracing::warn!(job, error = %e, "could not store event");
+        }
+        self.bus.publish(&event);
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut JobRecord)) {
+        let Ok(mut jobs) = self.jobs.lock() else {
+            return;
+        };
+        if let Some(rec) = jobs.get_mut(id) {
+            let before = rec.state;
+            f(rec);
+            rec.updated = now();
+            if let Err(e) = self.store.save(rec) {
+                tracing::warn!(job = id, error = %e, "could not save job record");
+            }
+            let state = rec.state;
+            drop(jobs);
+            if state != before {
+                self.emit(id, EventKind::State { state });
+            }
+        }
+    }
+
+    fn set_state(&self, id: &str, state: JobState) {
+        self.update(id, |r| r.state = state);
+    }
+}
+
+/// Handle to the running engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    tx: Sender<Command>,
+    worker: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl Engine {
+    /// Starts the worker on `bundle`, reloading jobs from `data_dir`.
+    pub fn start(
+        bundle: Arc<ModelBundle>,
+        data_dir: &Path,
+        lora_dir: PathBuf,
+    ) -> Result<Self, EngineError> {
+        let store = JobStore::open(data_dir)?;
+        std::fs::create_dir_all(&lora_dir)?;
+        let seq = store.last_seq();
+        let mut jobs = HashMap::new();
+        for mut rec in store.load_all()? {
+            if !rec.state.is_terminal() && rec.state != JobState::Interrupted {
+                rec.state = JobState::Interrupted;
+                rec.updated = now();
+                store.save(&rec)?;
+            }
+            jobs.insert(rec.id.clone(), rec);
+        }
+        let shared = Arc::new(Shared {
+            store,
+            bus: EventBus::new(),
+            jobs: Mutex::new(jobs),
+            seq: AtomicU64::new(seq),
+            lora_dir,
+        });
+        let (tx, rx) = channel();
+        let worker_shared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("fluxlora-engine".into())
+            .spawn(move || Worker::new(worker_shared, bundle, rx).run())?;
+        Ok(Self {
+            shared,
+            tx,
+            worker: Arc::new(Mutex::new(Some(handle))),
+        })
+    }
+
+    /// Queues a job; returns its id.
+    pub fn submit(&self, request: JobRequest) -> Result<String, EngineError> {
+        let id = format!(
+            "{:x}-{:04x}",
+            (now() * 1000.0) as u64,
+            self.shared.seq.load(Ordering::SeqCst) & 0xffff
+        );
+        let (kind, value) = match &request {
+            JobRequest::Train(cfg) => (JobKind::Train, serde_json::to_value(cfg.as_ref())),
+            JobRequest::Sample(s) => (JobKind::Sample, serde_json::to_value(s)),
+        };
+        let record = JobRecord {
+            id: id.clone(),
+            kind,
+            state: JobState::Queued,
+            created: now(),
+            updated: now(),
+            request: value.unwrap_or_default(),
+            outputs: vec![],
+            error: None,
+        };
+        self.shared.store.save(&record)?;
+        if let Ok(mut jobs) = self.shared.jobs.lock() {
+            jobs.insert(id.clone(), record);
+        }
+        self.shared.emit(
+            &id,
+            EventKind::State {
+                state: JobState::Queued,
+            },
+        );
+        self.tx
+            .send(Command::Run(id.clone(), request))
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(id)
+    }
+
+    /// Cancels, pauses or resumes a job (resuming an interrupted training job re-queues it).
+    pub fn control(&self, id: &str, control: Control) -> Result<(), EngineError> {
+        let rec = self.job(id)?;
+        let ok = match control {
+            Control::Cancel => !rec.state.is_terminal(),
+            Control::Pause => rec.state == JobState::Running || rec.state == JobState::Queued,
+            Control::Resume => matches!(rec.state, JobState::Paused | JobState::Interrupted),
+        };
+        if !ok {
+            let action = match control {
+                Control::Cancel => "cancel",
+                Control::Pause => "pause",
+                Control::Resume => "resume",
+            };
+            return Err(EngineError::BadState {
+                id: id.into(),
+                state: rec.state,
+                action,
+            });
+        }
+        if control == Control::Resume && rec.state == JobState::Interrupted {
+            let cfg: TrainConfig = serde_json::from_value(rec.request.clone()).map_err(|e| {
+                EngineError::Io(std::io::Error::other(format!(
+                    "job `{id}`: stored config unreadable: {e}"
+                )))
+            })?;
+            self.shared.set_state(id, JobState::Queued);
+            return self
+                .tx
+                .send(Command::Run(
+                    id.to_string(),
+                    JobRequest::Train(Box::new(cfg)),
+                ))
+                .map_err(|_| EngineError::Stopped);
+        }
+        self.tx
+            .send(Command::Control(id.to_string(), control))
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    pub fn job(&self, id: &str) -> Result<JobRecord, EngineError> {
+        self.shared
+            .jobs
+            .lock()
+            .ok()
+            .and_then(|j| j.get(id).cloned())
+            .ok_or_else(|| EngineError::NoSuchJob(id.into()))
+    }
+
+    pub fn jobs(&self) -> Vec<JobRecord> {
+        let mut v: Vec<JobRecord> = self
+            .shared
+            .jobs
+            .lock()
+            .map(|j| j.values().cloned().collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.created.total_cmp(&b.created));
+        v
+    }
+
+    /// Stored events of a job after `since` (replay).
+    pub fn events_since(
+        &self,
+        id: &str,
+        since: u64,
+    ) -> Result<Vec<serde_json::Value>, EngineError> {
+        self.job(id)?;
+        Ok(self.shared.store.events_since(id, since)?)
+    }
+
+    pub fn subscribe(&self, jobs: Option<Vec<String>>, capacity: usize) -> Subscription {
+        self.shared.bus.subscribe(jobs, capacity)
+    }
+
+    pub fn job_dir(&self, id: &str) -> PathBuf {
+        self.shared.store.dir(id)
+    }
+
+    /// Stops the worker after the current step (a running training job stays
+    /// resumable from its last save) and waits for it.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Stop);
+        if let Some(handle) = self.worker.lock().ok().and_then(|mut h| h.take()) {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The worker: owns the model and runs jobs one at a time.
+struct Worker {
+    shared: Arc<Shared>,
+    bundle: Arc<ModelBundle>,
+    rx: Receiver<Command>,
+    queue: VecDeque<(String, JobRequest)>,
+    paused: Vec<String>,
+    loras: HashMap<PathBuf, (SystemTime, Arc<Lora>)>,
+    stop: bool,
+}
+
+/// What the worker does with a command that arrives during a training run.
+enum Between {
+    Continue,
+    Cancel,
+    Pause,
+}
+
+impl Worker {
+    fn new(shared: Arc<Shared>, bundle: Arc<ModelBundle>, rx: Receiver<Command>) -> Self {
+        Self {
+            shared,
+            bundle,
+            rx,
+            queue: VecDeque::new(),
+            paused: vec![],
+            loras: HashMap::new(),
+            stop: false,
+        }
+    }
+
+    fn run(mut self) {
+        while !self.stop {
+            if let Some((id, req)) = self.next_runnable() {
+                self.run_job(&id, req);
+                continue;
+            }
+            match self.rx.recv() {
+                Ok(cmd) => self.accept(cmd),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn next_runnable(&mut self) -> Option<(String, JobRequest)> {
+        let i = self
+            .queue
+            .iter()
+            .position(|(id, _)| !self.paused.contains(id))?;
+        self.queue.remove(i)
+    }
+
+    /// Handles a command while no job runs.
+    fn accept(&mut self, cmd: Command) {
+        match cmd {
+            Command::Run(id, req) => self.queue.push_back((id, req)),
+            Command::Stop => self.stop = true,
+            Command::Control(id, c) => self.control_queued(&id, c),
+        }
+    }
+
+    fn control_queued(&mut self, id: &str, c: Control) {
+        match c {
+            Control::Cancel => {
+                self.queue.retain(|(j, _)| j != id);
+                self.paused.retain(|j| j != id);
+                self.shared.set_state(id, JobState::Cancelled);
+            }
+            Control::Pause => {
+                self.paused.push(id.to_string());
+                self.shared.set_state(id, JobState::Paused);
+            }
+            Control::Resume => {
+                self.paused.retain(|j| j != id);
+                self.shared.set_state(id, JobState::Queued);
+            }
+        }
+    }
+
+    fn run_job(&mut self, id: &str, req: JobRequest) {
+        let span = tracing::info_span!("job", id);
+        let _guard = span.enter();
+        match req {
+            JobRequest::Sample(job) => self.run_sample(id, &job, None),
+            JobRequest::Train(cfg) => self.run_train(id, *cfg),
+        }
+    }
+
+    /// A LoRA file, cached by path and modification time.
+    fn lora(&mut self, path: &Path) -> Result<Arc<Lora>, String> {
+        let mtime = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some((t, lora)) = self.loras.get(path) {
+            if *t == mtime {
+                return Ok(lora.clone());
+            }
+        }
+        let file = lora_io::load(path, self.bundle.device()).map_err(|e| e.to_string())?;
+        lora_io::validate(&file.lora, &self.bundle.adapter_shapes()).map_err(|e| e.to_string())?;
+        let lora = Arc::new(file.lora);
+        self.loras.insert(path.to_path_buf(), (mtime, lora.clone()));
+        Ok(lora)
+    }
+
+    /// Runs a sampling job; `live` is the running training job and its adapter.
+    fn run_sample(&mut self, id: &str, job: &SampleJob, live: Option<(&str, Arc<Lora>)>) {
+        self.shared.set_state(id, JobState::Running);
+        let result = self.sample(id, job, live);
+        match result {
+            Ok(paths) => {
+                self.shared.emit(
+                    id,
+                    EventKind::Images {
+                        paths: paths.clone(),
+                    },
+                );
+                self.shared.update(id, |r| {
+                    r.outputs = paths;
+                    r.state = JobState::Finished;
+                });
+            }
+            Err(message) => self.fail(id, message),
+        }
+    }
+
+    fn sample(
+        &mut self,
+        id: &str,
+        job: &SampleJob,
+        live: Option<(&str, Arc<Lora>)>,
+    ) -> Result<Vec<PathBuf>, String> {
+        let mut adapters = AdapterSet::none();
+        let mut names = vec![];
+        for choice in &job.loras {
+            let lora = match (&choice.path, &choice.live_job) {
+                (Some(p), None) => self.lora(p)?,
+                (None, Some(j)) => match &live {
+                    Some((running, lora)) if running == j => lora.clone(),
+                    _ => return Err(format!("job `{j}` is not a running training job; its live adapter is not available")),
+                },
+                _ => return Err("each LoRA needs exactly one of `path` or `live_job`".into()),
+            };
+            names.push((lora.name.clone(), choice.strength));
+            adapters.push(lora, choice.strength);
+        }
+        let req = ResolvedRequest::new(&job.request, &self.bundle).map_err(|e| e.to_string())?;
+        let shared = self.shared.clone();
+        let images = generate(&self.bundle, &req, &adapters, &mut |info, _| {
+            shared.emit(
+                id,
+                EventKind::SampleStep {
+                    step: info.step,
+                    total: info.total,
+                },
+            );
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+        let dir = self.shared.store.dir(id).join("samples");
+        let mut paths = vec![];
+        for (i, image) in images.iter().enumerate() {
+            let path = dir.join(format!("{id}_{i:02}.png"));
+            save_png(&path, image, &req.params(i, &self.bundle.name, &names))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            paths.push(path);
+        }
+        Ok(paths)
+    }
+
+    fn fail(&self, id: &str, message: String) {
+        tracing::warn!(job = id, %message, "job failed");
+        self.shared.emit(
+            id,
+            EventKind::Error {
+                message: message.clone(),
+            },
+        );
+        self.shared.update(id, |r| {
+            r.error = Some(message);
+            r.state = JobState::Failed;
+        });
+    }
+
+    fn run_train(&mut self, id: &str, mut cfg: TrainConfig) {
+        let dir = self.shared.store.dir(id);
+        cfg.output_dir = dir.clone();
+        let resume = checkpoint::latest_state(&dir, &cfg.output_name);
+        let mut trainer = match Trainer::new(cfg, self.bundle.clone(), resume.as_deref()) {
+            Ok(t) => t,
+            Err(e) => return self.fail(id, e.to_string()),
+        };
+        self.shared.set_state(id, JobState::Running);
+        let shared = self.shared.clone();
+        let mut emit = |e: TrainEvent| shared.emit(id, EventKind::Train { event: e });
+        if let Err(e) = trainer.prepare_caches(&mut |_, _| {}) {
+            return self.fail(id, e.to_string());
+        }
+        emit(trainer.started_event());
+        while !trainer.is_done() {
+            match self.between_steps(id, &trainer) {
+                Between::Continue => {}
+                Between::Cancel => {
+                    if trainer.progress().step > 0 {
+                        let _ = trainer.save_step(&mut emit);
+                    }
+                    emit(TrainEvent::Cancelled {
+                        step: trainer.progress().step,
+                    });
+                    return self.shared.set_state(id, JobState::Cancelled);
+                }
+                Between::Pause => {
+                    self.shared.set_state(id, JobState::Paused);
+                    if !self.wait_while_paused(id, &trainer) {
+                        return;
+                    }
+                    self.shared.set_state(id, JobState::Running);
+                }
+            }
+            if self.stop {
+                // Shutdown: keep the job resumable from its last save.
+                return self.shared.set_state(id, JobState::Interrupted);
+            }
+            if let Err(e) = trainer.step(&mut emit) {
+                return self.fail(id, e.to_string());
+            }
+        }
+        match trainer.finish() {
+            Ok(path) => {
+                let mut outputs = vec![path.clone()];
+                if let Some(name) = path.file_name() {
+                    let shared_copy = self.shared.lora_dir.join(name);
+                    match std::fs::read(&path)
+                        .and_then(|b| crate::atomic_file::write(&shared_copy, &b))
+                    {
+                        Ok(()) => outputs.push(shared_copy),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not copy the LoRA to the LoRA folder")
+                        }
+                    }
+                }
+                emit(TrainEvent::Finished {
+                    step: trainer.progress().step,
+                    path,
+                    seconds: 0.0,
+                });
+                self.shared.update(id, |r| {
+                    r.outputs = outputs;
+                    r.state = JobState::Finished;
+                });
+            }
+            Err(e) => self.fail(id, e.to_string()),
+        }
+    }
+
+    /// Serves what arrived since the last step: samples run now (with the live
+    /// adapter when asked), other jobs queue, controls apply.
+    fn between_steps(&mut self, running: &str, trainer: &Trainer) -> Between {
+        let mut outcome = Between::Continue;
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Command::Run(id, JobRequest::Sample(job)) => {
+                    let live = trainer.live_lora().map(|l| (running, l));
+                    self.run_sample(&id, &job, live);
+                }
+                Command::Run(id, req) => self.queue.push_back((id, req)),
+                Command::Stop => self.stop = true,
+                Command::Control(id, c) if id == running => match c {
+                    Control::Cancel => outcome = Between::Cancel,
+                    Control::Pause => outcome = Between::Pause,
+                    Control::Resume => {}
+                },
+                Command::Control(id, c) => self.control_queued(&id, c),
+            }
+        }
+        outcome
+    }
+
+    /// Blocks while `id` is paused, still serving samples; false when cancelled or stopped.
+    fn wait_while_paused(&mut self, id: &str, trainer: &Trainer) -> bool {
+        loop {
+            let Ok(cmd) = self.rx.recv() else {
+                return false;
+            };
+            match cmd {
+                Command::Run(sid, JobRequest::Sample(job)) => {
+                    let live = trainer.live_lora().map(|l| (id, l));
+                    self.run_sample(&sid, &job, live);
+                }
+                Command::Run(other, req) => self.queue.push_back((other, req)),
+                Command::Stop => {
+                    self.stop = true;
+                    self.shared.set_state(id, JobState::Interrupted);
+                    return false;
+                }
+                Command::Control(cid, Control::Resume) if cid == id => return true,
+                Command::Control(cid, Control::Cancel) if cid == id => {
+                    self.shared.set_state(id, JobState::Cancelled);
+                    return false;
+                }
+                Command::Control(cid, c) if cid != id => self.control_queued(&cid, c),
+                Command::Control(..) => {}
+            }
+        }
+    }
+}

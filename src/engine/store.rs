@@ -1,0 +1,188 @@
+//! Jobs on disk: `<data>/jobs/<id>/job.json` (the record, rewritten atomically on
+//! every change) and `events.jsonl` (one event per line, appended; a torn last
+//! line from a crash is skipped when read back). A training job's saves live in
+//! the same folder.
+//!
+//! Must not: run jobs.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::events::{Event, JobState};
+use crate::atomic_file;
+
+/// What a job is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Train,
+    Sample,
+}
+
+/// The persisted record of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub kind: JobKind,
+    pub state: JobState,
+    /// Unix seconds.
+    pub created: f64,
+    pub updated: f64,
+    /// The request as submitted (a TrainConfig or a sample request).
+    pub request: serde_json::Value,
+    /// Files the job produced (LoRAs, images).
+    #[serde(default)]
+    pub outputs: Vec<PathBuf>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The jobs folder.
+pub struct JobStore {
+    root: PathBuf,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("{}: {e}", path.display()))
+}
+
+impl JobStore {
+    pub fn open(data_dir: &Path) -> std::io::Result<Self> {
+        let root = data_dir.join("jobs");
+        std::fs::create_dir_all(&root).map_err(|e| io(&root, e))?;
+        Ok(Self { root })
+    }
+
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    /// Writes the record atomically (creating the job folder).
+    pub fn save(&self, record: &JobRecord) -> std::io::Result<()> {
+        let path = self.dir(&record.id).join("job.json");
+        let text = serde_json::to_vec_pretty(record).map_err(|e| io(&path, e))?;
+        atomic_file::write(&path, &text).map_err(|e| io(&path, e))
+    }
+
+    /// Appends an event to its job's log (previews are not stored).
+    pub fn append(&self, event: &Event) -> std::io::Result<()> {
+        if event.is_preview() {
+            return Ok(());
+        }
+        let path = self.dir(&event.job).join("events.jsonl");
+        let mut line = serde_json::to_vec(event).map_err(|e| io(&path, e))?;
+        line.push(b'\n');
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        f.write_all(&line).map_err(|e| io(&path, e))
+    }
+
+    /// The job's stored events with `seq > since`, as JSON values, in order.
+    pub fn events_since(&self, id: &str, since: u64) -> std::io::Result<Vec<serde_json::Value>> {
+        let path = self.dir(id).join("events.jsonl");
+        let f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(io(&path, e)),
+        };
+        Ok(BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+            .filter(|v| v["seq"].as_u64().is_some_and(|s| s > since))
+            .collect())
+    }
+
+    /// Every stored record (unreadable ones are skipped with a warning), oldest first.
+    pub fn load_all(&self) -> std::io::Result<Vec<JobRecord>> {
+        let mut out = vec![];
+        for entry in std::fs::read_dir(&self.root).map_err(|e| io(&self.root, e))? {
+            let Ok(entry) = entry else { continue };
+            let path = entry.path().join("job.json");
+            match std::fs::read(&path).map(|b| serde_json::from_slice::<JobRecord>(&b)) {
+                Ok(Ok(r)) => out.push(r),
+                Ok(Err(e)) => {
+                    tracing::warn!(file = %path.display(), error = %e, "skipping unreadable job record")
+                }
+                Err(_) => {}
+            }
+        }
+        out.sort_by(|a, b| a.created.total_cmp(&b.created).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// The highest event sequence number stored, so numbering continues after a restart.
+    pub fn last_seq(&self) -> u64 {
+        let Ok(records) = self.load_all() else {
+            return 0;
+        };
+        records
+            .iter()
+            .filter_map(|r| self.events_since(&r.id, 0).ok())
+            .flat_map(|events| events.into_iter().filter_map(|e| e["seq"].as_u64()))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Deletes a job's folder.
+    pub fn remove(&self, id: &str) -> std::io::Result<()> {
+        let dir = self.dir(id);
+        std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::events::EventKind;
+
+    #[test]
+    fn records_and_events_round_trip_and_torn_lines_are_skipped() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = JobStore::open(dir.path())?;
+        let rec = JobRecord {
+            id: "j1".into(),
+            kind: JobKind::Train,
+            state: JobState::Running,
+            created: 1.0,
+            updated: 1.0,
+            request: serde_json::json!({"max_train_steps": 3}),
+            outputs: vec![],
+            error: None,
+        };
+        store.save(&rec)?;
+        for seq in 1..=3 {
+            store.append(&Event {
+                seq,
+                job: "j1".into(),
+                time: 0.0,
+                kind: EventKind::State {
+                    state: JobState::Running,
+                },
+            })?;
+        }
+        // A crash mid-append leaves a torn line.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(store.dir("j1").join("events.jsonl"))?;
+        f.write_all(b"{\"seq\": 4, \"job\"")?;
+        assert_eq!(store.load_all()?, vec![rec]);
+        let since = store.events_since("j1", 1)?;
+        assert_eq!(
+            since
+                .iter()
+                .map(|e| e["seq"].as_u64().unwrap())
+                .collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!(since[0]["type"], "state");
+        assert_eq!(store.last_seq(), 3);
+        Ok(())
+    }
+}

@@ -1,0 +1,296 @@
+//! The engine on the built-in tiny model: jobs run from one queue, events are
+//! numbered and stored, samples are served between training steps with the live
+//! adapter, and a restart leaves a resumable, interrupted job.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use fluxlora::engine::bus::Received;
+use fluxlora::engine::events::{Event, EventKind, JobState};
+use fluxlora::engine::{Control, Engine, JobRequest, LoraChoice, SampleJob};
+use fluxlora::model::bundle::ModelBundle;
+use fluxlora::sample::generate::SampleRequest;
+use fluxlora::train::config::TrainConfig;
+use fluxlora::train::dataset::{DatasetConfig, FolderConfig, Resolution};
+use fluxlora::train::events::TrainEvent;
+use fluxlora::train::network::NetworkConfig;
+use fluxlora::train::shapes;
+
+fn bundle() -> Arc<ModelBundle> {
+    Arc::new(ModelBundle::tiny(&Device::Cpu).unwrap())
+}
+
+fn train_config(data: &Path, steps: u64) -> TrainConfig {
+    TrainConfig {
+        output_name: "job".into(),
+        dataset: DatasetConfig {
+            folders: vec![FolderConfig::new(data.to_path_buf())],
+            resolution: Resolution {
+                width: 64,
+                height: 64,
+            },
+            enable_bucket: false,
+            ..DatasetConfig::default()
+        },
+        network: NetworkConfig {
+            rank: 2,
+            alpha: 2.0,
+            ..NetworkConfig::default()
+        },
+        learning_rate: 1e-3,
+        max_train_steps: Some(steps),
+        save_every_n_steps: Some(2),
+        ..TrainConfig::default()
+    }
+}
+
+fn sample_job(seed: u64) -> SampleJob {
+    SampleJob {
+        request: SampleRequest {
+            steps: Some(3),
+            seed,
+            ..SampleRequest::new("a red circle on a blue background")
+        },
+        loras: vec![],
+    }
+}
+
+/// Waits until `id` reaches a terminal state (or `want`), failing after 120 s.
+fn wait_for(engine: &Engine, id: &str, want: JobState) -> JobState {
+    let start = Instant::now();
+    loop {
+        let state = engine.job(id).unwrap().state;
+        if state == want || state.is_terminal() {
+            return state;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "job {id} stuck in {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn train_then_sample_with_the_produced_lora_and_events_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    shapes::write_dataset(&data, 3, 64, 1).unwrap();
+    let engine = Engine::start(
+        bundle(),
+        &tmp.path().join("state"),
+        tmp.path().join("loras"),
+    )
+    .unwrap();
+    let sub = engine.subscribe(None, 10_000);
+
+    let train = engine
+        .submit(JobRequest::Train(Box::new(train_config(&data, 4))))
+        .unwrap();
+    assert_eq!(
+        wait_for(&engine, &train, JobState::Finished),
+        JobState::Finished
+    );
+    let record = engine.job(&train).unwrap();
+    let shared_lora = tmp.path().join("loras/job.safetensors");
+    assert!(
+        record.outputs.contains(&shared_lora),
+        "{:?}",
+        record.outputs
+    );
+
+    let mut job = sample_job(1);
+    job.loras.push(LoraChoice {
+        path: Some(shared_lora),
+        live_job: None,
+        strength: 0.8,
+    });
+    let sample = engine.submit(JobRequest::Sample(job)).unwrap();
+    assert_eq!(
+        wait_for(&engine, &sample, JobState::Finished),
+        JobState::Finished
+    );
+    let png = &engine.job(&sample).unwrap().outputs[0];
+    assert!(image::open(png).is_ok());
+
+    // The subscriber saw everything, numbered in order.
+    let mut events: Vec<Event> = vec![];
+    while let Received::Event(e) = sub.recv(Duration::from_millis(100)) {
+        events.push(e);
+    }
+    assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+    let train_kinds: Vec<String> = events
+        .iter()
+        .filter(|e| e.job == train)
+        .map(|e| match &e.kind {
+            EventKind::State { state } => format!("{state:?}"),
+            EventKind::Train {
+                event: TrainEvent::Step(_),
+            } => "step".into(),
+            EventKind::Train {
+                event: TrainEvent::Saved { .. },
+            } => "saved".into(),
+            EventKind::Train {
+                event: TrainEvent::Started { .. },
+            } => "started".into(),
+            EventKind::Train {
+                event: TrainEvent::Finished { .. },
+            } => "finished".into(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        train_kinds,
+        [
+            "Queued", "Running", "started", "step", "step", "saved", "step", "step", "finished",
+            "Finished"
+        ]
+    );
+    // The same events were stored and can be replayed from any point.
+    let stored = engine.events_since(&train, 0).unwrap();
+    assert_eq!(stored.len(), train_kinds.len());
+    let since = stored[4]["seq"].as_u64().unwrap();
+    assert_eq!(
+        engine.events_since(&train, since).unwrap().len(),
+        train_kinds.len() - 5
+    );
+    engine.shutdown();
+}
+
+#[test]
+fn samples_run_between_training_steps_with_the_live_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    shapes::write_dataset(&data, 3, 64, 2).unwrap();
+    let engine = Engine::start(
+        bundle(),
+        &tmp.path().join("state"),
+        tmp.path().join("loras"),
+    )
+    .unwrap();
+    let sub = engine.subscribe(None, 10_000);
+    let mut cfg = train_config(&data, 10_000);
+    cfg.save_every_n_steps = None;
+    let train = engine.submit(JobRequest::Train(Box::new(cfg))).unwrap();
+    // Wait for a few steps, then ask for a sample with the adapter being trained.
+    let mut steps = 0;
+    while steps < 3 {
+        if let Received::Event(Event {
+            kind: EventKind::Train {
+                event: TrainEvent::Step(_),
+            },
+            ..
+        }) = sub.recv(Duration::from_secs(60))
+        {
+            steps += 1;
+        }
+    }
+    let mut job = sample_job(3);
+    job.loras.push(LoraChoice {
+        path: None,
+        live_job: Some(train.clone()),
+        strength: 1.0,
+    });
+    let sample = engine.submit(JobRequest::Sample(job)).unwrap();
+    assert_eq!(
+        wait_for(&engine, &sample, JobState::Finished),
+        JobState::Finished
+    );
+    assert_eq!(
+        engine.job(&train).unwrap().state,
+        JobState::Running,
+        "training goes on"
+    );
+
+    // Pause and resume between steps, then cancel: a resumable state is saved.
+    engine.control(&train, Control::Pause).unwrap();
+    assert_eq!(
+        wait_for(&engine, &train, JobState::Paused),
+        JobState::Paused
+    );
+    engine.control(&train, Control::Resume).unwrap();
+    assert_eq!(
+        wait_for(&engine, &train, JobState::Running),
+        JobState::Running
+    );
+    engine.control(&train, Control::Cancel).unwrap();
+    assert_eq!(
+        wait_for(&engine, &train, JobState::Cancelled),
+        JobState::Cancelled
+    );
+    assert!(fluxlora::train::checkpoint::latest_state(&engine.job_dir(&train), "job").is_some());
+    let err = engine
+        .control(&train, Control::Pause)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Cancelled"), "{err}");
+    engine.shutdown();
+}
+
+#[test]
+fn a_restart_marks_the_running_job_interrupted_and_resume_completes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    shapes::write_dataset(&data, 3, 64, 3).unwrap();
+    let state_dir = tmp.path().join("state");
+    let model = bundle();
+    let engine = Engine::start(model.clone(), &state_dir, tmp.path().join("loras")).unwrap();
+    let sub = engine.subscribe(None, 10_000);
+    let train = engine
+        .submit(JobRequest::Train(Box::new(train_config(&data, 8))))
+        .unwrap();
+    // Stop the engine after the first save, as a dying process would.
+    loop {
+        if let Received::Event(Event {
+            kind: EventKind::Train {
+                event: TrainEvent::Saved { .. },
+            },
+            ..
+        }) = sub.recv(Duration::from_secs(60))
+        {
+            break;
+        }
+    }
+    engine.shutdown();
+    drop(engine);
+
+    let engine = Engine::start(model, &state_dir, tmp.path().join("loras")).unwrap();
+    assert_eq!(engine.job(&train).unwrap().state, JobState::Interrupted);
+    engine.control(&train, Control::Resume).unwrap();
+    assert_eq!(
+        wait_for(&engine, &train, JobState::Finished),
+        JobState::Finished
+    );
+    let started: Vec<_> = engine
+        .events_since(&train, 0)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e["event"]["type"] == "started")
+        .collect();
+    assert_eq!(started.len(), 2);
+    assert!(started[1]["event"]["resumed_from_step"].as_u64().unwrap() >= 2);
+    // No temporary files anywhere.
+    let leftovers: Vec<_> = walk(&state_dir)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(".tmp"))
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    engine.shutdown();
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
