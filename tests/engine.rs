@@ -115,12 +115,20 @@ fn train_then_sample_with_the_produced_lora_and_events_in_order() {
     let png = &engine.job(&sample).unwrap().outputs[0];
     assert!(image::open(png).is_ok());
 
-    // The subscriber saw everything, numbered in order.
+    // The subscriber saw everything, numbered in order, previews included.
     let mut events: Vec<Event> = vec![];
     while let Received::Event(e) = sub.recv(Duration::from_millis(100)) {
         events.push(e);
     }
     assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+    let preview = events
+        .iter()
+        .find_map(|e| match &e.kind {
+            EventKind::Preview { png, .. } if e.job == sample => Some(png.clone()),
+            _ => None,
+        })
+        .expect("a preview while sampling");
+    assert!(image::load_from_memory(&preview).is_ok());
     let train_kinds: Vec<String> = events
         .iter()
         .filter(|e| e.job == train)

@@ -85,7 +85,7 @@ impl EventBus {
             if slot
                 .jobs
                 .as_ref()
-                .is_some_and(|jobs| !jobs.iter().any(|j| *j == event.job))
+                .is_some_and(|jobs| !jobs.contains(&event.job))
             {
                 continue;
             }

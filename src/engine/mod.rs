@@ -328,6 +328,21 @@ impl Engine {
     }
 }
 
+/// A cheap preview of packed latents (first image of the batch): ComfyUI's linear
+/// latent→RGB projection, PNG-encoded, at latent resolution.
+fn preview_png(packed: &candle_core::Tensor, lh: usize, lw: usize) -> candle_core::Result<Vec<u8>> {
+    let latents = crate::model::flux::unpack_latents(&packed.narrow(0, 0, 1)?, lh, lw)?;
+    let rgb =
+        crate::model::vae::latent_to_rgb_preview(&latents.to_dtype(candle_core::DType::F32)?)?; // [0, 1]
+    let images = crate::model::vae::tensor_to_images(&((rgb * 2.0)? - 1.0)?)?;
+    let mut png = Vec::new();
+    if let Some(img) = images.first() {
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .map_err(candle_core::Error::wrap)?;
+    }
+    Ok(png)
+}
+
 /// The worker: owns the model and runs jobs one at a time.
 struct Worker {
     shared: Arc<Shared>,
@@ -476,7 +491,13 @@ impl Worker {
         }
         let req = ResolvedRequest::new(&job.request, &self.bundle).map_err(|e| e.to_string())?;
         let shared = self.shared.clone();
-        let images = generate(&self.bundle, &req, &adapters, &mut |info, _| {
+        let factor = self
+            .bundle
+            .vae()
+            .map_err(|e| e.to_string())?
+            .downsample_factor();
+        let (lh, lw) = (req.height / factor, req.width / factor);
+        let images = generate(&self.bundle, &req, &adapters, &mut |info, x| {
             shared.emit(
                 id,
                 EventKind::SampleStep {
@@ -484,6 +505,16 @@ impl Worker {
                     total: info.total,
                 },
             );
+            match preview_png(x, lh, lw) {
+                Ok(png) => shared.emit(
+                    id,
+                    EventKind::Preview {
+                        step: info.step as u64,
+                        png,
+                    },
+                ),
+                Err(e) => tracing::debug!(error = %e, "no preview"),
+            }
             Ok(())
         })
         .map_err(|e| e.to_string())?;
