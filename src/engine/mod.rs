@@ -114,6 +114,8 @@ struct Shared {
     bus: EventBus,
     jobs: Mutex<HashMap<String, JobRecord>>,
     seq: AtomicU64,
+    /// Makes job ids unique within a process (with the time for uniqueness across runs).
+    next_id: AtomicU64,
     /// Where finished LoRAs are copied for other tools (`<data>/loras` or ComfyUI's).
     lora_dir: PathBuf,
 }
@@ -189,6 +191,7 @@ impl Engine {
             bus: EventBus::new(),
             jobs: Mutex::new(jobs),
             seq: AtomicU64::new(seq),
+            next_id: AtomicU64::new(0),
             lora_dir,
         });
         let (tx, rx) = channel();
@@ -205,11 +208,8 @@ impl Engine {
 
     /// Queues a job; returns its id.
     pub fn submit(&self, request: JobRequest) -> Result<String, EngineError> {
-        let id = format!(
-            "{:x}-{:04x}",
-            (now() * 1000.0) as u64,
-            self.shared.seq.load(Ordering::SeqCst) & 0xffff
-        );
+        let n = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{:x}-{n:04x}", (now() * 1000.0) as u64);
         let (kind, value) = match &request {
             JobRequest::Train(cfg) => (JobKind::Train, serde_json::to_value(cfg.as_ref())),
             JobRequest::Sample(s) => (JobKind::Sample, serde_json::to_value(s)),
