@@ -44,7 +44,7 @@ impl ModelArgs {
         let bundle = match &self.model {
             Some(path) => ModelBundle::load(path, dtype, &device)
                 .with_context(|| format!("loading model from {}", path.display()))?,
-            None => ModelBundle::tiny(&device)?,
+            None => ModelBundle::tiny_in(&device, dtype)?,
         };
         tracing::info!(model = %bundle.name, device = %self.device, "model loaded");
         Ok(bundle)

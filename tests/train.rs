@@ -290,3 +290,41 @@ fn encoders_are_released_after_caching_when_nothing_needs_them() {
     assert!(err.contains("released"), "{err}");
     assert!(trainer.bundle().vae().is_err());
 }
+
+#[test]
+fn bf16_compute_trains_f32_adapter_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    shapes::write_dataset(&data, 3, 64, 6).unwrap();
+    let mut cfg = config(&data, &tmp.path().join("out"), 3);
+    cfg.mixed_precision = Precision::Bf16;
+    let model = Arc::new(ModelBundle::tiny_in(&Device::Cpu, candle_core::DType::BF16).unwrap());
+    let mut trainer = Trainer::new(cfg, model, None).unwrap();
+    let mut losses = vec![];
+    let path = trainer
+        .run(&TrainControl::default(), &mut |e| {
+            if let TrainEvent::Step(s) = e {
+                losses.push(s.loss);
+            }
+        })
+        .unwrap()
+        .expect("finished");
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    let lora = trainer.live_lora().unwrap();
+    let (_, layer) = lora.layers.iter().next().unwrap();
+    assert_eq!(
+        layer.down.dtype(),
+        candle_core::DType::F32,
+        "master weights stay f32"
+    );
+    let up = layer
+        .up
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(up > 0.0, "bf16 gradients reached the f32 adapter");
+    assert!(lora_io::load(&path, &Device::Cpu).is_ok());
+}

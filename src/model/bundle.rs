@@ -100,11 +100,17 @@ impl ModelBundle {
     /// are the pretrained weights embedded in the binary (see `train::pretrain_tiny`);
     /// the tiny text encoders are deterministic from their seed.
     pub fn tiny(device: &Device) -> Result<Self> {
+        Self::tiny_in(device, DType::F32)
+    }
+
+    /// The built-in tiny model with the transformer computing in `dtype` (the small
+    /// text encoders and autoencoder stay f32).
+    pub fn tiny_in(device: &Device, dtype: DType) -> Result<Self> {
         let text = TextEncoders::tiny(TINY_SEED, device)?;
         let vae = tiny_vae_from_bytes(TINY_VAE, device)?;
         let cfg = tiny_flux_config(&text, &vae);
         let weights = candle_core::safetensors::load_buffer(TINY_FLUX, device)?;
-        let flux = Flux::new(&cfg, &WeightSource::Tensors(weights), DType::F32, device)?;
+        let flux = Flux::new(&cfg, &WeightSource::Tensors(weights), dtype, device)?;
         Ok(Self::new("tiny", flux, text, vae, Self::tiny_defaults()))
     }
 
