@@ -10,13 +10,15 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::config::{DeviceChoice, Precision};
+use crate::config::{DeviceChoice, Precision, Settings};
+use crate::engine::Engine;
 use crate::model::adapter::AdapterSet;
 use crate::model::bundle::ModelBundle;
 use crate::model::flux::save_checkpoint;
 use crate::model::lora_io;
 use crate::sample::generate::{generate, ResolvedRequest, SampleRequest};
 use crate::sample::png_meta::save_png;
+use crate::server::AppState;
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
 use crate::train::events::{TrainControl, TrainEvent};
@@ -260,6 +262,35 @@ pub fn write_demo_dataset(cfg: &TrainConfig) -> Result<()> {
         .with_context(|| format!("writing the demo dataset to {}", concept.display()))?;
     write_dataset(regular, 24, 64, 8)
         .with_context(|| format!("writing the demo dataset to {}", regular.display()))?;
+    Ok(())
+}
+
+/// `fluxlora serve`: loads the model, starts the engine and serves HTTP until stopped.
+pub fn serve(settings: Settings) -> Result<()> {
+    crate::server::check_bind(&settings).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating {}", settings.data_dir.display()))?;
+    let model = ModelArgs {
+        model: settings.model.clone(),
+        device: settings.device,
+        precision: settings.precision,
+    };
+    let bundle = Arc::new(model.load()?);
+    let engine = Engine::start(bundle.clone(), &settings.data_dir, settings.lora_dir())?;
+    let state = AppState {
+        engine: engine.clone(),
+        model_name: bundle.name.clone(),
+        device: settings.device.to_string(),
+        dtype: format!("{:?}", bundle.flux.dtype()).to_lowercase(),
+        roots: settings.read_roots(),
+    };
+    let name = bundle.name.clone();
+    actix_web::rt::System::new().block_on(async move {
+        let (server, addr) = crate::server::start(&settings, state)?;
+        tracing::info!("fluxlora serving on http://{addr} with model {name}");
+        server.await
+    })?;
+    engine.shutdown();
     Ok(())
 }
 

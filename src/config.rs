@@ -1,9 +1,10 @@
 //! Runtime settings shared by every entry point: which device computes and in
-//! which precision. (The daemon's settings join this module when the server lands.)
+//! which precision, and the daemon's [`Settings`] with their defaults.
 //!
 //! Must not: load models or open files.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use candle_core::{DType, Device};
@@ -86,6 +87,62 @@ impl FromStr for Precision {
             "f16" | "fp16" | "float16" => Ok(Self::F16),
             other => Err(format!("unknown precision `{other}`: use f32, bf16 or f16")),
         }
+    }
+}
+
+/// The daemon's settings, with safe defaults (loopback only, no token needed there).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub host: String,
+    /// 0 picks a free port.
+    pub port: u16,
+    /// Jobs, LoRAs and caches live here.
+    pub data_dir: PathBuf,
+    /// A model file or folder; the built-in tiny model when absent.
+    pub model: Option<PathBuf>,
+    /// A ComfyUI install: its `models/loras` receives finished LoRAs and is readable.
+    pub comfy_root: Option<PathBuf>,
+    /// Required on every request when set; required to be set off loopback.
+    pub token: Option<String>,
+    pub device: DeviceChoice,
+    pub precision: Precision,
+    /// Largest JSON request body accepted.
+    pub max_body_bytes: usize,
+    /// Further folders requests may read (datasets, LoRAs); the data dir is always one.
+    pub roots: Vec<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 7860,
+            data_dir: PathBuf::from("fluxlora-data"),
+            model: None,
+            comfy_root: None,
+            token: std::env::var("FLUXLORA_TOKEN").ok(),
+            device: DeviceChoice::Cpu,
+            precision: Precision::F32,
+            max_body_bytes: 1 << 20,
+            roots: vec![],
+        }
+    }
+}
+
+impl Settings {
+    /// Where finished LoRAs go: ComfyUI's `models/loras` when given, else `<data>/loras`.
+    pub fn lora_dir(&self) -> PathBuf {
+        match &self.comfy_root {
+            Some(root) => root.join("models").join("loras"),
+            None => self.data_dir.join("loras"),
+        }
+    }
+
+    /// Every folder a request may read from.
+    pub fn read_roots(&self) -> Vec<PathBuf> {
+        let mut roots = vec![self.data_dir.clone(), self.lora_dir()];
+        roots.extend(self.roots.iter().cloned());
+        roots
     }
 }
 

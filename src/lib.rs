@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod model;
 pub mod sample;
+pub mod server;
 pub mod train;
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: HTTP API over one engine that owns the model.
+    Serve(ServeArgs),
     /// Generate images from a prompt (the built-in tiny model when no --model is given).
     Sample(SampleArgs),
     /// Train a LoRA from a TOML or JSON config, or the built-in demo with --demo.
@@ -61,6 +63,27 @@ enum Command {
     /// Inspect, convert or merge LoRA files.
     #[command(subcommand)]
     Lora(LoraCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 7860)]
+    port: u16,
+    #[arg(long, default_value = "fluxlora-data")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A ComfyUI install: finished LoRAs go to its models/loras.
+    #[arg(long)]
+    comfy_root: Option<PathBuf>,
+    /// Bearer token (required when --host is not a loopback address).
+    #[arg(long, env = "FLUXLORA_TOKEN")]
+    token: Option<String>,
+    /// Further folders requests may read (datasets, LoRAs); repeatable.
+    #[arg(long = "root")]
+    roots: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -131,6 +154,21 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Serve(a) => {
+            let settings = fluxlora::config::Settings {
+                host: a.host,
+                port: a.port,
+                data_dir: a.data_dir,
+                model: a.model.model,
+                comfy_root: a.comfy_root,
+                token: a.token,
+                device: a.model.device,
+                precision: a.model.precision,
+                roots: a.roots,
+                ..Default::default()
+            };
+            commands::serve(settings)?;
+        }
         Command::Sample(a) => {
             let req = fluxlora::sample::generate::SampleRequest {
                 prompt: a.prompt,

@@ -1,0 +1,258 @@
+//! The native `/v1` API: jobs (train, sample), control, event replay, job files,
+//! synchronous sampling and system information. Handlers translate HTTP into
+//! engine calls and back; nothing else.
+
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::errors::ApiError;
+use super::AppState;
+use crate::engine::events::JobState;
+use crate::engine::{Control, JobRequest, SampleJob};
+use crate::train::config::TrainConfig;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/system", web::get().to(system))
+        .route("/v1/jobs", web::get().to(list_jobs))
+        .route("/v1/jobs/train", web::post().to(submit_train))
+        .route("/v1/jobs/sample", web::post().to(submit_sample))
+        .route("/v1/jobs/{id}", web::get().to(get_job))
+        .route("/v1/jobs/{id}/events", web::get().to(job_events))
+        .route("/v1/jobs/{id}/files/{path:.*}", web::get().to(job_file))
+        .route("/v1/jobs/{id}/{action}", web::post().to(control_job))
+        .route("/v1/sample", web::post().to(sample_now));
+}
+
+async fn system(state: web::Data<AppState>) -> HttpResponse {
+    let jobs = state.engine.jobs();
+    let queued = jobs.iter().filter(|j| j.state == JobState::Queued).count();
+    let running = jobs.iter().filter(|j| j.state == JobState::Running).count();
+    HttpResponse::Ok().json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "model": state.model_name,
+        "device": state.device,
+        "dtype": state.dtype,
+        "peak_memory_bytes": crate::train::events::peak_memory_bytes(),
+        "queue": {"queued": queued, "running": running},
+    }))
+}
+
+async fn list_jobs(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.engine.jobs())
+}
+
+async fn get_job(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(state.engine.job(&id)?))
+}
+
+/// Checks that every dataset folder of a training config lies inside an allowed root.
+fn check_dataset_paths(state: &AppState, cfg: &TrainConfig) -> Result<(), ApiError> {
+    for (i, folder) in cfg.dataset.folders.iter().enumerate() {
+        state
+            .resolve_path(&folder.path)
+            .map_err(|message| ApiError::BadRequest {
+                message,
+                field: Some(format!("dataset.folders[{i}]")),
+            })?;
+    }
+    Ok(())
+}
+
+/// Parses a JSON value into `T`; errors name the offending field's path.
+fn parse<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::BadRequest {
+            message: format!("`{path}`: {}", e.inner()),
+            field: (path != ".").then_some(path),
+        }
+    })
+}
+
+async fn submit_train(
+    state: web::Data<AppState>,
+    body: web::Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
+    let cfg: TrainConfig = parse(body.into_inner())?;
+    cfg.validate()?;
+    check_dataset_paths(&state, &cfg)?;
+    let id = state.engine.submit(JobRequest::Train(Box::new(cfg)))?;
+    Ok(HttpResponse::Accepted().json(json!({ "id": id })))
+}
+
+fn check_sample_paths(state: &AppState, job: &SampleJob) -> Result<(), ApiError> {
+    for (i, lora) in job.loras.iter().enumerate() {
+        if let Some(p) = &lora.path {
+            state
+                .resolve_path(p)
+                .map_err(|message| ApiError::BadRequest {
+                    message,
+                    field: Some(format!("loras[{i}].path")),
+                })?;
+        }
+    }
+    Ok(())
+}
+
+async fn submit_sample(
+    state: web::Data<AppState>,
+    body: web::Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
+    let job: SampleJob = parse(body.into_inner())?;
+    check_sample_paths(&state, &job)?;
+    let id = state.engine.submit(JobRequest::Sample(job))?;
+    Ok(HttpResponse::Accepted().json(json!({ "id": id })))
+}
+
+#[derive(Deserialize)]
+struct SampleQuery {
+    /// `json` for `{ "images": [base64 PNG…] }` instead of PNG bytes.
+    #[serde(default)]
+    format: Option<String>,
+}
+
+/// Samples and answers with the first PNG (or all as base64 JSON with `?format=json`).
+async fn sample_now(
+    state: web::Data<AppState>,
+    body: web::Json<serde_json::Value>,
+    query: web::Query<SampleQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let job: SampleJob = parse(body.into_inner())?;
+    check_sample_paths(&state, &job)?;
+    let engine = state.engine.clone();
+    let id = engine.submit(JobRequest::Sample(job))?;
+    let record = web::block(move || loop {
+        match engine.job(&id) {
+            Ok(r) if r.state.is_terminal() => return Ok(r),
+            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(e),
+        }
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    if record.state != JobState::Finished {
+        let message = record
+            .error
+            .unwrap_or_else(|| format!("sampling ended {:?}", record.state));
+        return Err(ApiError::bad(message));
+    }
+    let images: Vec<Vec<u8>> = record
+        .outputs
+        .iter()
+        .map(std::fs::read)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if query.format.as_deref() == Some("json") {
+        use base64::Engine as _;
+        let encoded: Vec<String> = images
+            .iter()
+            .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
+            .collect();
+        return Ok(HttpResponse::Ok().json(json!({ "id": record.id, "images": encoded })));
+    }
+    let first = images
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::Internal("no image produced".into()))?;
+    Ok(HttpResponse::Ok().content_type("image/png").body(first))
+}
+
+async fn control_job(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (id, action) = path.into_inner();
+    let control = match action.as_str() {
+        "cancel" => Control::Cancel,
+        "pause" => Control::Pause,
+        "resume" => Control::Resume,
+        other => {
+            return Err(ApiError::NotFound(format!(
+                "no action `{other}`: use cancel, pause or resume"
+            )))
+        }
+    };
+    state.engine.control(&id, control)?;
+    Ok(HttpResponse::Ok().json(state.engine.job(&id)?))
+}
+
+#[derive(Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn job_events(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    q: web::Query<Since>,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(state.engine.events_since(&id, q.since)?))
+}
+
+/// A file inside a job's folder (samples, checkpoints, the LoRA); `..` is refused.
+async fn job_file(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (id, rel) = path.into_inner();
+    state.engine.job(&id)?;
+    let rel = Path::new(&rel);
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(ApiError::bad("file paths must stay inside the job folder"));
+    }
+    let dir = state.engine.job_dir(&id);
+    let full = dir.join(rel);
+    let canonical = full
+        .canonicalize()
+        .map_err(|_| ApiError::NotFound(format!("no file `{}` in job {id}", rel.display())))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if !canonical.starts_with(&dir) || !canonical.is_file() {
+        return Err(ApiError::NotFound(format!(
+            "no file `{}` in job {id}",
+            rel.display()
+        )));
+    }
+    let bytes = std::fs::read(&canonical).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mime = match canonical.extension().and_then(|e| e.to_str()) {
+        Some("png") => "image/png",
+        Some("json") => "application/json",
+        _ => "application/octet-stream",
+    };
+    Ok(HttpResponse::Ok().content_type(mime).body(bytes))
+}
+
+/// Resolves `path` (absolute, or relative to the first root) and checks it lies
+/// inside one of `roots` after following symlinks.
+pub fn resolve_in_roots(roots: &[PathBuf], path: &Path) -> Result<PathBuf, String> {
+    let first = roots.first().ok_or("no file roots are configured")?;
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        first.join(path)
+    };
+    let canonical = joined
+        .canonicalize()
+        .map_err(|_| format!("{}: no such file or folder", path.display()))?;
+    let inside = roots
+        .iter()
+        .filter_map(|r| r.canonicalize().ok())
+        .any(|r| canonical.starts_with(&r));
+    if inside {
+        Ok(canonical)
+    } else {
+        Err(format!(
+            "{} is outside the folders this server may read",
+            path.display()
+        ))
+    }
+}
