@@ -283,6 +283,7 @@ pub fn serve(settings: Settings) -> Result<()> {
         device: settings.device.to_string(),
         dtype: format!("{:?}", bundle.flux.dtype()).to_lowercase(),
         roots: settings.read_roots(),
+        lora_dir: Some(settings.lora_dir()),
     };
     let name = bundle.name.clone();
     actix_web::rt::System::new().block_on(async move {

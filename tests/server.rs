@@ -47,6 +47,7 @@ fn spawn_app(
             device: "cpu".into(),
             dtype: "f32".into(),
             roots: settings.read_roots(),
+            lora_dir: Some(settings.lora_dir()),
         };
         actix_web::rt::System::new().block_on(async move {
             let (server, addr) = server::start(&settings, state).unwrap();
@@ -237,7 +238,9 @@ fn curl_flow_train_then_sample_with_the_lora() {
         assert!(r.json()["error"]["message"].is_string(), "{escape}");
     }
 
-    let body = json!({"request": {"prompt": "a red circle on a blue background", "steps": 3}, "loras": [{"path": lora, "strength": 0.8}]});
+    assert!(lora.as_str().unwrap().ends_with("api.safetensors"));
+    // A bare file name is found in the LoRA folder, as ComfyUI and A1111 name LoRAs.
+    let body = json!({"request": {"prompt": "a red circle on a blue background", "steps": 3}, "loras": [{"path": "api.safetensors", "strength": 0.8}]});
     let png = app.post("/v1/sample", &body);
     assert_eq!(png.status, 200, "{}", String::from_utf8_lossy(&png.body));
     assert_eq!(png.content_type, "image/png");

@@ -29,6 +29,8 @@ pub struct AppState {
     pub dtype: String,
     /// Folders requests may read from (datasets, LoRAs).
     pub roots: Vec<PathBuf>,
+    /// Where bare LoRA file names are looked up.
+    pub lora_dir: Option<PathBuf>,
 }
 
 impl AppState {

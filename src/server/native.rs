@@ -52,10 +52,11 @@ async fn get_job(
     Ok(HttpResponse::Ok().json(state.engine.job(&id)?))
 }
 
-/// Checks that every dataset folder of a training config lies inside an allowed root.
-fn check_dataset_paths(state: &AppState, cfg: &TrainConfig) -> Result<(), ApiError> {
-    for (i, folder) in cfg.dataset.folders.iter().enumerate() {
-        state
+/// Resolves every dataset folder of a training config inside the allowed roots,
+/// replacing it by its canonical path (so the job reads exactly what was checked).
+fn check_dataset_paths(state: &AppState, cfg: &mut TrainConfig) -> Result<(), ApiError> {
+    for (i, folder) in cfg.dataset.folders.iter_mut().enumerate() {
+        folder.path = state
             .resolve_path(&folder.path)
             .map_err(|message| ApiError::BadRequest {
                 message,
@@ -80,22 +81,30 @@ async fn submit_train(
     state: web::Data<AppState>,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let cfg: TrainConfig = parse(body.into_inner())?;
+    let mut cfg: TrainConfig = parse(body.into_inner())?;
     cfg.validate()?;
-    check_dataset_paths(&state, &cfg)?;
+    check_dataset_paths(&state, &mut cfg)?;
     let id = state.engine.submit(JobRequest::Train(Box::new(cfg)))?;
     Ok(HttpResponse::Accepted().json(json!({ "id": id })))
 }
 
-fn check_sample_paths(state: &AppState, job: &SampleJob) -> Result<(), ApiError> {
-    for (i, lora) in job.loras.iter().enumerate() {
+/// Resolves every LoRA path of a sampling job inside the allowed roots (a bare file
+/// name is looked up in the LoRA folder, as ComfyUI and A1111 name LoRAs).
+fn check_sample_paths(state: &AppState, job: &mut SampleJob) -> Result<(), ApiError> {
+    for (i, lora) in job.loras.iter_mut().enumerate() {
         if let Some(p) = &lora.path {
-            state
-                .resolve_path(p)
-                .map_err(|message| ApiError::BadRequest {
-                    message,
-                    field: Some(format!("loras[{i}].path")),
-                })?;
+            let candidate = match (p.components().count(), &state.lora_dir) {
+                (1, Some(dir)) if dir.join(p).is_file() => dir.join(p),
+                _ => p.clone(),
+            };
+            let resolved =
+                state
+                    .resolve_path(&candidate)
+                    .map_err(|message| ApiError::BadRequest {
+                        message,
+                        field: Some(format!("loras[{i}].path")),
+                    })?;
+            lora.path = Some(resolved);
         }
     }
     Ok(())
@@ -105,8 +114,8 @@ async fn submit_sample(
     state: web::Data<AppState>,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let job: SampleJob = parse(body.into_inner())?;
-    check_sample_paths(&state, &job)?;
+    let mut job: SampleJob = parse(body.into_inner())?;
+    check_sample_paths(&state, &mut job)?;
     let id = state.engine.submit(JobRequest::Sample(job))?;
     Ok(HttpResponse::Accepted().json(json!({ "id": id })))
 }
@@ -124,8 +133,8 @@ async fn sample_now(
     body: web::Json<serde_json::Value>,
     query: web::Query<SampleQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let job: SampleJob = parse(body.into_inner())?;
-    check_sample_paths(&state, &job)?;
+    let mut job: SampleJob = parse(body.into_inner())?;
+    check_sample_paths(&state, &mut job)?;
     let engine = state.engine.clone();
     let id = engine.submit(JobRequest::Sample(job))?;
     let record = web::block(move || loop {
@@ -231,14 +240,15 @@ async fn job_file(
     Ok(HttpResponse::Ok().content_type(mime).body(bytes))
 }
 
-/// Resolves `path` (absolute, or relative to the first root) and checks it lies
-/// inside one of `roots` after following symlinks.
+/// Resolves `path` (absolute, or relative to the daemon's working folder) and checks
+/// it lies inside one of `roots` after following symlinks.
 pub fn resolve_in_roots(roots: &[PathBuf], path: &Path) -> Result<PathBuf, String> {
-    let first = roots.first().ok_or("no file roots are configured")?;
     let joined = if path.is_absolute() {
         path.to_path_buf()
     } else {
-        first.join(path)
+        std::env::current_dir()
+            .map_err(|e| e.to_string())?
+            .join(path)
     };
     let canonical = joined
         .canonicalize()
