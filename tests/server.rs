@@ -247,6 +247,22 @@ fn curl_flow_train_then_sample_with_the_lora() {
     assert!(image::load_from_memory(&png.body).is_ok());
     let as_json = app.post("/v1/sample?format=json", &body).json();
     assert_eq!(as_json["images"].as_array().unwrap().len(), 1);
+
+    // The LoRA folder lists the result and shows its kohya metadata.
+    let loras = app.get("/v1/loras").json();
+    assert_eq!(loras[0]["name"], "api.safetensors");
+    let info = app.get("/v1/loras/api.safetensors").json();
+    assert_eq!(info["format"], "kohya");
+    assert_eq!(info["metadata"]["ss_network_dim"], "2");
+    assert_eq!(app.get("/v1/loras/..%2Fjobs").status, 400);
+
+    // A finished job can be deleted; it is then gone.
+    assert_eq!(
+        app.request("DELETE", &format!("/v1/jobs/{id}"), None)
+            .status,
+        204
+    );
+    assert_eq!(app.get(&format!("/v1/jobs/{id}")).status, 404);
 }
 
 #[test]

@@ -318,6 +318,23 @@ impl Engine {
         self.shared.store.dir(id)
     }
 
+    /// Deletes a finished, failed, cancelled or interrupted job and its folder (the
+    /// copy of its LoRA in the LoRA folder stays).
+    pub fn delete(&self, id: &str) -> Result<(), EngineError> {
+        let rec = self.job(id)?;
+        if !(rec.state.is_terminal() || rec.state == JobState::Interrupted) {
+            return Err(EngineError::BadState {
+                id: id.into(),
+                state: rec.state,
+                action: "delete (cancel it first)",
+            });
+        }
+        if let Ok(mut jobs) = self.shared.jobs.lock() {
+            jobs.remove(id);
+        }
+        Ok(self.shared.store.remove(id)?)
+    }
+
     /// Stops the worker after the current step (a running training job stays
     /// resumable from its last save) and waits for it.
     pub fn shutdown(&self) {

@@ -21,6 +21,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/jobs/train", web::post().to(submit_train))
         .route("/v1/jobs/sample", web::post().to(submit_sample))
         .route("/v1/jobs/{id}", web::get().to(get_job))
+        .route("/v1/jobs/{id}", web::delete().to(delete_job))
+        .route("/v1/loras", web::get().to(list_loras))
+        .route("/v1/loras/{name}", web::get().to(get_lora))
         .route("/v1/jobs/{id}/events", web::get().to(job_events))
         .route("/v1/jobs/{id}/files/{path:.*}", web::get().to(job_file))
         .route("/v1/jobs/{id}/{action}", web::post().to(control_job))
@@ -50,6 +53,76 @@ async fn get_job(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(state.engine.job(&id)?))
+}
+
+async fn delete_job(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    state.engine.delete(&id)?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// The LoRA folder's `.safetensors` files: name, size, modification time.
+async fn list_loras(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let Some(dir) = &state.lora_dir else {
+        return Ok(HttpResponse::Ok().json(json!([])));
+    };
+    let mut loras = vec![];
+    for entry in std::fs::read_dir(dir)
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .flatten()
+    {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            continue;
+        }
+        let meta = entry
+            .metadata()
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs_f64());
+        loras.push(json!({
+            "name": entry.file_name().to_string_lossy(),
+            "path": path,
+            "size": meta.len(),
+            "modified": modified,
+        }));
+    }
+    loras.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Ok(HttpResponse::Ok().json(loras))
+}
+
+/// One LoRA of the LoRA folder: what `fluxlora lora inspect --json` shows.
+async fn get_lora(
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let name = Path::new(name.as_str());
+    let dir = state
+        .lora_dir
+        .as_ref()
+        .ok_or_else(|| ApiError::NotFound("no LoRA folder".into()))?;
+    if name.components().count() != 1
+        || !matches!(name.components().next(), Some(Component::Normal(_)))
+    {
+        return Err(ApiError::bad(
+            "give a file name from /v1/loras, without folders",
+        ));
+    }
+    let path = dir.join(name);
+    if !path.is_file() {
+        return Err(ApiError::NotFound(format!(
+            "no LoRA `{}` in the LoRA folder",
+            name.display()
+        )));
+    }
+    let file = crate::model::lora_io::load(&path, &candle_core::Device::Cpu)
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(crate::model::lora_io::describe(&file)))
 }
 
 /// Resolves every dataset folder of a training config inside the allowed roots,
