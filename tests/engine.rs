@@ -22,6 +22,11 @@ fn bundle() -> Arc<ModelBundle> {
     Arc::new(ModelBundle::tiny(&Device::Cpu).unwrap())
 }
 
+/// An engine on the tiny model with its state and LoRA folders under `root`.
+fn start(root: &Path) -> Engine {
+    Engine::start(bundle(), &root.join("state"), root.join("loras")).unwrap()
+}
+
 fn train_config(data: &Path, steps: u64) -> TrainConfig {
     TrainConfig {
         output_name: "job".into(),
@@ -78,12 +83,7 @@ fn train_then_sample_with_the_produced_lora_and_events_in_order() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     shapes::write_dataset(&data, 3, 64, 1).unwrap();
-    let engine = Engine::start(
-        bundle(),
-        &tmp.path().join("state"),
-        tmp.path().join("loras"),
-    )
-    .unwrap();
+    let engine = start(tmp.path());
     let sub = engine.subscribe(None, 10_000);
 
     let train = engine
@@ -172,12 +172,7 @@ fn samples_run_between_training_steps_with_the_live_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     shapes::write_dataset(&data, 3, 64, 2).unwrap();
-    let engine = Engine::start(
-        bundle(),
-        &tmp.path().join("state"),
-        tmp.path().join("loras"),
-    )
-    .unwrap();
+    let engine = start(tmp.path());
     let sub = engine.subscribe(None, 10_000);
     let mut cfg = train_config(&data, 10_000);
     cfg.save_every_n_steps = None;

@@ -564,6 +564,7 @@ impl Worker {
         let dir = self.shared.store.dir(id);
         cfg.output_dir = dir.clone();
         let resume = checkpoint::latest_state(&dir, &cfg.output_name);
+        let started = std::time::Instant::now();
         let mut trainer = match Trainer::new(cfg, self.bundle.clone(), resume.as_deref()) {
             Ok(t) => t,
             Err(e) => return self.fail(id, e.to_string()),
@@ -620,7 +621,7 @@ impl Worker {
                 emit(TrainEvent::Finished {
                     step: trainer.progress().step,
                     path,
-                    seconds: 0.0,
+                    seconds: started.elapsed().as_secs_f64(),
                 });
                 self.shared.update(id, |r| {
                     r.outputs = outputs;

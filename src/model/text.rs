@@ -50,6 +50,15 @@ const CLIP_EOS: &str = "<|endoftext|>";
 // tokenizer uses the same pattern).
 const CLIP_SPLIT_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
+/// A `tokenizer.json` given directly or inside a folder.
+fn tokenizer_json(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_path_buf()
+    }
+}
+
 /// A tokenized batch (see [`TextEncoders::tokenize_batch`]).
 struct TokenBatch {
     t5_ids: Vec<u32>,
@@ -432,11 +441,7 @@ impl PromptTokenizer {
     }
 
     fn t5_from_path(path: &Path, max_len: usize) -> Result<Self> {
-        let file = if path.is_dir() {
-            path.join("tokenizer.json")
-        } else {
-            path.to_path_buf()
-        };
+        let file = tokenizer_json(path);
         let tok = Tokenizer::from_file(&file).map_err(|e| {
             candle_core::Error::Msg(format!(
                 "T5 tokenizer {}: {e} (expected a tokenizer.json as in diffusers' tokenizer_2/ \
@@ -457,11 +462,7 @@ impl PromptTokenizer {
             let what = format!("CLIP tokenizer {}", path.display());
             (clip_bpe_tokenizer(&vocab, &merges)?, what)
         } else {
-            let file = if path.is_dir() {
-                path.join("tokenizer.json")
-            } else {
-                path.to_path_buf()
-            };
+            let file = tokenizer_json(path);
             let tok = Tokenizer::from_file(&file).map_err(|e| {
                 candle_core::Error::Msg(format!(
                     "CLIP tokenizer {}: {e} (expected a folder with vocab.json + merges.txt, \
