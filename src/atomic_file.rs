@@ -55,6 +55,39 @@ pub fn write_with(
     Ok(())
 }
 
+/// Whether `name` is one of our temporary names (`.<target>….tmp`, files and the
+/// state folders of training saves).
+fn is_leftover(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp")
+}
+
+/// Removes temporary files and folders a killed process left under `dir` (down to
+/// `depth` levels); returns how many were removed. Only our own temporary names are
+/// touched.
+pub fn remove_leftovers(dir: &Path, depth: usize) -> io::Result<usize> {
+    let mut removed = 0;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_dir = entry.file_type()?.is_dir();
+        if is_leftover(&entry.file_name().to_string_lossy()) {
+            if is_dir {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+            removed += 1;
+        } else if is_dir && depth > 0 {
+            removed += remove_leftovers(&path, depth - 1)?;
+        }
+    }
+    Ok(removed)
+}
+
 /// [`write_with`] for bytes already in memory.
 pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_with(path, |w| w.write_all(bytes))
@@ -78,6 +111,25 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path())?.count(), 1);
         write(&path, b"new")?;
         assert_eq!(std::fs::read(&path)?, b"new");
+        Ok(())
+    }
+
+    #[test]
+    fn leftovers_of_a_killed_writer_are_removed_and_nothing_else() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let job = dir.path().join("job");
+        std::fs::create_dir_all(job.join(".lora-step000004-state.tmp"))?;
+        std::fs::write(job.join(".lora.safetensors.77.0.tmp"), b"half")?;
+        std::fs::write(job.join("lora.safetensors"), b"whole")?;
+        std::fs::write(job.join(".hidden"), b"user's")?;
+        std::fs::write(dir.path().join("notes.tmp"), b"user's")?;
+        assert_eq!(remove_leftovers(dir.path(), 1)?, 2);
+        let mut left: Vec<_> = std::fs::read_dir(&job)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<io::Result<_>>()?;
+        left.sort();
+        assert_eq!(left, vec![".hidden", "lora.safetensors"]);
+        assert!(dir.path().join("notes.tmp").exists());
         Ok(())
     }
 }

@@ -277,14 +277,7 @@ pub fn serve(settings: Settings) -> Result<()> {
     };
     let bundle = Arc::new(model.load()?);
     let engine = Engine::start(bundle.clone(), &settings.data_dir, settings.lora_dir())?;
-    let state = AppState {
-        engine: engine.clone(),
-        model_name: bundle.name.clone(),
-        device: settings.device.to_string(),
-        dtype: format!("{:?}", bundle.flux.dtype()).to_lowercase(),
-        roots: settings.read_roots(),
-        lora_dir: Some(settings.lora_dir()),
-    };
+    let state = AppState::new(&settings, &bundle, engine.clone());
     let name = bundle.name.clone();
     actix_web::rt::System::new().block_on(async move {
         let (server, addr) = crate::server::start(&settings, state)?;

@@ -110,6 +110,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Further folders requests may read (datasets, LoRAs); the data dir is always one.
     pub roots: Vec<PathBuf>,
+    /// Browser origins (`scheme://host[:port]`) allowed besides loopback ones.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for Settings {
@@ -125,6 +127,7 @@ impl Default for Settings {
             precision: Precision::F32,
             max_body_bytes: 1 << 20,
             roots: vec![],
+            cors_origins: vec![],
         }
     }
 }
@@ -136,6 +139,18 @@ impl Settings {
             Some(root) => root.join("models").join("loras"),
             None => self.data_dir.join("loras"),
         }
+    }
+
+    /// Folders where model files are looked for (`GET /v1/models`): `<data>/models`
+    /// and a ComfyUI install's diffusion-model folders.
+    pub fn model_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.data_dir.join("models")];
+        if let Some(root) = &self.comfy_root {
+            for sub in ["diffusion_models", "unet", "checkpoints"] {
+                dirs.push(root.join("models").join(sub));
+            }
+        }
+        dirs
     }
 
     /// Every folder a request may read from.

@@ -84,7 +84,7 @@ fn train_then_sample_with_the_produced_lora_and_events_in_order() {
     let data = tmp.path().join("data");
     shapes::write_dataset(&data, 3, 64, 1).unwrap();
     let engine = start(tmp.path());
-    let sub = engine.subscribe(None, 10_000);
+    let sub = engine.subscribe(None, 10_000, true);
 
     let train = engine
         .submit(JobRequest::Train(Box::new(train_config(&data, 4))))
@@ -173,7 +173,7 @@ fn samples_run_between_training_steps_with_the_live_adapter() {
     let data = tmp.path().join("data");
     shapes::write_dataset(&data, 3, 64, 2).unwrap();
     let engine = start(tmp.path());
-    let sub = engine.subscribe(None, 10_000);
+    let sub = engine.subscribe(None, 10_000, true);
     let mut cfg = train_config(&data, 10_000);
     cfg.save_every_n_steps = None;
     let train = engine.submit(JobRequest::Train(Box::new(cfg))).unwrap();
@@ -240,7 +240,7 @@ fn a_restart_marks_the_running_job_interrupted_and_resume_completes_it() {
     let state_dir = tmp.path().join("state");
     let model = bundle();
     let engine = Engine::start(model.clone(), &state_dir, tmp.path().join("loras")).unwrap();
-    let sub = engine.subscribe(None, 10_000);
+    let sub = engine.subscribe(None, 10_000, true);
     let train = engine
         .submit(JobRequest::Train(Box::new(train_config(&data, 8))))
         .unwrap();
@@ -270,10 +270,10 @@ fn a_restart_marks_the_running_job_interrupted_and_resume_completes_it() {
         .events_since(&train, 0)
         .unwrap()
         .into_iter()
-        .filter(|e| e["event"]["type"] == "started")
+        .filter(|e| e["type"] == "started")
         .collect();
     assert_eq!(started.len(), 2);
-    assert!(started[1]["event"]["resumed_from_step"].as_u64().unwrap() >= 2);
+    assert!(started[1]["data"]["resumed_from_step"].as_u64().unwrap() >= 2);
     // No temporary files anywhere.
     let leftovers: Vec<_> = walk(&state_dir)
         .into_iter()

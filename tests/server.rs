@@ -1,6 +1,9 @@
-//! The HTTP API against the real server on an ephemeral port, driven like `curl`:
-//! a training job end to end, sampling with its LoRA, bad input answered with 4xx
-//! JSON errors while the server keeps answering, and the token check.
+//! The HTTP and WebSocket API against the real server on an ephemeral port, driven
+//! like `curl` and a WebSocket client: a training job end to end with its events
+//! streamed, sampling with its LoRA and with the live adapter during training, bad
+//! input answered with 4xx JSON errors while the server keeps answering, a client
+//! that never reads, the token and origin checks, and a restart of the real
+//! process in the middle of training.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -14,6 +17,9 @@ use fluxlora::engine::Engine;
 use fluxlora::model::bundle::ModelBundle;
 use fluxlora::server::{self, AppState};
 use serde_json::{json, Value};
+use tungstenite::{Message, WebSocket};
+
+type Ws = WebSocket<TcpStream>;
 
 struct App {
     addr: SocketAddr,
@@ -27,8 +33,20 @@ fn spawn_app(
     host: &str,
     token: Option<&str>,
 ) -> App {
+    let listener = std::net::TcpListener::bind((host, 0)).unwrap();
+    spawn_app_on(listener, data_dir, roots, token)
+}
+
+/// [`spawn_app`] on a listener the test prepared.
+fn spawn_app_on(
+    listener: std::net::TcpListener,
+    data_dir: &Path,
+    roots: Vec<std::path::PathBuf>,
+    token: Option<&str>,
+) -> App {
+    let host = listener.local_addr().unwrap().ip().to_string();
     let settings = Settings {
-        host: host.into(),
+        host,
         port: 0,
         data_dir: data_dir.to_path_buf(),
         token: token.map(str::to_string),
@@ -41,16 +59,9 @@ fn spawn_app(
         let bundle = Arc::new(ModelBundle::tiny(&Device::Cpu).unwrap());
         let engine =
             Engine::start(bundle.clone(), &settings.data_dir, settings.lora_dir()).unwrap();
-        let state = AppState {
-            engine,
-            model_name: bundle.name.clone(),
-            device: "cpu".into(),
-            dtype: "f32".into(),
-            roots: settings.read_roots(),
-            lora_dir: Some(settings.lora_dir()),
-        };
+        let state = AppState::new(&settings, &bundle, engine);
         actix_web::rt::System::new().block_on(async move {
-            let (server, addr) = server::start(&settings, state).unwrap();
+            let (server, addr) = server::start_on(listener, &settings, state).unwrap();
             tx.send(addr).unwrap();
             server.await
         })
@@ -64,10 +75,19 @@ fn spawn_app(
 struct Response {
     status: u16,
     content_type: String,
+    head: String,
     body: Vec<u8>,
 }
 
 impl Response {
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_string())
+        })
+    }
+
     fn json(&self) -> Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
@@ -77,6 +97,16 @@ impl Response {
 impl App {
     /// One HTTP/1.1 request with `Connection: close`.
     fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Response {
+        self.request_with(method, path, body, &[])
+    }
+
+    fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Response {
         let mut stream = TcpStream::connect(self.addr).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(120)))
@@ -87,6 +117,9 @@ impl App {
         );
         if let Some(t) = &self.token {
             head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
         }
         if let Some(b) = body {
             head.push_str(&format!(
@@ -107,22 +140,60 @@ impl App {
             .expect("a response");
         let head = String::from_utf8_lossy(&raw[..split]).to_string();
         let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let header = |name: &str| {
-            head.lines().find_map(|l| {
-                l.split_once(':')
-                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-                    .map(|(_, v)| v.trim().to_string())
-            })
-        };
-        let mut body = raw[split + 4..].to_vec();
-        if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-            body = dechunk(&body);
-        }
-        Response {
+        let mut response = Response {
             status,
-            content_type: header("content-type").unwrap_or_default(),
-            body,
+            content_type: String::new(),
+            head,
+            body: raw[split + 4..].to_vec(),
+        };
+        if response
+            .header("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked"))
+        {
+            response.body = dechunk(&response.body);
         }
+        response.content_type = response.header("content-type").unwrap_or_default();
+        response
+    }
+
+    /// Opens `/v1/ws?{query}` as a WebSocket client.
+    fn ws(&self, query: &str) -> Ws {
+        self.ws_with_headers(query, &[])
+            .expect("WebSocket handshake")
+    }
+
+    fn ws_with_headers(&self, query: &str, headers: &[(&str, &str)]) -> Result<Ws, String> {
+        self.ws_on(TcpStream::connect(self.addr).unwrap(), query, headers)
+    }
+
+    /// A WebSocket client over a connection the test prepared.
+    fn ws_on(
+        &self,
+        stream: TcpStream,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, String> {
+        use tungstenite::client::IntoClientRequest;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let mut url = format!("ws://{}/v1/ws?{query}", self.addr);
+        if let Some(t) = &self.token {
+            url.push_str(&format!("&token={t}"));
+        }
+        let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+        for (k, v) in headers {
+            request.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                tungstenite::http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        tungstenite::client(request, stream)
+            .map(|(ws, _)| ws)
+            .map_err(|e| match e {
+                tungstenite::HandshakeError::Failure(e) => e.to_string(),
+                tungstenite::HandshakeError::Interrupted(_) => "interrupted".into(),
+            })
     }
 
     fn get(&self, path: &str) -> Response {
@@ -149,6 +220,55 @@ impl App {
     }
 }
 
+/// A WebSocket frame as a client sees it.
+enum Frame {
+    Event(Value),
+    Preview(Vec<u8>),
+}
+
+fn next_frame(ws: &mut Ws) -> Frame {
+    loop {
+        match ws.read().expect("a frame") {
+            Message::Text(t) => return Frame::Event(serde_json::from_str(t.as_str()).unwrap()),
+            Message::Binary(b) => return Frame::Preview(b.to_vec()),
+            _ => {} // pings are answered by tungstenite
+        }
+    }
+}
+
+/// Text events up to and including the first for which `last` holds.
+fn events_until(ws: &mut Ws, last: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut events = vec![];
+    loop {
+        if let Frame::Event(e) = next_frame(ws) {
+            let done = last(&e);
+            events.push(e);
+            if done {
+                return events;
+            }
+        }
+    }
+}
+
+fn is_end_of(job: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |e: &Value| {
+        e["job"] == job
+            && e["type"] == "state"
+            && ["finished", "failed", "cancelled"]
+                .contains(&e["data"]["state"].as_str().unwrap_or(""))
+    }
+}
+
+/// (job id, step, image) of a binary preview frame, decoded by its documented header.
+fn decode_preview(frame: &[u8]) -> (String, u32, Vec<u8>) {
+    let u32_at = |i: usize| u32::from_be_bytes(frame[i..i + 4].try_into().unwrap());
+    assert_eq!(u32_at(0), 1, "frame type preview");
+    assert_eq!(u32_at(4), 2, "PNG");
+    let n = u16::from_be_bytes([frame[20], frame[21]]) as usize;
+    let job = String::from_utf8(frame[22..22 + n].to_vec()).unwrap();
+    (job, u32_at(16), frame[22 + n..].to_vec())
+}
+
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = vec![];
     loop {
@@ -170,6 +290,8 @@ fn train_body(data: &Path) -> Value {
         "output_name": "api",
         "max_train_steps": 4,
         "save_every_n_steps": 2,
+        "sample_every_n_steps": 2,
+        "sample_prompts": ["a red circle on a blue background --w 32 --h 32 --s 2"],
         "learning_rate": 0.001,
         "dataset": {"folders": [data], "resolution": 64, "enable_bucket": false},
         "network": {"rank": 2, "alpha": 2.0}
@@ -188,37 +310,57 @@ fn curl_flow_train_then_sample_with_the_lora() {
         None,
     );
 
+    let mut ws = app.ws("");
+    let Frame::Event(hello) = next_frame(&mut ws) else {
+        panic!("the first frame is the hello")
+    };
+    assert_eq!(hello["type"], "hello");
     let r = app.post("/v1/jobs/train", &train_body(&data));
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     let id = r.json()["id"].as_str().unwrap().to_string();
-    let job = app.wait_finished(&id);
-    assert_eq!(job["state"], "finished", "{job}");
-    let events = app.get(&format!("/v1/jobs/{id}/events?since=0")).json();
-    let seqs: Vec<u64> = events
-        .as_array()
-        .unwrap()
+
+    // The WebSocket streams the run: increasing sequence numbers, kinds in order.
+    let streamed = events_until(&mut ws, is_end_of(&id));
+    let seqs: Vec<u64> = streamed
         .iter()
         .map(|e| e["seq"].as_u64().unwrap())
         .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
-    let kinds: Vec<String> = events
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            e["event"]["type"]
-                .as_str()
-                .or(e["state"].as_str())
-                .unwrap_or("")
-                .to_string()
-        })
-        .collect();
-    for want in ["started", "step", "saved", "finished"] {
-        assert!(
-            kinds.iter().any(|k| k == want),
-            "{want} missing from {kinds:?}"
-        );
+    assert!(seqs[0] > hello["seq"].as_u64().unwrap());
+    for e in &streamed {
+        assert_eq!(e["job"], id.as_str());
+        assert!(e["time"].as_f64().unwrap() > 1.7e9, "{e}");
+        assert!(e["data"].is_object(), "{e}");
     }
+    let kinds: Vec<&str> = streamed
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    let first = |k: &str| {
+        kinds
+            .iter()
+            .position(|x| *x == k)
+            .unwrap_or_else(|| panic!("{k} missing from {kinds:?}"))
+    };
+    let order = ["started", "step", "sample", "saved", "finished"].map(first);
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{kinds:?}");
+    let steps: Vec<u64> = streamed
+        .iter()
+        .filter(|e| e["type"] == "step")
+        .map(|e| e["data"]["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+    let job = app.get(&format!("/v1/jobs/{id}")).json();
+    assert_eq!(job["state"], "finished", "{job}");
+
+    // The same events are stored; a client that reconnects with `since` gets the rest.
+    let stored = app.get(&format!("/v1/jobs/{id}/events?since=0")).json();
+    assert_eq!(stored.as_array().unwrap(), &streamed);
+    let midway = seqs[seqs.len() / 2];
+    let mut again = app.ws(&format!("jobs={id}&since={midway}"));
+    assert!(matches!(next_frame(&mut again), Frame::Event(h) if h["type"] == "hello"));
+    let replayed = events_until(&mut again, is_end_of(&id));
+    assert_eq!(replayed, streamed[seqs.len() / 2 + 1..].to_vec());
     let lora = job["outputs"]
         .as_array()
         .unwrap()
@@ -247,6 +389,45 @@ fn curl_flow_train_then_sample_with_the_lora() {
     assert!(image::load_from_memory(&png.body).is_ok());
     let as_json = app.post("/v1/sample?format=json", &body).json();
     assert_eq!(as_json["images"].as_array().unwrap().len(), 1);
+
+    // A queued sampling job streams its steps and binary previews.
+    let r = app.post(
+        "/v1/jobs/sample",
+        &json!({"request": {"prompt": "a green square", "steps": 3}}),
+    );
+    assert_eq!(r.status, 202);
+    let sid = r.json()["id"].as_str().unwrap().to_string();
+    let mut previews = vec![];
+    let mut kinds = vec![];
+    loop {
+        match next_frame(&mut ws) {
+            Frame::Preview(p) => {
+                let preview = decode_preview(&p);
+                if preview.0 == sid {
+                    previews.push(preview);
+                }
+            }
+            Frame::Event(e) if e["job"] == sid.as_str() => {
+                kinds.push(e["type"].as_str().unwrap().to_string());
+                if is_end_of(&sid)(&e) {
+                    break;
+                }
+            }
+            Frame::Event(_) => {}
+        }
+    }
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "sample_step").count(),
+        3,
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&"images".to_string()), "{kinds:?}");
+    assert_eq!(previews.len(), 3);
+    for (i, (job, step, png)) in previews.iter().enumerate() {
+        assert_eq!(job, &sid);
+        assert_eq!(*step as usize, i + 1);
+        assert!(image::load_from_memory(png).is_ok());
+    }
 
     // The LoRA folder lists the result and shows its kohya metadata.
     let loras = app.get("/v1/loras").json();
@@ -368,6 +549,45 @@ fn bad_input_gets_4xx_json_errors_and_the_server_keeps_answering() {
             "width",
         ),
         ("unknown route", app.get("/v2/nothing"), 404, "no route"),
+        (
+            "wrong method",
+            app.request("PUT", "/v1/jobs", None),
+            404,
+            "no route PUT /v1/jobs",
+        ),
+        (
+            "cache folder outside the roots",
+            app.post(
+                "/v1/jobs/train",
+                &with(&|b| b["cache_dir"] = json!("/tmp/../etc/fluxlora-cache")),
+            ),
+            400,
+            "..",
+        ),
+        (
+            "validation folder outside the roots",
+            app.post(
+                "/v1/jobs/train",
+                &with(&|b| b["validation_dataset"] = json!({"folders": ["/usr"]})),
+            ),
+            400,
+            "outside",
+        ),
+        (
+            "another base model",
+            app.post(
+                "/v1/jobs/train",
+                &with(&|b| b["model"] = json!("/models/flux1-dev.safetensors")),
+            ),
+            400,
+            "loaded model",
+        ),
+        (
+            "WebSocket without upgrade",
+            app.get("/v1/ws"),
+            400,
+            "WebSocket upgrade",
+        ),
     ];
     for (what, r, status, needle) in cases {
         assert_eq!(
@@ -417,4 +637,364 @@ fn non_loopback_binds_need_a_token_and_requests_must_carry_it() {
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "unauthorized");
     assert_eq!(anonymous.get("/v1/system?token=s3cret").status, 200);
+}
+
+/// A training body without previews or saves: `steps` optimizer steps.
+fn plain_train_body(data: &Path, name: &str, steps: u64) -> Value {
+    let mut body = train_body(data);
+    let obj = body.as_object_mut().unwrap();
+    for key in [
+        "save_every_n_steps",
+        "sample_every_n_steps",
+        "sample_prompts",
+    ] {
+        obj.remove(key);
+    }
+    obj.insert("output_name".into(), json!(name));
+    obj.insert("max_train_steps".into(), json!(steps));
+    body
+}
+
+#[test]
+fn a_sample_during_training_uses_the_live_adapter_and_training_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fluxlora::train::shapes::write_dataset(&data, 3, 64, 3).unwrap();
+    let app = spawn_app(
+        &tmp.path().join("state"),
+        vec![tmp.path().to_path_buf()],
+        "127.0.0.1",
+        None,
+    );
+    let mut ws = app.ws("");
+    let mut body = plain_train_body(&data, "live", 100_000);
+    body["learning_rate"] = json!(0.01);
+    let id = app.post("/v1/jobs/train", &body).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    events_until(&mut ws, |e| e["type"] == "step" && e["data"]["step"] == 3);
+
+    let sample = json!({
+        "request": {"prompt": "a red circle on a blue background", "steps": 2, "width": 32, "height": 32},
+        "loras": [{"live_job": id, "strength": 1.0}],
+    });
+    let r = app.post("/v1/sample?format=json", &sample);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let answer = r.json();
+    let sample_id = answer["id"].as_str().unwrap().to_string();
+    use base64::Engine as _;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(answer["images"][0].as_str().unwrap())
+        .unwrap();
+    let chunks = fluxlora::sample::png_meta::read_text_chunks(&png).unwrap();
+    let parameters = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(parameters.contains("<lora:"), "{parameters}");
+
+    // The sample ran between optimizer steps: steps came before and come after it.
+    let images_seq = answer_seq(&app, &sample_id).unwrap();
+    let after = events_until(&mut ws, |e| {
+        e["job"] == id.as_str() && e["type"] == "step" && e["seq"].as_u64().unwrap() > images_seq
+    });
+    assert!(after
+        .iter()
+        .any(|e| e["job"] == sample_id.as_str() && e["type"] == "images"));
+    assert_eq!(
+        app.get(&format!("/v1/jobs/{id}")).json()["state"],
+        "running"
+    );
+    assert_eq!(
+        app.post(&format!("/v1/jobs/{id}/cancel"), &json!({}))
+            .status,
+        200
+    );
+    assert_eq!(app.wait_finished(&id)["state"], "cancelled");
+}
+
+/// The sequence number of a finished sampling job's `images` event.
+fn answer_seq(app: &App, job: &str) -> Option<u64> {
+    app.get(&format!("/v1/jobs/{job}/events?since=0"))
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "images")
+        .and_then(|e| e["seq"].as_u64())
+}
+
+/// Optimizer steps per second of a finished job, from its stored step events.
+fn step_rate(app: &App, job: &str) -> f64 {
+    let times: Vec<f64> = app
+        .get(&format!("/v1/jobs/{job}/events?since=0"))
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "step")
+        .map(|e| e["time"].as_f64().unwrap())
+        .collect();
+    (times.len() - 1) as f64 / (times[times.len() - 1] - times[0])
+}
+
+/// A connection with a small receive buffer, so a client that does not read backs
+/// the server up soon.
+fn small_buffer_stream(addr: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    socket.into()
+}
+
+/// A WebSocket client that completes the handshake and then never reads.
+fn silent_ws_client(addr: SocketAddr) -> TcpStream {
+    let mut stream = small_buffer_stream(addr);
+    write!(
+        stream,
+        "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = vec![];
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
+#[test]
+fn a_websocket_client_that_never_reads_does_not_slow_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fluxlora::train::shapes::write_dataset(&data, 3, 64, 4).unwrap();
+    // Small kernel send buffers on the server's connections, so a client that does
+    // not read backs up after kilobytes rather than megabytes.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_send_buffer_size(8192).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(64).unwrap();
+    let app = spawn_app_on(
+        socket.into(),
+        &tmp.path().join("state"),
+        vec![tmp.path().to_path_buf()],
+        None,
+    );
+    let steps = 200;
+    let alone = app
+        .post("/v1/jobs/train", &plain_train_body(&data, "alone", steps))
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(app.wait_finished(&alone)["state"], "finished");
+
+    // A client that never reads; one that reads only at the end, with a short queue
+    // so it loses events (to be replayed from the store); and a reading one.
+    let silent = silent_ws_client(app.addr);
+    let mut lagging = app
+        .ws_on(small_buffer_stream(app.addr), "previews=false&queue=8", &[])
+        .unwrap();
+    let mut reader = app.ws("");
+    // Previews (binary frames) first, enough to back the silent client up.
+    let flood = json!({"request": {"prompt": "noise", "steps": 24, "width": 128, "height": 128}});
+    for _ in 0..10 {
+        assert_eq!(app.post("/v1/jobs/sample", &flood).status, 202);
+    }
+    let watched = app
+        .post("/v1/jobs/train", &plain_train_body(&data, "watched", steps))
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(app.wait_finished(&watched)["state"], "finished");
+
+    // The silent client was backed up (its queue dropped previews or events) ...
+    let system = app.get("/v1/system").json();
+    let subscribers = system["subscribers"].as_array().unwrap();
+    assert_eq!(subscribers.len(), 3, "{system}");
+    let count = |key: &str| {
+        subscribers
+            .iter()
+            .map(|s| s[key].as_u64().unwrap())
+            .max()
+            .unwrap()
+    };
+    assert!(
+        count("dropped_previews") > 0,
+        "the silent client never backed up: {system}"
+    );
+    assert!(
+        count("dropped_events") > 0,
+        "the lagging client never lost events: {system}"
+    );
+    // ... while the reading clients got every event of the run, in order, once.
+    for ws in [&mut reader, &mut lagging] {
+        let streamed = events_until(ws, is_end_of(&watched));
+        let seqs: Vec<u64> = streamed
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        let got: Vec<u64> = streamed
+            .iter()
+            .filter(|e| e["job"] == watched.as_str() && e["type"] == "step")
+            .map(|e| e["data"]["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(got, (1..=steps).collect::<Vec<_>>());
+    }
+    println!(
+        "training step rate: {:.1} it/s without WebSocket clients, {:.1} it/s with a client that never reads ({system})",
+        step_rate(&app, &alone),
+        step_rate(&app, &watched),
+    );
+    drop(silent);
+}
+
+#[test]
+fn browsers_are_served_only_from_loopback_or_configured_origins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = spawn_app(&tmp.path().join("state"), vec![], "127.0.0.1", None);
+    let local = "http://localhost:8188";
+    let preflight = app.request_with(
+        "OPTIONS",
+        "/v1/jobs/train",
+        None,
+        &[
+            ("Origin", local),
+            ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "content-type"),
+        ],
+    );
+    assert_eq!(preflight.status, 204);
+    assert_eq!(
+        preflight.header("access-control-allow-origin").as_deref(),
+        Some(local)
+    );
+    assert!(preflight
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("content-type"));
+    let r = app.request_with(
+        "GET",
+        "/v1/system",
+        None,
+        &[("Origin", "http://127.0.0.1:8188")],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some("http://127.0.0.1:8188")
+    );
+    let evil = "https://evil.example.com";
+    let r = app.request_with("GET", "/v1/system", None, &[("Origin", evil)]);
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"]["code"], "forbidden");
+    assert!(r.header("access-control-allow-origin").is_none());
+    // A page elsewhere cannot open the event stream either (cross-site WebSocket).
+    assert!(app.ws_with_headers("", &[("Origin", evil)]).is_err());
+    assert!(app.ws_with_headers("", &[("Origin", local)]).is_ok());
+    let unknown = app
+        .ws_with_headers("jobs=nope", &[])
+        .err()
+        .unwrap_or_default();
+    assert!(unknown.contains("404"), "{unknown}");
+}
+
+/// `fluxlora serve` as a child process on a free port, with its address.
+fn spawn_process(data_dir: &Path, root: &Path) -> (std::process::Child, App) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fluxlora"))
+        .args(["serve", "--port", "0", "--data-dir"])
+        .arg(data_dir)
+        .arg("--root")
+        .arg(root)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.split("serving on http://").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap().to_string();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("serve logs its address")
+        .parse()
+        .unwrap();
+    (child, App { addr, token: None })
+}
+
+#[test]
+fn a_daemon_killed_mid_training_restarts_with_the_job_interrupted_and_resumable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let state = tmp.path().join("state");
+    fluxlora::train::shapes::write_dataset(&data, 3, 64, 5).unwrap();
+    let (mut first, app) = spawn_process(&state, tmp.path());
+    let mut body = plain_train_body(&data, "survivor", 30);
+    body["save_every_n_steps"] = json!(4);
+    let mut ws = app.ws("");
+    let id = app.post("/v1/jobs/train", &body).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    events_until(&mut ws, |e| e["type"] == "saved" && e["data"]["step"] == 8);
+    first.kill().unwrap(); // SIGKILL: no chance to clean up
+    first.wait().unwrap();
+
+    let (mut second, app) = spawn_process(&state, tmp.path());
+    let job = app.get(&format!("/v1/jobs/{id}")).json();
+    assert_eq!(job["state"], "interrupted", "{job}");
+    let r = app.post(&format!("/v1/jobs/{id}/resume"), &json!({}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let job = app.wait_finished(&id);
+    assert_eq!(job["state"], "finished", "{job}");
+    let events = app.get(&format!("/v1/jobs/{id}/events?since=0")).json();
+    let resumed_from = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "started")
+        .filter_map(|e| e["data"]["resumed_from_step"].as_u64())
+        .collect::<Vec<_>>();
+    assert!(
+        resumed_from.len() == 1 && resumed_from[0] >= 8,
+        "{resumed_from:?}"
+    );
+    let lora = state.join("loras").join("survivor.safetensors");
+    assert!(fluxlora::model::lora_io::load(&lora, &Device::Cpu).is_ok());
+    second.kill().unwrap();
+    second.wait().unwrap();
+
+    let mut leftovers = vec![];
+    let mut stack = vec![state.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                leftovers.push(entry.path());
+            }
+            if entry.path().is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    assert!(leftovers.is_empty(), "partial files: {leftovers:?}");
 }

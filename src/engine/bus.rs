@@ -21,6 +21,17 @@ struct Queue {
     /// Events dropped since the subscriber last looked (not counting previews).
     missed: u64,
     closed: bool,
+    stats: SubscriberStats,
+}
+
+/// How one subscriber keeps up, since it subscribed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SubscriberStats {
+    /// Events waiting in its queue now.
+    pub queued: usize,
+    pub delivered: u64,
+    pub dropped_previews: u64,
+    pub dropped_events: u64,
 }
 
 struct Slot {
@@ -28,6 +39,7 @@ struct Slot {
     ready: Condvar,
     /// Only these jobs; all when `None`.
     jobs: Option<Vec<String>>,
+    previews: bool,
 }
 
 /// Fans events out to subscribers; cheap to share.
@@ -56,17 +68,25 @@ impl EventBus {
         Self::default()
     }
 
-    /// Subscribes to all jobs (`None`) or some, with room for `capacity` events.
-    pub fn subscribe(&self, jobs: Option<Vec<String>>, capacity: usize) -> Subscription {
+    /// Subscribes to all jobs (`None`) or some, with room for `capacity` events,
+    /// with or without previews.
+    pub fn subscribe(
+        &self,
+        jobs: Option<Vec<String>>,
+        capacity: usize,
+        previews: bool,
+    ) -> Subscription {
         let slot = Arc::new(Slot {
             queue: Mutex::new(Queue {
                 events: VecDeque::new(),
                 capacity: capacity.max(1),
                 missed: 0,
                 closed: false,
+                stats: SubscriberStats::default(),
             }),
             ready: Condvar::new(),
             jobs,
+            previews,
         });
         if let Ok(mut slots) = self.slots.lock() {
             slots.push(slot.clone());
@@ -86,6 +106,7 @@ impl EventBus {
                 .jobs
                 .as_ref()
                 .is_some_and(|jobs| !jobs.contains(&event.job))
+                || (event.is_preview() && !slot.previews)
             {
                 continue;
             }
@@ -94,21 +115,44 @@ impl EventBus {
             };
             if q.events.len() >= q.capacity {
                 if event.is_preview() {
+                    q.stats.dropped_previews += 1;
                     continue;
                 }
                 match q.events.iter().position(Event::is_preview) {
                     Some(i) => {
                         q.events.remove(i);
+                        q.stats.dropped_previews += 1;
                     }
                     None => {
                         q.events.pop_front();
                         q.missed += 1;
+                        q.stats.dropped_events += 1;
                     }
                 }
             }
             q.events.push_back(event.clone());
             slot.ready.notify_one();
         }
+    }
+}
+
+impl EventBus {
+    /// Every live subscription's counters.
+    pub fn stats(&self) -> Vec<SubscriberStats> {
+        let Ok(slots) = self.slots.lock() else {
+            return vec![];
+        };
+        slots
+            .iter()
+            .filter(|s| Arc::strong_count(s) > 1)
+            .filter_map(|s| {
+                let q = s.queue.lock().ok()?;
+                Some(SubscriberStats {
+                    queued: q.events.len(),
+                    ..q.stats
+                })
+            })
+            .collect()
     }
 }
 
@@ -125,6 +169,7 @@ impl Subscription {
                 return Received::Missed(n);
             }
             if let Some(e) = q.events.pop_front() {
+                q.stats.delivered += 1;
                 return Received::Event(e);
             }
             if q.closed {
@@ -189,12 +234,22 @@ mod tests {
     #[test]
     fn full_queues_drop_previews_before_progress_and_count_misses() {
         let bus = EventBus::new();
-        let sub = bus.subscribe(None, 2);
+        let sub = bus.subscribe(None, 2, true);
         bus.publish(&preview(1));
         bus.publish(&progress(2));
         bus.publish(&progress(3)); // full: the preview makes room
         bus.publish(&preview(4)); // full, no room for a preview: dropped
         bus.publish(&progress(5)); // full, no preview left: oldest dropped, counted
+        let stats = bus.stats();
+        assert_eq!(stats.len(), 1);
+        assert_eq!(
+            (
+                stats[0].queued,
+                stats[0].dropped_previews,
+                stats[0].dropped_events
+            ),
+            (2, 2, 1)
+        );
         let mut got = vec![];
         loop {
             match sub.recv(Duration::from_millis(10)) {
@@ -207,10 +262,13 @@ mod tests {
     }
 
     #[test]
-    fn filters_by_job_and_forgets_dropped_subscriptions() {
+    fn filters_by_job_and_previews_and_forgets_dropped_subscriptions() {
         let bus = EventBus::new();
-        let only_b = bus.subscribe(Some(vec!["b".into()]), 8);
+        let only_b = bus.subscribe(Some(vec!["b".into()]), 8, false);
         bus.publish(&progress(1));
+        let mut b_preview = preview(2);
+        b_preview.job = "b".into();
+        bus.publish(&b_preview);
         bus.publish(&event(
             2,
             "b",

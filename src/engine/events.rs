@@ -60,20 +60,47 @@ pub enum EventKind {
     },
 }
 
-/// One event of one job.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+/// One event of one job. On the wire (WebSocket text frames, `events.jsonl`,
+/// `/v1/jobs/{id}/events`) it is `{"seq", "job", "type", "time", "data"}`, where
+/// a training event's type is the trainer's own (`started`, `step`, `saved`, …).
+#[derive(Clone, Debug, PartialEq)]
 pub struct Event {
     /// Monotonically increasing over the whole daemon.
     pub seq: u64,
     pub job: String,
     /// Unix seconds.
     pub time: f64,
-    #[serde(flatten)]
     pub kind: EventKind,
 }
 
 impl Event {
     pub fn is_preview(&self) -> bool {
         matches!(self.kind, EventKind::Preview { .. })
+    }
+
+    /// The wire form: `type` pulled out of the kind, the rest under `data`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut data = match &self.kind {
+            EventKind::Train { event } => serde_json::to_value(event),
+            kind => serde_json::to_value(kind),
+        }
+        .unwrap_or_default();
+        let kind = data
+            .as_object_mut()
+            .and_then(|m| m.remove("type"))
+            .unwrap_or_default();
+        serde_json::json!({
+            "seq": self.seq,
+            "job": self.job,
+            "type": kind,
+            "time": self.time,
+            "data": data,
+        })
+    }
+}
+
+impl Serialize for Event {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
     }
 }

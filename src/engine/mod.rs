@@ -176,6 +176,12 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let store = JobStore::open(data_dir)?;
         std::fs::create_dir_all(&lora_dir)?;
+        // A process killed mid-write leaves temporary files; the targets are intact.
+        let removed = crate::atomic_file::remove_leftovers(store.root(), 2)?
+            + crate::atomic_file::remove_leftovers(&lora_dir, 0)?;
+        if removed > 0 {
+            tracing::info!(removed, "removed temporary files left by a stopped process");
+        }
         let seq = store.last_seq();
         let mut jobs = HashMap::new();
         for mut rec in store.load_all()? {
@@ -261,18 +267,24 @@ impl Engine {
             });
         }
         if control == Control::Resume && rec.state == JobState::Interrupted {
-            let cfg: TrainConfig = serde_json::from_value(rec.request.clone()).map_err(|e| {
+            // Training continues from its last save; sampling starts over.
+            let unreadable = |e: serde_json::Error| {
                 EngineError::Io(std::io::Error::other(format!(
-                    "job `{id}`: stored config unreadable: {e}"
+                    "job `{id}`: stored request unreadable: {e}"
                 )))
-            })?;
+            };
+            let request = match rec.kind {
+                JobKind::Train => JobRequest::Train(Box::new(
+                    serde_json::from_value(rec.request.clone()).map_err(unreadable)?,
+                )),
+                JobKind::Sample => JobRequest::Sample(
+                    serde_json::from_value(rec.request.clone()).map_err(unreadable)?,
+                ),
+            };
             self.shared.set_state(id, JobState::Queued);
             return self
                 .tx
-                .send(Command::Run(
-                    id.to_string(),
-                    JobRequest::Train(Box::new(cfg)),
-                ))
+                .send(Command::Run(id.to_string(), request))
                 .map_err(|_| EngineError::Stopped);
         }
         self.tx
@@ -310,8 +322,40 @@ impl Engine {
         Ok(self.shared.store.events_since(id, since)?)
     }
 
-    pub fn subscribe(&self, jobs: Option<Vec<String>>, capacity: usize) -> Subscription {
-        self.shared.bus.subscribe(jobs, capacity)
+    /// Stored events after `since` of some jobs (all when `None`), in sequence order:
+    /// what a subscriber that reconnects or fell behind missed.
+    pub fn replay(&self, jobs: Option<&[String]>, since: u64) -> Vec<serde_json::Value> {
+        let ids: Vec<String> = match jobs {
+            Some(ids) => ids.to_vec(),
+            None => self.jobs().into_iter().map(|r| r.id).collect(),
+        };
+        let mut events: Vec<serde_json::Value> = ids
+            .iter()
+            .filter_map(|id| self.shared.store.events_since(id, since).ok())
+            .flatten()
+            .collect();
+        events.sort_by_key(|e| e["seq"].as_u64());
+        events
+    }
+
+    /// The sequence number of the newest event.
+    pub fn last_seq(&self) -> u64 {
+        self.shared.seq.load(Ordering::SeqCst)
+    }
+
+    /// Live events of some jobs (all when `None`); see [`EventBus::subscribe`].
+    pub fn subscribe(
+        &self,
+        jobs: Option<Vec<String>>,
+        capacity: usize,
+        previews: bool,
+    ) -> Subscription {
+        self.shared.bus.subscribe(jobs, capacity, previews)
+    }
+
+    /// How each live subscription is keeping up.
+    pub fn subscribers(&self) -> Vec<bus::SubscriberStats> {
+        self.shared.bus.stats()
     }
 
     pub fn job_dir(&self, id: &str) -> PathBuf {

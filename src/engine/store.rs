@@ -56,6 +56,11 @@ impl JobStore {
         Ok(Self { root })
     }
 
+    /// The jobs folder itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn dir(&self, id: &str) -> PathBuf {
         self.root.join(id)
     }

@@ -3,13 +3,17 @@
 //! `errors` maps every failure to one JSON shape.
 //!
 //! Safe by default: binds 127.0.0.1; any other address needs a token, checked on
-//! every request (`Authorization: Bearer`, or `?token=`); JSON bodies are limited in
-//! size; every path in a request must resolve inside the configured roots.
+//! every request, and browsers are served only from allowed origins (`guard`);
+//! JSON bodies are limited in size; every path in a request must resolve inside
+//! the configured roots.
 //!
 //! Must not: touch tensors; handlers call the engine.
 
 pub mod errors;
+pub mod guard;
 pub mod native;
+pub mod openapi;
+pub mod ws;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -18,6 +22,7 @@ use actix_web::dev::{Server, Service};
 use actix_web::{web, App, HttpServer, ResponseError};
 
 use self::errors::{json_error, ApiError};
+use self::guard::{with_cors, Guard, Verdict};
 use crate::config::Settings;
 use crate::engine::Engine;
 
@@ -31,9 +36,31 @@ pub struct AppState {
     pub roots: Vec<PathBuf>,
     /// Where bare LoRA file names are looked up.
     pub lora_dir: Option<PathBuf>,
+    /// The loaded model's file or folder; `None` for the built-in tiny model.
+    pub model_path: Option<PathBuf>,
+    /// Where other model files are looked for.
+    pub model_dirs: Vec<PathBuf>,
 }
 
 impl AppState {
+    /// The state for serving `bundle` through `engine` with these settings.
+    pub fn new(
+        settings: &Settings,
+        bundle: &crate::model::bundle::ModelBundle,
+        engine: Engine,
+    ) -> Self {
+        Self {
+            engine,
+            model_name: bundle.name.clone(),
+            device: settings.device.to_string(),
+            dtype: format!("{:?}", bundle.flux.dtype()).to_lowercase(),
+            roots: settings.read_roots(),
+            lora_dir: Some(settings.lora_dir()),
+            model_path: settings.model.clone(),
+            model_dirs: settings.model_dirs(),
+        }
+    }
+
     /// `path` resolved inside the configured roots, or a message saying why not.
     pub fn resolve_path(&self, path: &Path) -> Result<PathBuf, String> {
         native::resolve_in_roots(&self.roots, path)
@@ -58,12 +85,27 @@ pub fn check_bind(settings: &Settings) -> Result<(), String> {
 pub fn start(settings: &Settings, state: AppState) -> std::io::Result<(Server, SocketAddr)> {
     check_bind(settings).map_err(std::io::Error::other)?;
     let listener = TcpListener::bind((settings.host.as_str(), settings.port))?;
+    start_on(listener, settings, state)
+}
+
+/// Starts the server on a bound listener (whose socket options its connections
+/// inherit); the listener's address must pass [`check_bind`] with these settings.
+pub fn start_on(
+    listener: TcpListener,
+    settings: &Settings,
+    state: AppState,
+) -> std::io::Result<(Server, SocketAddr)> {
     let addr = listener.local_addr()?;
+    let bound = Settings {
+        host: addr.ip().to_string(),
+        ..settings.clone()
+    };
+    check_bind(&bound).map_err(std::io::Error::other)?;
     let state = web::Data::new(state);
-    let token = settings.token.clone().filter(|t| !t.is_empty());
+    let guard = Guard::new(settings.token.clone(), &settings.cors_origins);
     let limit = settings.max_body_bytes;
     let server = HttpServer::new(move || {
-        let token = token.clone();
+        let guard = guard.clone();
         App::new()
             .app_data(state.clone())
             .app_data(
@@ -80,31 +122,15 @@ pub fn start(settings: &Settings, state: AppState) -> std::io::Result<(Server, S
                     .error_handler(|e, _| ApiError::bad(e.to_string()).into()),
             )
             .wrap_fn(move |req, srv| {
-                let authorised = match &token {
-                    None => true,
-                    Some(t) => {
-                        let bearer = req
-                            .headers()
-                            .get("authorization")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.strip_prefix("Bearer "))
-                            .is_some_and(|v| v == t);
-                        let query = req
-                            .query_string()
-                            .split('&')
-                            .any(|kv| kv == format!("token={t}"));
-                        bearer || query
-                    }
-                };
-                let fut = if authorised {
-                    Some(srv.call(req))
-                } else {
-                    None
+                let verdict = guard.check(&req);
+                let fut = match verdict {
+                    Verdict::Pass { origin } => Ok((srv.call(req), origin)),
+                    Verdict::Answer(res) => Err(req.into_response(res)),
                 };
                 async move {
                     match fut {
-                        Some(f) => f.await,
-                        None => Err(ApiError::Unauthorized.into()),
+                        Ok((f, origin)) => Ok(with_cors(f.await?, origin)),
+                        Err(answer) => Ok(answer.map_into_boxed_body()),
                     }
                 }
             })

@@ -27,7 +27,54 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/jobs/{id}/events", web::get().to(job_events))
         .route("/v1/jobs/{id}/files/{path:.*}", web::get().to(job_file))
         .route("/v1/jobs/{id}/{action}", web::post().to(control_job))
-        .route("/v1/sample", web::post().to(sample_now));
+        .route("/v1/sample", web::post().to(sample_now))
+        .route("/v1/models", web::get().to(list_models))
+        .route("/v1/openapi.json", web::get().to(openapi))
+        .route("/v1/ws", web::get().to(super::ws::connect));
+}
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().json(super::openapi::document())
+}
+
+/// The loaded model, and the model files and folders the daemon can see (a
+/// different one is chosen with `serve --model` at start).
+async fn list_models(state: web::Data<AppState>) -> HttpResponse {
+    let mut available = vec![json!({"name": "tiny", "kind": "builtin"})];
+    for dir in &state.model_dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        let mut found: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter_map(|path| {
+                let kind = if path.is_dir() {
+                    "folder"
+                } else if path
+                    .extension()
+                    .is_some_and(|e| e == "safetensors" || e == "sft")
+                {
+                    "file"
+                } else {
+                    return None;
+                };
+                let name = path.file_name()?.to_string_lossy().into_owned();
+                Some(json!({"name": name, "kind": kind, "path": path}))
+            })
+            .collect();
+        found.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        available.extend(found);
+    }
+    HttpResponse::Ok().json(json!({
+        "loaded": {
+            "name": state.model_name,
+            "path": state.model_path,
+            "device": state.device,
+            "dtype": state.dtype,
+        },
+        "available": available,
+    }))
 }
 
 async fn system(state: web::Data<AppState>) -> HttpResponse {
@@ -41,6 +88,7 @@ async fn system(state: web::Data<AppState>) -> HttpResponse {
         "dtype": state.dtype,
         "peak_memory_bytes": crate::train::events::peak_memory_bytes(),
         "queue": {"queued": queued, "running": running},
+        "subscribers": state.engine.subscribers(),
     }))
 }
 
@@ -125,16 +173,38 @@ async fn get_lora(
     Ok(HttpResponse::Ok().json(crate::model::lora_io::describe(&file)))
 }
 
-/// Resolves every dataset folder of a training config inside the allowed roots,
-/// replacing it by its canonical path (so the job reads exactly what was checked).
-fn check_dataset_paths(state: &AppState, cfg: &mut TrainConfig) -> Result<(), ApiError> {
+/// Resolves every path of a training config inside the allowed roots, replacing it
+/// by its canonical path (so the job reads exactly what was checked), and refuses
+/// settings the daemon decides itself.
+fn check_train_paths(state: &AppState, cfg: &mut TrainConfig) -> Result<(), ApiError> {
+    let bad = |field: String| {
+        move |message| ApiError::BadRequest {
+            message,
+            field: Some(field),
+        }
+    };
+    if let Some(model) = &cfg.model {
+        return Err(bad("model".into())(format!(
+            "the daemon trains on its loaded model ({}); leave out `model` (here {}), or start `fluxlora serve --model` with it",
+            state.model_name,
+            model.display()
+        )));
+    }
     for (i, folder) in cfg.dataset.folders.iter_mut().enumerate() {
         folder.path = state
             .resolve_path(&folder.path)
-            .map_err(|message| ApiError::BadRequest {
-                message,
-                field: Some(format!("dataset.folders[{i}]")),
-            })?;
+            .map_err(bad(format!("dataset.folders[{i}]")))?;
+    }
+    if let Some(validation) = &mut cfg.validation_dataset {
+        for (i, folder) in validation.folders.iter_mut().enumerate() {
+            folder.path = state
+                .resolve_path(&folder.path)
+                .map_err(bad(format!("validation_dataset.folders[{i}]")))?;
+        }
+    }
+    if let Some(dir) = &cfg.cache_dir {
+        cfg.cache_dir =
+            Some(resolve_for_writing(&state.roots, dir).map_err(bad("cache_dir".into()))?);
     }
     Ok(())
 }
@@ -156,7 +226,7 @@ async fn submit_train(
 ) -> Result<HttpResponse, ApiError> {
     let mut cfg: TrainConfig = parse(body.into_inner())?;
     cfg.validate()?;
-    check_dataset_paths(&state, &mut cfg)?;
+    check_train_paths(&state, &mut cfg)?;
     let id = state.engine.submit(JobRequest::Train(Box::new(cfg)))?;
     Ok(HttpResponse::Accepted().json(json!({ "id": id })))
 }
@@ -313,24 +383,30 @@ async fn job_file(
     Ok(HttpResponse::Ok().content_type(mime).body(bytes))
 }
 
+/// `path` made absolute against the daemon's working folder.
+fn absolute(path: &Path) -> Result<PathBuf, String> {
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    Ok(std::env::current_dir()
+        .map_err(|e| e.to_string())?
+        .join(path))
+}
+
+fn inside_roots(roots: &[PathBuf], canonical: &Path) -> bool {
+    roots
+        .iter()
+        .filter_map(|r| r.canonicalize().ok())
+        .any(|r| canonical.starts_with(&r))
+}
+
 /// Resolves `path` (absolute, or relative to the daemon's working folder) and checks
 /// it lies inside one of `roots` after following symlinks.
 pub fn resolve_in_roots(roots: &[PathBuf], path: &Path) -> Result<PathBuf, String> {
-    let joined = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map_err(|e| e.to_string())?
-            .join(path)
-    };
-    let canonical = joined
+    let canonical = absolute(path)?
         .canonicalize()
         .map_err(|_| format!("{}: no such file or folder", path.display()))?;
-    let inside = roots
-        .iter()
-        .filter_map(|r| r.canonicalize().ok())
-        .any(|r| canonical.starts_with(&r));
-    if inside {
+    if inside_roots(roots, &canonical) {
         Ok(canonical)
     } else {
         Err(format!(
@@ -338,4 +414,30 @@ pub fn resolve_in_roots(roots: &[PathBuf], path: &Path) -> Result<PathBuf, Strin
             path.display()
         ))
     }
+}
+
+/// Like [`resolve_in_roots`] for a folder that may not exist yet: its nearest
+/// existing ancestor must lie inside the roots, and the rest may not contain `..`.
+fn resolve_for_writing(roots: &[PathBuf], path: &Path) -> Result<PathBuf, String> {
+    let full = absolute(path)?;
+    if full.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("{}: `..` is not allowed here", path.display()));
+    }
+    let mut existing = full.as_path();
+    let mut rest = vec![];
+    while !existing.exists() {
+        rest.push(existing.file_name().unwrap_or_default().to_owned());
+        existing = existing
+            .parent()
+            .ok_or_else(|| format!("{}: no existing parent folder", path.display()))?;
+    }
+    let mut canonical = existing.canonicalize().map_err(|e| e.to_string())?;
+    if !inside_roots(roots, &canonical) {
+        return Err(format!(
+            "{} is outside the folders this server may write",
+            path.display()
+        ));
+    }
+    canonical.extend(rest.iter().rev());
+    Ok(canonical)
 }

@@ -572,6 +572,17 @@ impl Trainer {
 
         let step = self.progress.step;
         let last = step >= self.total_steps;
+        // Previews before saves, as kohya does.
+        if self
+            .cfg
+            .sample_every_n_steps
+            .is_some_and(|n| step.is_multiple_of(n))
+        {
+            let paths = self.sample_previews(step)?;
+            if !paths.is_empty() {
+                emit(TrainEvent::Sample { step, paths });
+            }
+        }
         if !last
             && self
                 .cfg
@@ -607,16 +618,6 @@ impl Trainer {
         {
             if let Some(loss) = self.validation_loss()? {
                 emit(TrainEvent::Validation { step, loss });
-            }
-        }
-        if self
-            .cfg
-            .sample_every_n_steps
-            .is_some_and(|n| step.is_multiple_of(n))
-        {
-            let paths = self.sample_previews(step)?;
-            if !paths.is_empty() {
-                emit(TrainEvent::Sample { step, paths });
             }
         }
         Ok(stats)

@@ -1,0 +1,165 @@
+//! Who may call the daemon: the bearer token and the browser origin.
+//!
+//! With a token configured, every request must carry it (`Authorization: Bearer`,
+//! or `?token=` where a browser cannot set headers, as for WebSockets). Requests
+//! from browsers carry an `Origin`: only loopback origins (a local ComfyUI front
+//! end) and the configured ones are served and get CORS headers, so a web page
+//! elsewhere can neither call the API nor open its WebSocket. Clients that send
+//! no `Origin` (curl, scripts) are not affected.
+//!
+//! Must not: look inside request bodies.
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::Method;
+use actix_web::{HttpResponse, ResponseError};
+
+use super::errors::ApiError;
+
+/// The checks, built once from the settings.
+#[derive(Clone, Debug)]
+pub struct Guard {
+    token: Option<String>,
+    origins: Vec<String>,
+}
+
+/// What the guard decided about a request.
+pub enum Verdict {
+    /// Serve it; add CORS headers for this origin to the response.
+    Pass { origin: Option<HeaderValue> },
+    /// Answer now (a CORS preflight, or a refusal).
+    Answer(HttpResponse),
+}
+
+impl Guard {
+    pub fn new(token: Option<String>, origins: &[String]) -> Self {
+        Self {
+            token: token.filter(|t| !t.is_empty()),
+            origins: origins
+                .iter()
+                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
+    pub fn check(&self, req: &ServiceRequest) -> Verdict {
+        let origin = req.headers().get(header::ORIGIN).cloned();
+        if let Some(o) = &origin {
+            if !self.origin_allowed(o.to_str().unwrap_or("")) {
+                return Verdict::Answer(
+                    ApiError::Forbidden(format!(
+                        "origin `{}` may not call this daemon: start it with --cors-origin {0}",
+                        o.to_str().unwrap_or("?")
+                    ))
+                    .error_response(),
+                );
+            }
+            if req.method() == Method::OPTIONS
+                && req
+                    .headers()
+                    .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+            {
+                let mut preflight = HttpResponse::NoContent();
+                preflight
+                    .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, o.clone()))
+                    .insert_header((
+                        header::ACCESS_CONTROL_ALLOW_METHODS,
+                        "GET, POST, DELETE, OPTIONS",
+                    ))
+                    .insert_header((
+                        header::ACCESS_CONTROL_ALLOW_HEADERS,
+                        "authorization, content-type",
+                    ))
+                    .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"))
+                    .insert_header((header::VARY, "Origin"));
+                return Verdict::Answer(preflight.finish());
+            }
+        }
+        if !self.authorised(req) {
+            return Verdict::Answer(ApiError::Unauthorized.error_response());
+        }
+        Verdict::Pass { origin }
+    }
+
+    fn authorised(&self, req: &ServiceRequest) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|v| v == token);
+        let query = req
+            .query_string()
+            .split('&')
+            .any(|kv| kv.strip_prefix("token=") == Some(token.as_str()));
+        bearer || query
+    }
+
+    /// Loopback origins (any port) and the configured ones.
+    fn origin_allowed(&self, origin: &str) -> bool {
+        let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+        if self.origins.contains(&origin) {
+            return true;
+        }
+        let Some(rest) = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+        else {
+            return false;
+        };
+        let host = match rest.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => rest.split(':').next().unwrap_or(""),
+        };
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+/// Adds the CORS headers for an allowed origin to a response.
+pub fn with_cors<B: MessageBody + 'static>(
+    mut res: ServiceResponse<B>,
+    origin: Option<HeaderValue>,
+) -> ServiceResponse<BoxBody> {
+    if let Some(o) = origin {
+        let headers = res.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+        headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    res.map_into_boxed_body()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_and_configured_origins_only() {
+        let g = Guard::new(None, &["https://studio.example.org/".into()]);
+        for ok in [
+            "http://localhost:8188",
+            "http://127.0.0.1:8188",
+            "http://127.0.0.5",
+            "http://[::1]:8188",
+            "https://studio.example.org",
+        ] {
+            assert!(g.origin_allowed(ok), "{ok}");
+        }
+        for bad in [
+            "http://evil.example.com",
+            "http://localhost.evil.com",
+            "http://127.0.0.1.evil.com:80",
+            "null",
+            "file://",
+            "http://192.168.1.4:8188",
+        ] {
+            assert!(!g.origin_allowed(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! `/v1/ws`: the engine's events as WebSocket frames.
+//!
+//! Text frames carry events as JSON, `{"seq", "job", "type", "time", "data"}`; the
+//! first frame is a `hello` whose `seq` is the newest event's. Binary frames carry
+//! preview images behind a small big-endian header:
+//!
+//! | bytes      | field                                          |
+//! |------------|------------------------------------------------|
+//! | 0..4       | frame type, u32: 1 = preview                   |
+//! | 4..8       | image format, u32: 1 = JPEG, 2 = PNG (ComfyUI's codes) |
+//! | 8..16      | seq, u64                                       |
+//! | 16..20     | step, u32                                      |
+//! | 20..22     | job id length n, u16                           |
+//! | 22..22+n   | job id, UTF-8                                  |
+//! | rest       | the image                                      |
+//!
+//! Query: `jobs=a,b` (default: all jobs), `since=SEQ` (first replay the stored
+//! events after SEQ, for a client that reconnects), `previews=false`, `queue=N`
+//! (events held while the client is behind, default 256), `token=`.
+//!
+//! The engine never waits for a client: a thread per connection moves events from
+//! the connection's bounded bus queue towards the socket. A client that falls
+//! behind loses previews first; events dropped from its queue are replayed from the
+//! job store, so text frames arrive complete and in order. The server pings every
+//! 20 s and closes a connection that has been silent for 60 s or has not taken a
+//! frame for 60 s.
+//!
+//! Must not: touch tensors or change jobs; it only reads events.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_ws::{Closed, Message, MessageStream, Session};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::errors::ApiError;
+use super::AppState;
+use crate::engine::bus::{Received, Subscription};
+use crate::engine::events::{Event, EventKind};
+use crate::engine::Engine;
+
+/// Events a connection's bus queue holds by default before previews and then
+/// events are dropped (`queue=` chooses 1 to [`QUEUE_MAX`]).
+const QUEUE_CAPACITY: usize = 256;
+const QUEUE_MAX: usize = 4096;
+const PING_EVERY: Duration = Duration::from_secs(20);
+/// A client heard from neither pong nor message for this long is disconnected.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// A client that takes no frame for this long is disconnected.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Binary frame type of a preview image.
+pub const FRAME_PREVIEW: u32 = 1;
+/// Image format code of PNG (ComfyUI uses 1 for JPEG, 2 for PNG).
+pub const FORMAT_PNG: u32 = 2;
+
+#[derive(Deserialize)]
+pub struct WsQuery {
+    /// Comma-separated job ids; all jobs when absent.
+    #[serde(default)]
+    jobs: Option<String>,
+    /// Replay stored events after this sequence number before live ones.
+    #[serde(default)]
+    since: Option<u64>,
+    #[serde(default = "yes")]
+    previews: bool,
+    /// Events the server holds for this connection while it is behind.
+    #[serde(default = "default_queue")]
+    queue: usize,
+}
+
+fn default_queue() -> usize {
+    QUEUE_CAPACITY
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Upgrades to a WebSocket and streams events until the client leaves.
+pub async fn connect(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+    query: web::Query<WsQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let query = query.into_inner();
+    let jobs: Option<Vec<String>> = query.jobs.as_deref().map(|s| {
+        s.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    });
+    for id in jobs.iter().flatten() {
+        state.engine.job(id)?;
+    }
+    if !(1..=QUEUE_MAX).contains(&query.queue) {
+        return Err(ApiError::BadRequest {
+            message: format!("queue must be between 1 and {QUEUE_MAX} events"),
+            field: Some("queue".into()),
+        });
+    }
+    let (response, session, messages) = actix_ws::handle(&req, body).map_err(|e| {
+        ApiError::bad(format!(
+            "/v1/ws needs a WebSocket upgrade request (a WebSocket client): {e}"
+        ))
+    })?;
+    // Subscribe before reading the store, so nothing falls between replay and live.
+    let subscription = state
+        .engine
+        .subscribe(jobs.clone(), query.queue, query.previews);
+    let (tx, rx) = mpsc::channel(16);
+    std::thread::Builder::new()
+        .name("fluxlora-ws".into())
+        .spawn(move || forward(subscription, tx))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let connection = Connection {
+        engine: state.engine.clone(),
+        session,
+        jobs,
+        last_sent: 0,
+    };
+    actix_web::rt::spawn(connection.run(query.since, rx, messages));
+    Ok(response)
+}
+
+/// What the forwarding thread hands the connection.
+enum Delivery {
+    Event(Event),
+    /// The bus dropped events for this connection; replay them from the store.
+    Missed,
+}
+
+/// Moves events from the bus queue to the connection; blocks only itself when the
+/// client is slow (the queue then fills and drops, never the engine).
+fn forward(subscription: Subscription, tx: mpsc::Sender<Delivery>) {
+    loop {
+        let delivery = match subscription.recv(Duration::from_millis(500)) {
+            Received::Event(e) => Delivery::Event(e),
+            Received::Missed(_) => Delivery::Missed,
+            Received::Timeout if tx.is_closed() => return,
+            Received::Timeout => continue,
+        };
+        if tx.blocking_send(delivery).is_err() {
+            return;
+        }
+    }
+}
+
+/// The client went away or stopped taking frames.
+struct Gone;
+
+/// One client's connection.
+struct Connection {
+    engine: Engine,
+    session: Session,
+    jobs: Option<Vec<String>>,
+    /// The newest event sent; older ones from the live queue were replayed already.
+    last_sent: u64,
+}
+
+impl Connection {
+    async fn run(
+        mut self,
+        since: Option<u64>,
+        mut rx: mpsc::Receiver<Delivery>,
+        mut messages: MessageStream,
+    ) {
+        let _ = self.serve(since, &mut rx, &mut messages).await;
+        let _ = self.session.close(None).await;
+    }
+
+    async fn serve(
+        &mut self,
+        since: Option<u64>,
+        rx: &mut mpsc::Receiver<Delivery>,
+        messages: &mut MessageStream,
+    ) -> Result<(), Gone> {
+        let hello = json!({
+            "seq": self.engine.last_seq(),
+            "job": null,
+            "type": "hello",
+            "time": unix_now(),
+            "data": {"version": env!("CARGO_PKG_VERSION"), "jobs": self.jobs},
+        });
+        self.send_text(hello.to_string()).await?;
+        if let Some(since) = since {
+            self.last_sent = since;
+            self.replay().await?;
+        }
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                delivery = rx.recv() => match delivery {
+                    Some(Delivery::Event(e)) => self.deliver(e).await?,
+                    Some(Delivery::Missed) => self.replay().await?,
+                    None => return Ok(()),
+                },
+                message = messages.recv() => {
+                    last_heard = Instant::now();
+                    match message {
+                        Some(Ok(Message::Ping(bytes))) => {
+                            within(self.session.pong(&bytes)).await?;
+                        }
+                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Ok(()),
+                        // Pongs, and client text is not part of the protocol: ignored.
+                        Some(Ok(_)) => {}
+                    }
+                },
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > CLIENT_TIMEOUT {
+                        return Err(Gone);
+                    }
+                    within(self.session.ping(b"")).await?;
+                }
+            }
+        }
+    }
+
+    /// Sends a live event, unless a replay already covered it.
+    async fn deliver(&mut self, event: Event) -> Result<(), Gone> {
+        if event.seq <= self.last_sent {
+            return Ok(());
+        }
+        if let EventKind::Preview { step, png } = &event.kind {
+            let frame = preview_frame(&event.job, event.seq, *step, png);
+            return within(self.session.binary(frame)).await;
+        }
+        self.last_sent = event.seq;
+        self.send_text(event.to_json().to_string()).await
+    }
+
+    /// Sends the stored events after `last_sent` of the subscribed jobs.
+    async fn replay(&mut self) -> Result<(), Gone> {
+        let engine = self.engine.clone();
+        let jobs = self.jobs.clone();
+        let since = self.last_sent;
+        let events = web::block(move || engine.replay(jobs.as_deref(), since))
+            .await
+            .map_err(|_| Gone)?;
+        for event in events {
+            if let Some(seq) = event["seq"].as_u64() {
+                self.last_sent = self.last_sent.max(seq);
+            }
+            self.send_text(event.to_string()).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_text(&mut self, text: String) -> Result<(), Gone> {
+        within(self.session.text(text)).await
+    }
+}
+
+/// Waits for a send, giving up on a client that takes no frame for [`SEND_TIMEOUT`].
+async fn within(send: impl Future<Output = Result<(), Closed>>) -> Result<(), Gone> {
+    match tokio::time::timeout(SEND_TIMEOUT, send).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(Gone),
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A binary preview frame (layout in the module comment).
+pub fn preview_frame(job: &str, seq: u64, step: u64, png: &[u8]) -> Vec<u8> {
+    let job = &job.as_bytes()[..job.len().min(u16::MAX as usize)];
+    let mut frame = Vec::with_capacity(22 + job.len() + png.len());
+    frame.extend_from_slice(&FRAME_PREVIEW.to_be_bytes());
+    frame.extend_from_slice(&FORMAT_PNG.to_be_bytes());
+    frame.extend_from_slice(&seq.to_be_bytes());
+    frame.extend_from_slice(&u32::try_from(step).unwrap_or(u32::MAX).to_be_bytes());
+    frame.extend_from_slice(&(job.len() as u16).to_be_bytes());
+    frame.extend_from_slice(job);
+    frame.extend_from_slice(png);
+    frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preview_frames_follow_the_documented_layout() {
+        let png = [0x89, b'P', b'N', b'G'];
+        let frame = preview_frame("job-7", 0x0102_0304_0506_0708, 12, &png);
+        assert_eq!(&frame[0..4], &[0, 0, 0, 1]);
+        assert_eq!(&frame[4..8], &[0, 0, 0, 2]);
+        assert_eq!(&frame[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&frame[16..20], &[0, 0, 0, 12]);
+        assert_eq!(&frame[20..22], &[0, 5]);
+        assert_eq!(&frame[22..27], b"job-7");
+        assert_eq!(&frame[27..], &png);
+    }
+}
