@@ -84,6 +84,9 @@ struct ServeArgs {
     /// Further folders requests may read (datasets, LoRAs); repeatable.
     #[arg(long = "root")]
     roots: Vec<PathBuf>,
+    /// A browser origin allowed besides loopback ones (e.g. https://host:8188); repeatable.
+    #[arg(long = "cors-origin")]
+    cors_origins: Vec<String>,
 }
 
 #[derive(Args)]
@@ -165,6 +168,7 @@ fn main() -> anyhow::Result<()> {
                 device: a.model.device,
                 precision: a.model.precision,
                 roots: a.roots,
+                cors_origins: a.cors_origins,
                 ..Default::default()
             };
             commands::serve(settings)?;

@@ -591,6 +591,13 @@ fn ws_operation() -> Map<String, Value> {
                 "schema": {"type": "boolean", "default": true},
             },
             {
+                "name": "queue",
+                "in": "query",
+                "required": false,
+                "description": "Events the server holds for this connection while the client is behind; beyond it previews are dropped, then events (replayed from the store when the client catches up).",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 4096, "default": 256},
+            },
+            {
                 "name": "token",
                 "in": "query",
                 "required": false,
