@@ -188,7 +188,7 @@ pub fn run(bundle: &Arc<ModelBundle>, batch: usize, width: usize, height: usize)
         batch_size: batch,
         ..SampleRequest::new("a red circle on a blue background")
     };
-    let req = ResolvedRequest::new(&req, bundle)?;
+    let req = ResolvedRequest::new(&req, bundle).map_err(candle_core::Error::wrap)?;
     let secs = median_secs(3, || {
         generate(bundle, &req, &AdapterSet::none(), &mut |_, _| Ok(()))?;
         sync(&device)

@@ -548,6 +548,24 @@ fn bad_input_gets_4xx_json_errors_and_the_server_keeps_answering() {
             400,
             "width",
         ),
+        (
+            "queued sample with zero steps",
+            app.post(
+                "/v1/jobs/sample",
+                &json!({"request": {"prompt": "x", "steps": 0}}),
+            ),
+            400,
+            "steps must be between",
+        ),
+        (
+            "LoRA with both a path and a live job",
+            app.post(
+                "/v1/jobs/sample",
+                &json!({"request": {"prompt": "x"}, "loras": [{"path": "a.safetensors", "live_job": "j"}]}),
+            ),
+            400,
+            "either a `path` or",
+        ),
         ("unknown route", app.get("/v2/nothing"), 404, "no route"),
         (
             "wrong method",

@@ -9,7 +9,7 @@ use super::euler::{euler, FluxVelocity, StepInfo};
 use super::png_meta::GenerationParams;
 use super::schedule::schedule;
 use crate::model::adapter::AdapterSet;
-use crate::model::bundle::ModelBundle;
+use crate::model::bundle::{ModelBundle, SamplingDefaults};
 use crate::model::flux::{image_ids, pack_latents, text_ids, unpack_latents};
 use crate::model::seeded::SeededRng;
 use crate::model::vae::tensor_to_images;
@@ -75,9 +75,27 @@ pub const MAX_SIDE: usize = 4096;
 pub const MAX_STEPS: usize = 1000;
 pub const MAX_BATCH: usize = 64;
 
+/// A sampling request that cannot run; `field` names the offending field.
+#[derive(Debug, thiserror::Error)]
+#[error("{field} {message}")]
+pub struct RequestError {
+    pub field: &'static str,
+    pub message: String,
+}
+
 impl ResolvedRequest {
-    pub fn new(req: &SampleRequest, bundle: &ModelBundle) -> Result<Self> {
-        let d = &bundle.defaults;
+    /// Fills `req`'s gaps from the model's defaults and checks every value.
+    pub fn new(
+        req: &SampleRequest,
+        bundle: &ModelBundle,
+    ) -> std::result::Result<Self, RequestError> {
+        Self::with_defaults(req, &bundle.defaults)
+    }
+
+    pub fn with_defaults(
+        req: &SampleRequest,
+        d: &SamplingDefaults,
+    ) -> std::result::Result<Self, RequestError> {
         let r = Self {
             prompt: req.prompt.clone(),
             negative_prompt: req.negative_prompt.clone(),
@@ -88,24 +106,34 @@ impl ResolvedRequest {
             seed: req.seed,
             batch_size: req.batch_size,
         };
+        let bad = |field, message: String| Err(RequestError { field, message });
         for (field, v) in [("width", r.width), ("height", r.height)] {
             if v == 0 || v % SIZE_MULTIPLE != 0 || v > MAX_SIDE {
-                candle_core::bail!(
-                    "{field} must be a positive multiple of {SIZE_MULTIPLE} up to {MAX_SIDE}, got {v}"
-                )
+                return bad(
+                    field,
+                    format!(
+                        "must be a positive multiple of {SIZE_MULTIPLE} up to {MAX_SIDE}, got {v}"
+                    ),
+                );
             }
         }
         if r.steps == 0 || r.steps > MAX_STEPS {
-            candle_core::bail!("steps must be between 1 and {MAX_STEPS}, got {}", r.steps)
+            return bad(
+                "steps",
+                format!("must be between 1 and {MAX_STEPS}, got {}", r.steps),
+            );
         }
         if r.batch_size == 0 || r.batch_size > MAX_BATCH {
-            candle_core::bail!(
-                "batch_size must be between 1 and {MAX_BATCH}, got {}",
-                r.batch_size
-            )
+            return bad(
+                "batch_size",
+                format!("must be between 1 and {MAX_BATCH}, got {}", r.batch_size),
+            );
         }
         if !r.guidance.is_finite() || r.guidance < 0.0 {
-            candle_core::bail!("guidance must be a finite number ≥ 0, got {}", r.guidance)
+            return bad(
+                "guidance",
+                format!("must be a finite number ≥ 0, got {}", r.guidance),
+            );
         }
         Ok(r)
     }

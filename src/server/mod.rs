@@ -40,6 +40,8 @@ pub struct AppState {
     pub model_path: Option<PathBuf>,
     /// Where other model files are looked for.
     pub model_dirs: Vec<PathBuf>,
+    /// The loaded model's sampling defaults, to check requests before queueing them.
+    pub sampling: crate::model::bundle::SamplingDefaults,
 }
 
 impl AppState {
@@ -58,6 +60,7 @@ impl AppState {
             lora_dir: Some(settings.lora_dir()),
             model_path: settings.model.clone(),
             model_dirs: settings.model_dirs(),
+            sampling: bundle.defaults.clone(),
         }
     }
 

@@ -13,6 +13,7 @@ use super::errors::ApiError;
 use super::AppState;
 use crate::engine::events::JobState;
 use crate::engine::{Control, JobRequest, SampleJob};
+use crate::sample::generate::ResolvedRequest;
 use crate::train::config::TrainConfig;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -231,10 +232,30 @@ async fn submit_train(
     Ok(HttpResponse::Accepted().json(json!({ "id": id })))
 }
 
-/// Resolves every LoRA path of a sampling job inside the allowed roots (a bare file
-/// name is looked up in the LoRA folder, as ComfyUI and A1111 name LoRAs).
-fn check_sample_paths(state: &AppState, job: &mut SampleJob) -> Result<(), ApiError> {
+/// Checks a sampling job before it is queued, and resolves every LoRA path inside
+/// the allowed roots (a bare file name is looked up in the LoRA folder, as ComfyUI
+/// and A1111 name LoRAs).
+fn check_sample(state: &AppState, job: &mut SampleJob) -> Result<(), ApiError> {
+    ResolvedRequest::with_defaults(&job.request, &state.sampling).map_err(|e| {
+        ApiError::BadRequest {
+            message: e.to_string(),
+            field: Some(format!("request.{}", e.field)),
+        }
+    })?;
     for (i, lora) in job.loras.iter_mut().enumerate() {
+        if lora.path.is_some() == lora.live_job.is_some() {
+            return Err(ApiError::BadRequest {
+                message: "give a LoRA either a `path` or the `live_job` of a running training job"
+                    .into(),
+                field: Some(format!("loras[{i}]")),
+            });
+        }
+        if !lora.strength.is_finite() {
+            return Err(ApiError::BadRequest {
+                message: "strength must be a finite number".into(),
+                field: Some(format!("loras[{i}].strength")),
+            });
+        }
         if let Some(p) = &lora.path {
             let candidate = match (p.components().count(), &state.lora_dir) {
                 (1, Some(dir)) if dir.join(p).is_file() => dir.join(p),
@@ -258,7 +279,7 @@ async fn submit_sample(
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let mut job: SampleJob = parse(body.into_inner())?;
-    check_sample_paths(&state, &mut job)?;
+    check_sample(&state, &mut job)?;
     let id = state.engine.submit(JobRequest::Sample(job))?;
     Ok(HttpResponse::Accepted().json(json!({ "id": id })))
 }
@@ -277,7 +298,7 @@ async fn sample_now(
     query: web::Query<SampleQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let mut job: SampleJob = parse(body.into_inner())?;
-    check_sample_paths(&state, &mut job)?;
+    check_sample(&state, &mut job)?;
     let engine = state.engine.clone();
     let id = engine.submit(JobRequest::Sample(job))?;
     let record = web::block(move || loop {

@@ -226,11 +226,13 @@ fn paths() -> Value {
                 "jobs",
                 "Queue a training run",
                 "The config is parsed and validated before anything is queued; a 400 names the \
-                 offending field in `error.field`. Dataset folders must lie inside the allowed \
-                 folders (`field`: `dataset.folders[i]`). The daemon trains its loaded model on \
-                 its device and writes into the job's folder (`model`, `device` and \
-                 `output_dir` of the config are not used); `mixed_precision` must match the \
-                 loaded model's dtype or the job fails.",
+                 offending field in `error.field`. Dataset and validation folders must lie \
+                 inside the allowed folders (`field`: `dataset.folders[i]`, \
+                 `validation_dataset.folders[i]`), and `cache_dir` too (it may not exist yet; \
+                 no `..`). The daemon trains its loaded model on its device and writes into the \
+                 job's folder: a config that sets `model` is refused, `device` and `output_dir` \
+                 are not used; `mixed_precision` must match the loaded model's dtype or the job \
+                 fails.",
                 vec![
                     ("202", json_response("Queued.", schema_ref("JobId"))),
                     ("400", response_ref("BadRequest")),
@@ -251,8 +253,10 @@ fn paths() -> Value {
                 "Queue a sampling job",
                 "Answers at once with the job id; follow the job with its events. LoRA paths \
                  must lie inside the allowed folders (a bare file name is looked up in the LoRA \
-                 folder; `field`: `loras[i].path`). Sizes, steps and the LoRAs themselves are \
-                 checked when the job runs: a bad value fails the job (an `error` event).",
+                 folder; `field`: `loras[i].path`). Sizes, steps, batch size, guidance and the \
+                 path-or-`live_job` rule are checked before queueing (`field`: \
+                 `request.width`, …); the LoRA files themselves are read when the job runs, \
+                 and a bad one fails the job (an `error` event).",
                 vec![
                     ("202", json_response("Queued.", schema_ref("JobId"))),
                     ("400", response_ref("BadRequest")),
@@ -1019,7 +1023,7 @@ fn sample_job() -> Value {
 fn sample_request() -> Value {
     closed(
         "One text-to-image request. Unset sizes, steps and guidance take the loaded model's \
-         defaults. Values are checked when the job runs.",
+         defaults. Values are checked before the job is queued (400 naming the field).",
         &["prompt"],
         vec![
             ("prompt", string_schema("The prompt.")),
@@ -1061,7 +1065,7 @@ fn sample_request() -> Value {
 fn lora_choice() -> Value {
     closed(
         "A LoRA to apply: a file (`path`) or the live adapter of the running training job \
-         (`live_job`), exactly one of the two (checked when the job runs).",
+         (`live_job`), exactly one of the two.",
         &[],
         vec![
             (
@@ -1449,7 +1453,7 @@ fn train_config() -> Value {
         vec![
             (
                 "model",
-                json!({"type": ["string", "null"], "default": null, "description": "Base model file or folder (the CLI's `train`); the daemon always trains its loaded model."}),
+                json!({"type": ["string", "null"], "default": null, "description": "Base model file or folder (the CLI's `train`); the daemon trains its loaded model and refuses a job that sets this (400, `field`: `model`)."}),
             ),
             (
                 "output_dir",

@@ -759,7 +759,8 @@ impl Trainer {
         for (i, line) in self.cfg.sample_prompts.iter().enumerate() {
             let spec = PromptSpec::parse(line)
                 .map_err(|m| config_error(&format!("sample_prompts[{i}]"), m))?;
-            let req = ResolvedRequest::new(&spec.request(self.cfg.seed), &self.bundle)?;
+            let req = ResolvedRequest::new(&spec.request(self.cfg.seed), &self.bundle)
+                .map_err(|e| config_error("sample_prompts", e.to_string()))?;
             let images = generate(&self.bundle, &req, &adapters, &mut |_, _| Ok(()))?;
             let names = [(self.cfg.output_name.clone(), 1.0)];
             for image in &images {
