@@ -114,6 +114,8 @@ struct Shared {
     bus: EventBus,
     jobs: Mutex<HashMap<String, JobRecord>>,
     seq: AtomicU64,
+    /// The newest stored event of each job (replays skip jobs with nothing newer).
+    job_seqs: Mutex<HashMap<String, u64>>,
     /// Makes job ids unique within a process (with the time for uniqueness across runs).
     next_id: AtomicU64,
     /// Where finished LoRAs are copied for other tools (`<data>/loras` or ComfyUI's).
@@ -129,8 +131,15 @@ impl Shared {
             time: now(),
             kind,
         };
-        if let Err(e) = self.store.append(&event) {
-            tracing::warn!(job, error = %e, "could not store event");
+        if !event.is_preview() {
+            match self.store.append(&event) {
+                Ok(()) => {
+                    if let Ok(mut seqs) = self.job_seqs.lock() {
+                        seqs.insert(event.job.clone(), event.seq);
+                    }
+                }
+                Err(e) => tracing::warn!(job, error = %e, "could not store event"),
+            }
         }
         self.bus.publish(&event);
     }
@@ -182,7 +191,8 @@ impl Engine {
         if removed > 0 {
             tracing::info!(removed, "removed temporary files left by a stopped process");
         }
-        let seq = store.last_seq();
+        let job_seqs = store.last_seqs();
+        let seq = job_seqs.values().copied().max().unwrap_or(0);
         let mut jobs = HashMap::new();
         for mut rec in store.load_all()? {
             if !rec.state.is_terminal() && rec.state != JobState::Interrupted {
@@ -197,6 +207,7 @@ impl Engine {
             bus: EventBus::new(),
             jobs: Mutex::new(jobs),
             seq: AtomicU64::new(seq),
+            job_seqs: Mutex::new(job_seqs),
             next_id: AtomicU64::new(0),
             lora_dir,
         });
@@ -329,9 +340,17 @@ impl Engine {
             Some(ids) => ids.to_vec(),
             None => self.jobs().into_iter().map(|r| r.id).collect(),
         };
+        let newest = self
+            .shared
+            .job_seqs
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let ids = ids
+            .into_iter()
+            .filter(|id| newest.get(id).is_some_and(|&last| last > since));
         let mut events: Vec<serde_json::Value> = ids
-            .iter()
-            .filter_map(|id| self.shared.store.events_since(id, since).ok())
+            .filter_map(|id| self.shared.store.events_since(&id, since).ok())
             .flatten()
             .collect();
         events.sort_by_key(|e| e["seq"].as_u64());

@@ -122,17 +122,20 @@ impl JobStore {
         Ok(out)
     }
 
-    /// The highest event sequence number stored, so numbering continues after a restart.
-    pub fn last_seq(&self) -> u64 {
+    /// The newest stored event's sequence number of every job that has events (so
+    /// numbering continues after a restart, and replays skip jobs with nothing new).
+    pub fn last_seqs(&self) -> std::collections::HashMap<String, u64> {
         let Ok(records) = self.load_all() else {
-            return 0;
+            return Default::default();
         };
         records
             .iter()
-            .filter_map(|r| self.events_since(&r.id, 0).ok())
-            .flat_map(|events| events.into_iter().filter_map(|e| e["seq"].as_u64()))
-            .max()
-            .unwrap_or(0)
+            .filter_map(|r| {
+                let events = self.events_since(&r.id, 0).ok()?;
+                let last = events.iter().filter_map(|e| e["seq"].as_u64()).max()?;
+                Some((r.id.clone(), last))
+            })
+            .collect()
     }
 
     /// Deletes a job's folder.
@@ -187,7 +190,7 @@ mod tests {
             vec![2, 3]
         );
         assert_eq!(since[0]["type"], "state");
-        assert_eq!(store.last_seq(), 3);
+        assert_eq!(store.last_seqs().get("j1"), Some(&3));
         Ok(())
     }
 }
