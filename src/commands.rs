@@ -288,6 +288,16 @@ pub fn serve(settings: Settings) -> Result<()> {
     Ok(())
 }
 
+/// `fluxlora nodes`: the node definitions with the LoRA folder's files, as JSON.
+pub fn nodes(settings: &Settings, compact: bool) -> Result<String> {
+    let info = crate::nodes::object_info(&crate::nodes::lora_names(&settings.lora_dir()));
+    Ok(if compact {
+        serde_json::to_string(&info)?
+    } else {
+        serde_json::to_string_pretty(&info)?
+    })
+}
+
 /// `fluxlora lora inspect`.
 pub fn lora_inspect(path: &Path, json: bool) -> Result<String> {
     let file = lora_io::load(path, &candle_core::Device::Cpu)?;

@@ -63,6 +63,17 @@ enum Command {
     /// Inspect, convert or merge LoRA files.
     #[command(subcommand)]
     Lora(LoraCommand),
+    /// Print the ComfyUI node definitions (`/object_info`) with the LoRA folder's files.
+    Nodes {
+        #[arg(long, default_value = "fluxlora-data")]
+        data_dir: PathBuf,
+        /// A ComfyUI install: LoRAs are listed from its models/loras.
+        #[arg(long)]
+        comfy_root: Option<PathBuf>,
+        /// One line instead of indented JSON.
+        #[arg(long)]
+        compact: bool,
+    },
 }
 
 #[derive(Args)]
@@ -244,6 +255,18 @@ fn main() -> anyhow::Result<()> {
         Command::Lora(LoraCommand::Merge { loras, model, out }) => {
             commands::lora_merge(&model, &loras, &out)?;
             println!("{}", out.display());
+        }
+        Command::Nodes {
+            data_dir,
+            comfy_root,
+            compact,
+        } => {
+            let settings = fluxlora::config::Settings {
+                data_dir,
+                comfy_root,
+                ..Default::default()
+            };
+            println!("{}", commands::nodes(&settings, compact)?);
         }
     }
     Ok(())

@@ -349,3 +349,28 @@ alpha = 1.0
     let err = TrainConfig::from_file(&json).unwrap_err().to_string();
     assert!(err.contains("max_train_steps"), "{err}");
 }
+
+#[test]
+fn nodes_lists_the_node_definitions_with_the_lora_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let settings = fluxlora::config::Settings {
+        data_dir: tmp.path().to_path_buf(),
+        ..Default::default()
+    };
+    std::fs::create_dir_all(settings.lora_dir()).unwrap();
+    std::fs::write(settings.lora_dir().join("style.safetensors"), b"x").unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&commands::nodes(&settings, true).unwrap()).unwrap();
+    for node in [
+        "FluxLoraTrain",
+        "FluxLoraLoader",
+        "FluxLoraLiveAdapter",
+        "FluxLoraSampler",
+    ] {
+        assert_eq!(info[node]["name"], node);
+    }
+    assert_eq!(
+        info["FluxLoraLoader"]["input"]["required"]["lora_name"][0],
+        serde_json::json!(["style.safetensors"])
+    );
+}

@@ -1016,3 +1016,44 @@ fn a_daemon_killed_mid_training_restarts_with_the_job_interrupted_and_resumable(
     }
     assert!(leftovers.is_empty(), "partial files: {leftovers:?}");
 }
+
+#[test]
+fn discovery_routes_describe_models_nodes_and_the_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(state.join("models/flux-dev")).unwrap();
+    std::fs::create_dir_all(state.join("loras")).unwrap();
+    std::fs::write(state.join("models/schnell.safetensors"), b"x").unwrap();
+    std::fs::write(state.join("loras/mine.safetensors"), b"x").unwrap();
+    let app = spawn_app(&state, vec![], "127.0.0.1", None);
+
+    let models = app.get("/v1/models").json();
+    assert_eq!(models["loaded"]["device"], "cpu");
+    let names: Vec<&str> = models["available"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["tiny", "flux-dev", "schnell.safetensors"]);
+
+    let nodes = app.get("/v1/nodes").json();
+    let loader = &nodes["FluxLoraLoader"]["input"]["required"]["lora_name"][0];
+    assert_eq!(loader, &json!(["mine.safetensors"]));
+    assert!(nodes["FluxLoraSampler"]["output"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("IMAGE")));
+
+    let api = app.get("/v1/openapi.json").json();
+    assert_eq!(api["openapi"], "3.1.0");
+    for path in [
+        "/v1/jobs/train",
+        "/v1/ws",
+        "/v1/sample",
+        "/v1/models",
+        "/v1/nodes",
+    ] {
+        assert!(api["paths"][path].is_object(), "{path} undocumented");
+    }
+}

@@ -31,11 +31,23 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/sample", web::post().to(sample_now))
         .route("/v1/models", web::get().to(list_models))
         .route("/v1/openapi.json", web::get().to(openapi))
+        .route("/v1/nodes", web::get().to(nodes))
         .route("/v1/ws", web::get().to(super::ws::connect));
 }
 
 async fn openapi() -> HttpResponse {
     HttpResponse::Ok().json(super::openapi::document())
+}
+
+/// Node definitions in ComfyUI's `/object_info` format, the LoRA loader's list
+/// filled from the LoRA folder.
+async fn nodes(state: web::Data<AppState>) -> HttpResponse {
+    let loras = state
+        .lora_dir
+        .as_deref()
+        .map(crate::nodes::lora_names)
+        .unwrap_or_default();
+    HttpResponse::Ok().json(crate::nodes::object_info(&loras))
 }
 
 /// The loaded model, and the model files and folders the daemon can see (a
