@@ -37,6 +37,21 @@ fn spawn_app(
     spawn_app_on(listener, data_dir, roots, token)
 }
 
+/// A server on loopback whose roots hold a folder of `images` generated shape
+/// images (`data`), with its state beside it.
+fn app_with_dataset(images: usize, seed: u64) -> (tempfile::TempDir, std::path::PathBuf, App) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fluxlora::train::shapes::write_dataset(&data, images, 64, seed).unwrap();
+    let app = spawn_app(
+        &tmp.path().join("state"),
+        vec![tmp.path().to_path_buf()],
+        "127.0.0.1",
+        None,
+    );
+    (tmp, data, app)
+}
+
 /// [`spawn_app`] on a listener the test prepared.
 fn spawn_app_on(
     listener: std::net::TcpListener,
@@ -300,15 +315,7 @@ fn train_body(data: &Path) -> Value {
 
 #[test]
 fn curl_flow_train_then_sample_with_the_lora() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    fluxlora::train::shapes::write_dataset(&data, 3, 64, 1).unwrap();
-    let app = spawn_app(
-        &tmp.path().join("state"),
-        vec![tmp.path().to_path_buf()],
-        "127.0.0.1",
-        None,
-    );
+    let (_tmp, data, app) = app_with_dataset(3, 1);
 
     let mut ws = app.ws("");
     let Frame::Event(hello) = next_frame(&mut ws) else {
@@ -448,15 +455,7 @@ fn curl_flow_train_then_sample_with_the_lora() {
 
 #[test]
 fn bad_input_gets_4xx_json_errors_and_the_server_keeps_answering() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    fluxlora::train::shapes::write_dataset(&data, 2, 64, 2).unwrap();
-    let app = spawn_app(
-        &tmp.path().join("state"),
-        vec![tmp.path().to_path_buf()],
-        "127.0.0.1",
-        None,
-    );
+    let (tmp, data, app) = app_with_dataset(2, 2);
     let with = |f: &dyn Fn(&mut Value)| {
         let mut b = train_body(&data);
         f(&mut b);
@@ -675,15 +674,7 @@ fn plain_train_body(data: &Path, name: &str, steps: u64) -> Value {
 
 #[test]
 fn a_sample_during_training_uses_the_live_adapter_and_training_goes_on() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    fluxlora::train::shapes::write_dataset(&data, 3, 64, 3).unwrap();
-    let app = spawn_app(
-        &tmp.path().join("state"),
-        vec![tmp.path().to_path_buf()],
-        "127.0.0.1",
-        None,
-    );
+    let (_tmp, data, app) = app_with_dataset(3, 3);
     let mut ws = app.ws("");
     let mut body = plain_train_body(&data, "live", 100_000);
     body["learning_rate"] = json!(0.01);

@@ -189,7 +189,9 @@ impl Connection {
         });
         self.send_text(hello.to_string()).await?;
         if let Some(since) = since {
-            self.last_sent = since;
+            // A `since` beyond the newest event (from before a restart) replays
+            // nothing and must not hide the events to come.
+            self.last_sent = since.min(self.engine.last_seq());
             self.replay().await?;
         }
         let mut ping = tokio::time::interval(PING_EVERY);
