@@ -297,3 +297,63 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn wait_returns_when_a_job_ends_and_reports_a_stopped_engine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    shapes::write_dataset(&data, 2, 64, 1).unwrap();
+    let engine = start(tmp.path());
+    let id = engine.submit(JobRequest::Sample(sample_job(7))).unwrap();
+    let done = engine.wait(&id).unwrap();
+    assert_eq!(done.state, JobState::Finished);
+    assert_eq!(done.outputs.len(), 1);
+    assert!(engine.wait("no-such-job").is_err());
+
+    // A job that can no longer end: the engine stops while it trains.
+    let train = engine
+        .submit(JobRequest::Train(Box::new(train_config(&data, 100_000))))
+        .unwrap();
+    assert_eq!(
+        wait_for(&engine, &train, JobState::Running),
+        JobState::Running
+    );
+    engine.shutdown();
+    assert!(matches!(
+        engine.wait(&train),
+        Err(fluxlora::engine::EngineError::Stopped)
+    ));
+}
+
+#[test]
+fn a_running_sample_can_be_cancelled_but_not_paused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = start(tmp.path());
+    let sub = engine.subscribe(None, 10_000, false);
+    let mut long = sample_job(3);
+    long.request.steps = Some(1000);
+    let id = engine.submit(JobRequest::Sample(long)).unwrap();
+    loop {
+        if let Received::Event(Event {
+            kind: EventKind::SampleStep { .. },
+            ..
+        }) = sub.recv(Duration::from_secs(60))
+        {
+            break;
+        }
+    }
+    assert!(matches!(
+        engine.control(&id, Control::Pause),
+        Err(fluxlora::engine::EngineError::BadState { .. })
+    ));
+    engine.control(&id, Control::Cancel).unwrap();
+    assert_eq!(engine.wait(&id).unwrap().state, JobState::Cancelled);
+
+    // A control that arrives after a job ended leaves its end state alone.
+    let quick = engine.submit(JobRequest::Sample(sample_job(4))).unwrap();
+    let _ = engine.control(&quick, Control::Pause);
+    assert_eq!(engine.wait(&quick).unwrap().state, JobState::Finished);
+    let next = engine.submit(JobRequest::Sample(sample_job(5))).unwrap();
+    engine.wait(&next).unwrap();
+    assert_eq!(engine.job(&quick).unwrap().state, JobState::Finished);
+}

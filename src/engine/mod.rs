@@ -116,6 +116,8 @@ struct Shared {
     seq: AtomicU64,
     /// The newest stored event of each job (replays skip jobs with nothing newer).
     job_seqs: Mutex<HashMap<String, u64>>,
+    /// Running sampling jobs asked to stop (checked after every sampling step).
+    cancel_samples: Mutex<std::collections::HashSet<String>>,
     /// Makes job ids unique within a process (with the time for uniqueness across runs).
     next_id: AtomicU64,
     /// Where finished LoRAs are copied for other tools (`<data>/loras` or ComfyUI's).
@@ -166,6 +168,15 @@ impl Shared {
     fn set_state(&self, id: &str, state: JobState) {
         self.update(id, |r| r.state = state);
     }
+
+    fn sample_cancel_requested(&self, id: &str) -> bool {
+        self.cancel_samples.lock().is_ok_and(|c| c.contains(id))
+    }
+
+    /// Whether cancelling `id` was asked, forgetting the request.
+    fn take_sample_cancel(&self, id: &str) -> bool {
+        self.cancel_samples.lock().is_ok_and(|mut c| c.remove(id))
+    }
 }
 
 /// Handle to the running engine; cheap to clone.
@@ -208,6 +219,7 @@ impl Engine {
             jobs: Mutex::new(jobs),
             seq: AtomicU64::new(seq),
             job_seqs: Mutex::new(job_seqs),
+            cancel_samples: Mutex::default(),
             next_id: AtomicU64::new(0),
             lora_dir,
         });
@@ -265,6 +277,21 @@ impl Engine {
             Control::Pause => rec.state == JobState::Running || rec.state == JobState::Queued,
             Control::Resume => matches!(rec.state, JobState::Paused | JobState::Interrupted),
         };
+        if rec.kind == JobKind::Sample && rec.state == JobState::Running {
+            // Sampling runs inside the worker: cancel is checked after every step;
+            // pausing half-way would hold the device for nothing.
+            if control == Control::Cancel {
+                if let Ok(mut c) = self.shared.cancel_samples.lock() {
+                    c.insert(id.to_string());
+                }
+                return Ok(());
+            }
+            return Err(EngineError::BadState {
+                id: id.into(),
+                state: rec.state,
+                action: "pause (a running sampling job can only be cancelled)",
+            });
+        }
         if !ok {
             let action = match control {
                 Control::Cancel => "cancel",
@@ -310,6 +337,23 @@ impl Engine {
             .ok()
             .and_then(|j| j.get(id).cloned())
             .ok_or_else(|| EngineError::NoSuchJob(id.into()))
+    }
+
+    /// Waits until job `id` ends (finished, failed or cancelled) and returns its record.
+    pub fn wait(&self, id: &str) -> Result<JobRecord, EngineError> {
+        // Subscribe first, then look: an end between the two is still seen.
+        let sub = self.subscribe(Some(vec![id.to_string()]), 64, false);
+        loop {
+            let rec = self.job(id)?;
+            if rec.state.is_terminal() {
+                return Ok(rec);
+            }
+            if let bus::Received::Timeout = sub.recv(std::time::Duration::from_secs(1)) {
+                if !self.is_running() {
+                    return Err(EngineError::Stopped);
+                }
+            }
+        }
     }
 
     pub fn jobs(&self) -> Vec<JobRecord> {
@@ -396,6 +440,13 @@ impl Engine {
             jobs.remove(id);
         }
         Ok(self.shared.store.remove(id)?)
+    }
+
+    /// Whether the worker still runs jobs.
+    fn is_running(&self) -> bool {
+        self.worker
+            .lock()
+            .is_ok_and(|h| h.as_ref().is_some_and(|h| !h.is_finished()))
     }
 
     /// Stops the worker after the current step (a running training job stays
@@ -485,6 +536,12 @@ impl Worker {
     }
 
     fn control_queued(&mut self, id: &str, c: Control) {
+        let waiting =
+            self.queue.iter().any(|(j, _)| j == id) || self.paused.iter().any(|j| j == id);
+        if !waiting {
+            // It ran in the meantime; the state it ended in stands.
+            return;
+        }
         match c {
             Control::Cancel => {
                 self.queue.retain(|(j, _)| j != id);
@@ -532,6 +589,9 @@ impl Worker {
     fn run_sample(&mut self, id: &str, job: &SampleJob, live: Option<(&str, Arc<Lora>)>) {
         self.shared.set_state(id, JobState::Running);
         let result = self.sample(id, job, live);
+        if self.shared.take_sample_cancel(id) && result.is_err() {
+            return self.shared.set_state(id, JobState::Cancelled);
+        }
         match result {
             Ok(paths) => {
                 self.shared.emit(
@@ -578,6 +638,9 @@ impl Worker {
             .downsample_factor();
         let (lh, lw) = (req.height / factor, req.width / factor);
         let images = generate(&self.bundle, &req, &adapters, &mut |info, x| {
+            if shared.sample_cancel_requested(id) {
+                candle_core::bail!("cancelled");
+            }
             shared.emit(
                 id,
                 EventKind::SampleStep {

@@ -3,7 +3,6 @@
 //! engine calls and back; nothing else.
 
 use std::path::{Component, Path, PathBuf};
-use std::time::Duration;
 
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
@@ -313,15 +312,9 @@ async fn sample_now(
     check_sample(&state, &mut job)?;
     let engine = state.engine.clone();
     let id = engine.submit(JobRequest::Sample(job))?;
-    let record = web::block(move || loop {
-        match engine.job(&id) {
-            Ok(r) if r.state.is_terminal() => return Ok(r),
-            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(e),
-        }
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let record = web::block(move || engine.wait(&id))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
     if record.state != JobState::Finished {
         let message = record
             .error
