@@ -313,13 +313,15 @@ fn paths() -> Value {
             "Cancel a job",
             "Possible while the job is queued, running, paused or interrupted (409 once it \
              finished, failed or was cancelled). A running training job stops after the \
-             current optimizer step and saves its progress.",
+             current optimizer step and saves its progress; a running sampling job stops \
+             after the current sampling step.",
         ),
         (
             "pause",
             "pauseJob",
             "Pause a job",
-            "Possible while the job is queued or running (409 otherwise). A running training \
+            "Possible while the job is queued, or running if it is a training job (409 \
+             otherwise; a running sampling job can only be cancelled). A running training \
              job pauses after the current optimizer step; sampling requests are still served \
              while it is paused.",
         ),
