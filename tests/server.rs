@@ -654,6 +654,11 @@ fn non_loopback_binds_need_a_token_and_requests_must_carry_it() {
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "unauthorized");
     assert_eq!(anonymous.get("/v1/system?token=s3cret").status, 200);
+    // Browsers cannot set headers on a WebSocket: the token goes in the query.
+    let refused = anonymous.ws_with_headers("", &[]).err().unwrap_or_default();
+    assert!(refused.contains("401"), "{refused}");
+    let mut ws = app.ws("previews=false");
+    assert!(matches!(next_frame(&mut ws), Frame::Event(h) if h["type"] == "hello"));
 }
 
 /// A training body without previews or saves: `steps` optimizer steps.
