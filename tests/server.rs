@@ -377,6 +377,12 @@ fn curl_flow_train_then_sample_with_the_lora() {
         .clone();
     let file = app.get(&format!("/v1/jobs/{id}/files/api.safetensors"));
     assert_eq!(file.status, 200);
+    // The run's config is kept beside it, readable by `fluxlora train`.
+    let config = app.get(&format!("/v1/jobs/{id}/files/config.json"));
+    assert_eq!(config.content_type, "application/json");
+    let config: fluxlora::train::config::TrainConfig =
+        serde_json::from_slice(&config.body).unwrap();
+    assert_eq!(config.max_train_steps, Some(4));
     for escape in [
         "../../state/jobs",
         "..%2F..%2Fdata%2F0000.txt",

@@ -689,6 +689,12 @@ impl Worker {
     fn run_train(&mut self, id: &str, mut cfg: TrainConfig) {
         let dir = self.shared.store.dir(id);
         cfg.output_dir = dir.clone();
+        // The run's config beside its outputs, as `fluxlora train config.json` reads it.
+        let config = serde_json::to_vec_pretty(&cfg).map_err(std::io::Error::other);
+        if let Err(e) = config.and_then(|c| crate::atomic_file::write(&dir.join("config.json"), &c))
+        {
+            return self.fail(id, format!("writing the job's config.json: {e}"));
+        }
         let resume = checkpoint::latest_state(&dir, &cfg.output_name);
         let started = std::time::Instant::now();
         let mut trainer = match Trainer::new(cfg, self.bundle.clone(), resume.as_deref()) {
