@@ -253,13 +253,22 @@ fn next_frame(ws: &mut Ws) -> Frame {
 
 /// Text events up to and including the first for which `last` holds.
 fn events_until(ws: &mut Ws, last: impl Fn(&Value) -> bool) -> Vec<Value> {
-    let mut events = vec![];
+    frames_until(ws, last).0
+}
+
+/// Text events up to and including the first for which `last` holds, and the
+/// decoded previews that came with them.
+fn frames_until(ws: &mut Ws, last: impl Fn(&Value) -> bool) -> (Vec<Value>, Vec<Preview>) {
+    let (mut events, mut previews) = (vec![], vec![]);
     loop {
-        if let Frame::Event(e) = next_frame(ws) {
-            let done = last(&e);
-            events.push(e);
-            if done {
-                return events;
+        match next_frame(ws) {
+            Frame::Preview(p) => previews.push(decode_preview(&p)),
+            Frame::Event(e) => {
+                let done = last(&e);
+                events.push(e);
+                if done {
+                    return (events, previews);
+                }
             }
         }
     }
@@ -274,8 +283,11 @@ fn is_end_of(job: &str) -> impl Fn(&Value) -> bool + '_ {
     }
 }
 
-/// (job id, step, image) of a binary preview frame, decoded by its documented header.
-fn decode_preview(frame: &[u8]) -> (String, u32, Vec<u8>) {
+/// (job id, step, image) of a binary preview frame.
+type Preview = (String, u32, Vec<u8>);
+
+/// A binary preview frame, decoded by its documented header.
+fn decode_preview(frame: &[u8]) -> Preview {
     let u32_at = |i: usize| u32::from_be_bytes(frame[i..i + 4].try_into().unwrap());
     assert_eq!(u32_at(0), 1, "frame type preview");
     assert_eq!(u32_at(4), 2, "PNG");
@@ -326,8 +338,15 @@ fn curl_flow_train_then_sample_with_the_lora() {
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     let id = r.json()["id"].as_str().unwrap().to_string();
 
-    // The WebSocket streams the run: increasing sequence numbers, kinds in order.
-    let streamed = events_until(&mut ws, is_end_of(&id));
+    // The WebSocket streams the run: increasing sequence numbers, kinds in order,
+    // and the run's preview images as binary frames.
+    let (streamed, previews) = frames_until(&mut ws, is_end_of(&id));
+    let preview_steps: Vec<u32> = previews.iter().map(|p| p.1).collect();
+    assert_eq!(preview_steps, vec![2, 4]);
+    for (job, _, png) in &previews {
+        assert_eq!(job, &id);
+        assert!(image::load_from_memory(png).is_ok());
+    }
     let seqs: Vec<u64> = streamed
         .iter()
         .map(|e| e["seq"].as_u64().unwrap())
@@ -410,31 +429,19 @@ fn curl_flow_train_then_sample_with_the_lora() {
     );
     assert_eq!(r.status, 202);
     let sid = r.json()["id"].as_str().unwrap().to_string();
-    let mut previews = vec![];
-    let mut kinds = vec![];
-    loop {
-        match next_frame(&mut ws) {
-            Frame::Preview(p) => {
-                let preview = decode_preview(&p);
-                if preview.0 == sid {
-                    previews.push(preview);
-                }
-            }
-            Frame::Event(e) if e["job"] == sid.as_str() => {
-                kinds.push(e["type"].as_str().unwrap().to_string());
-                if is_end_of(&sid)(&e) {
-                    break;
-                }
-            }
-            Frame::Event(_) => {}
-        }
-    }
+    let (events, previews) = frames_until(&mut ws, is_end_of(&sid));
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter(|e| e["job"] == sid.as_str())
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    let previews: Vec<_> = previews.into_iter().filter(|p| p.0 == sid).collect();
     assert_eq!(
-        kinds.iter().filter(|k| *k == "sample_step").count(),
+        kinds.iter().filter(|k| **k == "sample_step").count(),
         3,
         "{kinds:?}"
     );
-    assert!(kinds.contains(&"images".to_string()), "{kinds:?}");
+    assert!(kinds.contains(&"images"), "{kinds:?}");
     assert_eq!(previews.len(), 3);
     for (i, (job, step, png)) in previews.iter().enumerate() {
         assert_eq!(job, &sid);

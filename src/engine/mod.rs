@@ -703,7 +703,23 @@ impl Worker {
         };
         self.shared.set_state(id, JobState::Running);
         let shared = self.shared.clone();
-        let mut emit = |e: TrainEvent| shared.emit(id, EventKind::Train { event: e });
+        let mut emit = |e: TrainEvent| {
+            // Preview images of the run also go out as previews (WebSocket binary frames).
+            let previews = match &e {
+                TrainEvent::Sample { step, paths } => Some((*step, paths.clone())),
+                _ => None,
+            };
+            shared.emit(id, EventKind::Train { event: e });
+            for (step, path) in previews
+                .into_iter()
+                .flat_map(|(s, p)| p.into_iter().map(move |p| (s, p)))
+            {
+                match std::fs::read(&path) {
+                    Ok(png) => shared.emit(id, EventKind::Preview { step, png }),
+                    Err(e) => tracing::debug!(error = %e, "no preview"),
+                }
+            }
+        };
         if let Err(e) = trainer.prepare_caches(&mut |_, _| {}) {
             return self.fail(id, e.to_string());
         }

@@ -545,7 +545,7 @@ objects. The first frame is a `hello` (`HelloEvent`): `{\"seq\": <the newest eve
 connect>, \"job\": null, \"type\": \"hello\", \"time\", \"data\": {\"version\", \"jobs\"}}`. \
 With `since`, the stored events with `seq > since` of the subscribed jobs are replayed next, \
 then live events follow; a client that reconnects passes the last `seq` it saw.\n\n**Binary \
-frames** are preview images (of sampling steps), with a big-endian header:\n\n| bytes | \
+frames** are preview images (a sampling job's latent preview at each step, and a training run's sample images at their optimizer step), with a big-endian header:\n\n| bytes | \
 field |\n|---|---|\n| 0..4 | frame type, u32: 1 = preview |\n| 4..8 | image format, u32: 1 \
 = JPEG, 2 = PNG (ComfyUI's codes; the daemon sends PNG) |\n| 8..16 | seq, u64 |\n| 16..20 | \
 step, u32 |\n| 20..22 | job id length n, u16 |\n| 22..22+n | job id, UTF-8 |\n| rest | the \

@@ -2,7 +2,8 @@
 //!
 //! Text frames carry events as JSON, `{"seq", "job", "type", "time", "data"}`; the
 //! first frame is a `hello` whose `seq` is the newest event's. Binary frames carry
-//! preview images behind a small big-endian header:
+//! preview images (a sampling job's latent preview after each step, a training
+//! run's sample images at their optimizer step) behind a small big-endian header:
 //!
 //! | bytes      | field                                          |
 //! |------------|------------------------------------------------|
