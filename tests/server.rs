@@ -1036,6 +1036,12 @@ fn discovery_routes_describe_models_nodes_and_the_api() {
     std::fs::write(state.join("loras/mine.safetensors"), b"x").unwrap();
     let app = spawn_app(&state, vec![], "127.0.0.1", None);
 
+    let system = app.get("/v1/system").json();
+    assert!(
+        system["memory_bytes"].as_u64().unwrap() > 1 << 20,
+        "{system}"
+    );
+    assert_eq!(system["version"], env!("CARGO_PKG_VERSION"));
     let models = app.get("/v1/models").json();
     assert_eq!(models["loaded"]["device"], "cpu");
     let names: Vec<&str> = models["available"]

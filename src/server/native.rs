@@ -98,6 +98,7 @@ async fn system(state: web::Data<AppState>) -> HttpResponse {
         "model": state.model_name,
         "device": state.device,
         "dtype": state.dtype,
+        "memory_bytes": crate::train::events::memory_bytes(),
         "peak_memory_bytes": crate::train::events::peak_memory_bytes(),
         "queue": {"queued": queued, "running": running},
         "subscribers": state.engine.subscribers(),

@@ -835,6 +835,7 @@ fn system() -> Value {
             "model",
             "device",
             "dtype",
+            "memory_bytes",
             "peak_memory_bytes",
             "queue",
             "subscribers",
@@ -849,6 +850,10 @@ fn system() -> Value {
             (
                 "dtype",
                 json!({"type": "string", "enum": ["f32", "bf16", "f16"], "description": "The loaded model's compute dtype."}),
+            ),
+            (
+                "memory_bytes",
+                json!({"type": ["integer", "null"], "format": "uint64", "minimum": 0, "description": "Resident memory of the process now (Linux `VmRSS`); null where the OS does not tell."}),
             ),
             (
                 "peak_memory_bytes",
