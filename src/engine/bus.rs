@@ -36,7 +36,10 @@ pub struct SubscriberStats {
 
 struct Slot {
     queue: Mutex<Queue>,
+    /// Wakes a thread waiting in [`Subscription::recv`].
     ready: Condvar,
+    /// Wakes a task waiting in [`Subscription::next`].
+    ready_async: tokio::sync::Notify,
     /// Only these jobs; all when `None`.
     jobs: Option<Vec<String>>,
     previews: bool,
@@ -85,6 +88,7 @@ impl EventBus {
                 stats: SubscriberStats::default(),
             }),
             ready: Condvar::new(),
+            ready_async: tokio::sync::Notify::new(),
             jobs,
             previews,
         });
@@ -132,6 +136,7 @@ impl EventBus {
             }
             q.events.push_back(event.clone());
             slot.ready.notify_one();
+            slot.ready_async.notify_one();
         }
     }
 }
@@ -156,21 +161,45 @@ impl EventBus {
     }
 }
 
+impl Queue {
+    /// What is waiting: missed events first, then the oldest event.
+    fn take(&mut self) -> Option<Received> {
+        if self.missed > 0 {
+            let n = self.missed;
+            self.missed = 0;
+            return Some(Received::Missed(n));
+        }
+        let e = self.events.pop_front()?;
+        self.stats.delivered += 1;
+        Some(Received::Event(e))
+    }
+}
+
 impl Subscription {
+    /// The next event, waiting for it without blocking a thread (for async servers).
+    pub async fn next(&self) -> Received {
+        loop {
+            match self.slot.queue.lock() {
+                Ok(mut q) => {
+                    if let Some(r) = q.take() {
+                        return r;
+                    }
+                }
+                Err(_) => return Received::Timeout,
+            }
+            // A publish between the check and here leaves a permit: no wake-up is lost.
+            self.slot.ready_async.notified().await;
+        }
+    }
+
     /// The next event, waiting up to `timeout`.
     pub fn recv(&self, timeout: Duration) -> Received {
         let Ok(mut q) = self.slot.queue.lock() else {
             return Received::Timeout;
         };
         loop {
-            if q.missed > 0 {
-                let n = q.missed;
-                q.missed = 0;
-                return Received::Missed(n);
-            }
-            if let Some(e) = q.events.pop_front() {
-                q.stats.delivered += 1;
-                return Received::Event(e);
+            if let Some(r) = q.take() {
+                return r;
             }
             if q.closed {
                 return Received::Timeout;
@@ -259,6 +288,25 @@ mod tests {
             }
         }
         assert_eq!(got, vec!["missed1", "e3", "e5"]);
+    }
+
+    #[tokio::test]
+    async fn async_subscribers_wake_for_events_published_from_other_threads() {
+        let bus = Arc::new(EventBus::new());
+        let sub = bus.subscribe(None, 8, true);
+        let publisher = bus.clone();
+        let handle = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            publisher.publish(&progress(1));
+            publisher.publish(&progress(2));
+        });
+        for want in [1, 2] {
+            match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+                Ok(Received::Event(e)) => assert_eq!(e.seq, want),
+                other => panic!("{other:?}"),
+            }
+        }
+        handle.join().unwrap();
     }
 
     #[test]

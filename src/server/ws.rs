@@ -19,9 +19,9 @@
 //! events after SEQ, for a client that reconnects), `previews=false`, `queue=N`
 //! (events held while the client is behind, default 256), `token=`.
 //!
-//! The engine never waits for a client: a thread per connection moves events from
-//! the connection's bounded bus queue towards the socket. A client that falls
-//! behind loses previews first; events dropped from its queue are replayed from the
+//! The engine never waits for a client: each connection has a bounded bus queue
+//! that its task drains towards the socket as fast as the client takes frames. A
+//! client that falls behind loses previews first; events dropped from its queue are replayed from the
 //! job store, so text frames arrive complete and in order. The server pings every
 //! 20 s and closes a connection that has been silent for 60 s or has not taken a
 //! frame for 60 s.
@@ -35,7 +35,6 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{Closed, Message, MessageStream, Session};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::mpsc;
 
 use super::errors::ApiError;
 use super::AppState;
@@ -114,42 +113,14 @@ pub async fn connect(
     let subscription = state
         .engine
         .subscribe(jobs.clone(), query.queue, query.previews);
-    let (tx, rx) = mpsc::channel(16);
-    std::thread::Builder::new()
-        .name("fluxlora-ws".into())
-        .spawn(move || forward(subscription, tx))
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let connection = Connection {
         engine: state.engine.clone(),
         session,
         jobs,
         last_sent: 0,
     };
-    actix_web::rt::spawn(connection.run(query.since, rx, messages));
+    actix_web::rt::spawn(connection.run(query.since, subscription, messages));
     Ok(response)
-}
-
-/// What the forwarding thread hands the connection.
-enum Delivery {
-    Event(Event),
-    /// The bus dropped events for this connection; replay them from the store.
-    Missed,
-}
-
-/// Moves events from the bus queue to the connection; blocks only itself when the
-/// client is slow (the queue then fills and drops, never the engine).
-fn forward(subscription: Subscription, tx: mpsc::Sender<Delivery>) {
-    loop {
-        let delivery = match subscription.recv(Duration::from_millis(500)) {
-            Received::Event(e) => Delivery::Event(e),
-            Received::Missed(_) => Delivery::Missed,
-            Received::Timeout if tx.is_closed() => return,
-            Received::Timeout => continue,
-        };
-        if tx.blocking_send(delivery).is_err() {
-            return;
-        }
-    }
 }
 
 /// The client went away or stopped taking frames.
@@ -165,20 +136,15 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(
-        mut self,
-        since: Option<u64>,
-        mut rx: mpsc::Receiver<Delivery>,
-        mut messages: MessageStream,
-    ) {
-        let _ = self.serve(since, &mut rx, &mut messages).await;
+    async fn run(mut self, since: Option<u64>, events: Subscription, mut messages: MessageStream) {
+        let _ = self.serve(since, &events, &mut messages).await;
         let _ = self.session.close(None).await;
     }
 
     async fn serve(
         &mut self,
         since: Option<u64>,
-        rx: &mut mpsc::Receiver<Delivery>,
+        events: &Subscription,
         messages: &mut MessageStream,
     ) -> Result<(), Gone> {
         let hello = json!({
@@ -200,10 +166,11 @@ impl Connection {
         let mut last_heard = Instant::now();
         loop {
             tokio::select! {
-                delivery = rx.recv() => match delivery {
-                    Some(Delivery::Event(e)) => self.deliver(e).await?,
-                    Some(Delivery::Missed) => self.replay().await?,
-                    None => return Ok(()),
+                received = events.next() => match received {
+                    Received::Event(e) => self.deliver(e).await?,
+                    // Events were dropped while this client was behind: from the store.
+                    Received::Missed(_) => self.replay().await?,
+                    Received::Timeout => return Err(Gone),
                 },
                 message = messages.recv() => {
                     last_heard = Instant::now();
