@@ -13,6 +13,7 @@
 
 pub mod bus;
 pub mod events;
+mod lora_cache;
 pub mod store;
 
 use std::collections::{HashMap, VecDeque};
@@ -481,7 +482,7 @@ struct Worker {
     rx: Receiver<Command>,
     queue: VecDeque<(String, JobRequest)>,
     paused: Vec<String>,
-    loras: HashMap<PathBuf, (SystemTime, Arc<Lora>)>,
+    loras: lora_cache::LoraCache,
     stop: bool,
 }
 
@@ -500,7 +501,7 @@ impl Worker {
             rx,
             queue: VecDeque::new(),
             paused: vec![],
-            loras: HashMap::new(),
+            loras: lora_cache::LoraCache::new(lora_cache::DEFAULT_CAPACITY),
             stop: false,
         }
     }
@@ -568,21 +569,17 @@ impl Worker {
         }
     }
 
-    /// A LoRA file, cached by path and modification time.
+    /// A LoRA file, hot-loaded (kept by path and modification time).
     fn lora(&mut self, path: &Path) -> Result<Arc<Lora>, String> {
         let mtime = std::fs::metadata(path)
             .and_then(|m| m.modified())
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        if let Some((t, lora)) = self.loras.get(path) {
-            if *t == mtime {
-                return Ok(lora.clone());
-            }
-        }
-        let file = lora_io::load(path, self.bundle.device()).map_err(|e| e.to_string())?;
-        lora_io::validate(&file.lora, &self.bundle.adapter_shapes()).map_err(|e| e.to_string())?;
-        let lora = Arc::new(file.lora);
-        self.loras.insert(path.to_path_buf(), (mtime, lora.clone()));
-        Ok(lora)
+        let bundle = &self.bundle;
+        self.loras.get_or_load(path, mtime, || {
+            let file = lora_io::load(path, bundle.device()).map_err(|e| e.to_string())?;
+            lora_io::validate(&file.lora, &bundle.adapter_shapes()).map_err(|e| e.to_string())?;
+            Ok(file.lora)
+        })
     }
 
     /// Runs a sampling job; `live` is the running training job and its adapter.
