@@ -378,6 +378,13 @@ fn curl_flow_train_then_sample_with_the_lora() {
     assert_eq!(steps, vec![1, 2, 3, 4]);
     let job = app.get(&format!("/v1/jobs/{id}")).json();
     assert_eq!(job["state"], "finished", "{job}");
+    // Files the events name come with URLs a remote client can fetch.
+    let of = |kind: &str| streamed.iter().find(|e| e["type"] == kind).unwrap();
+    let saved = app.get(of("saved")["data"]["url"].as_str().unwrap());
+    assert_eq!(saved.status, 200);
+    assert!(safetensors::SafeTensors::deserialize(&saved.body).is_ok());
+    let sample = app.get(of("sample")["data"]["urls"][0].as_str().unwrap());
+    assert_eq!(sample.content_type, "image/png");
 
     // The same events are stored; a client that reconnects with `since` gets the rest.
     let stored = app.get(&format!("/v1/jobs/{id}/events?since=0")).json();

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::errors::ApiError;
 use super::AppState;
 use crate::engine::events::JobState;
-use crate::engine::{Control, JobRequest, SampleJob};
+use crate::engine::{Control, Engine, JobRequest, SampleJob};
 use crate::sample::generate::ResolvedRequest;
 use crate::train::config::TrainConfig;
 
@@ -373,7 +373,62 @@ async fn job_events(
     id: web::Path<String>,
     q: web::Query<Since>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(state.engine.events_since(&id, q.since)?))
+    let mut events = state.engine.events_since(&id, q.since)?;
+    for event in &mut events {
+        add_file_urls(&state.engine, event);
+    }
+    Ok(HttpResponse::Ok().json(events))
+}
+
+/// Gives every file an event names inside its job's folder (`data.path`,
+/// `data.paths`) a URL under `/v1/jobs/{id}/files/` (`data.url`, `data.urls`), so
+/// clients on other machines can fetch samples and LoRAs.
+pub fn add_file_urls(engine: &Engine, event: &mut serde_json::Value) {
+    let Some(job) = event["job"].as_str().map(str::to_string) else {
+        return;
+    };
+    let dir = engine.job_dir(&job);
+    let url = |path: &serde_json::Value| -> serde_json::Value {
+        let rel = path
+            .as_str()
+            .and_then(|p| Path::new(p).strip_prefix(&dir).ok())
+            .filter(|rel| rel.components().all(|c| matches!(c, Component::Normal(_))));
+        match rel {
+            Some(rel) => {
+                let segments: Vec<String> = rel
+                    .components()
+                    .map(|c| percent_encode(&c.as_os_str().to_string_lossy()))
+                    .collect();
+                json!(format!(
+                    "/v1/jobs/{}/files/{}",
+                    percent_encode(&job),
+                    segments.join("/")
+                ))
+            }
+            None => serde_json::Value::Null,
+        }
+    };
+    let data = &mut event["data"];
+    if let Some(path) = data.get("path") {
+        let u = url(path);
+        data["url"] = u;
+    }
+    if let Some(paths) = data.get("paths").and_then(|p| p.as_array()) {
+        let urls: Vec<serde_json::Value> = paths.iter().map(url).collect();
+        data["urls"] = json!(urls);
+    }
+}
+
+/// `text` with everything but RFC 3986 unreserved characters percent-encoded.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A file inside a job's folder (samples, checkpoints, the LoRA); `..` is refused.

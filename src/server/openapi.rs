@@ -772,6 +772,16 @@ fn path_schema(description: &str) -> Value {
     json!({"type": "string", "description": description})
 }
 
+/// The `url` the daemon adds beside a `path` in an event (served events only).
+fn url_schema() -> Value {
+    json!({"type": ["string", "null"], "description": "`GET` URL of the file under `/v1/jobs/{id}/files/`; null when it lies outside the job's folder. Added to events served over HTTP and WebSocket."})
+}
+
+/// The `urls` the daemon adds beside `paths`, one per path.
+fn urls_schema() -> Value {
+    json!({"type": "array", "items": {"type": ["string", "null"]}, "description": "`GET` URL of each file under `/v1/jobs/{id}/files/` (null for a file outside the job's folder), in the order of `paths`. Added to events served over HTTP and WebSocket."})
+}
+
 fn paths_schema(description: &str) -> Value {
     json!({"type": "array", "items": {"type": "string"}, "description": description})
 }
@@ -1224,8 +1234,9 @@ fn event() -> Value {
          - sampling: `sample_step` {step, total}, `images` {paths};\n\
          - `error` {message}: the job failed.\n\n\
          Preview images are only sent as binary WebSocket frames (`PreviewFrame`), never as \
-         events. Paths are the daemon's file-system paths; a file inside a job's folder is \
-         fetched with `GET /v1/jobs/{id}/files/{path}`.",
+         events. Paths are the daemon's file-system paths; beside each, events served over HTTP \
+         and WebSocket carry `url`/`urls`, the `GET /v1/jobs/{id}/files/…` address of a file \
+         inside the job's folder.",
         &["seq", "job", "type", "time", "data"],
         vec![
             (
@@ -1362,6 +1373,7 @@ fn step_paths_data() -> Value {
         vec![
             ("step", u64_schema("")),
             ("paths", paths_schema("The preview images written.")),
+            ("urls", urls_schema()),
         ],
     )
 }
@@ -1373,6 +1385,7 @@ fn step_path_data() -> Value {
         vec![
             ("step", u64_schema("")),
             ("path", path_schema("The LoRA saved.")),
+            ("url", url_schema()),
         ],
     )
 }
@@ -1406,6 +1419,7 @@ fn train_finished_data() -> Value {
         vec![
             ("step", u64_schema("")),
             ("path", path_schema("The final LoRA.")),
+            ("url", url_schema()),
             ("seconds", f64_schema("Duration of the run.")),
         ],
     )
@@ -1430,10 +1444,13 @@ fn images_data() -> Value {
     object(
         "",
         &["paths"],
-        vec![(
-            "paths",
-            paths_schema("The PNG files written, in batch order."),
-        )],
+        vec![
+            (
+                "paths",
+                paths_schema("The PNG files written, in batch order."),
+            ),
+            ("urls", urls_schema()),
+        ],
     )
 }
 
@@ -2358,11 +2375,10 @@ mod tests {
                 .unwrap_or_else(|| panic!("event type {ty} is not documented"));
             let data_schema = schema(&doc, data_schema);
             assert_eq!(keys(&wire["data"]), required(data_schema), "data of {ty}");
-            assert_eq!(
-                keys(&wire["data"]),
-                keys(&data_schema["properties"]),
-                "data of {ty}"
-            );
+            // `url`/`urls` are added by the server beside `path`/`paths`.
+            let mut documented = keys(&data_schema["properties"]);
+            documented.retain(|k| k != "url" && k != "urls");
+            assert_eq!(keys(&wire["data"]), documented, "data of {ty}");
             seen.insert(ty.to_string());
         }
         let documented: BTreeSet<String> = EVENT_TYPES.iter().map(|(t, _)| t.to_string()).collect();

@@ -203,7 +203,9 @@ impl Connection {
             return within(self.session.binary(frame)).await;
         }
         self.last_sent = event.seq;
-        self.send_text(event.to_json().to_string()).await
+        let mut json = event.to_json();
+        super::native::add_file_urls(&self.engine, &mut json);
+        self.send_text(json.to_string()).await
     }
 
     /// Sends the stored events after `last_sent` of the subscribed jobs.
@@ -214,10 +216,11 @@ impl Connection {
         let events = web::block(move || engine.replay(jobs.as_deref(), since))
             .await
             .map_err(|_| Gone)?;
-        for event in events {
+        for mut event in events {
             if let Some(seq) = event["seq"].as_u64() {
                 self.last_sent = self.last_sent.max(seq);
             }
+            super::native::add_file_urls(&self.engine, &mut event);
             self.send_text(event.to_string()).await?;
         }
         Ok(())
