@@ -244,7 +244,8 @@ fn a_restart_marks_the_running_job_interrupted_and_resume_completes_it() {
     let train = engine
         .submit(JobRequest::Train(Box::new(train_config(&data, 8))))
         .unwrap();
-    // Stop the engine after the first save, as a dying process would.
+    // Stop the engine after the first save, as a stopping daemon would (the
+    // killed-process case is in tests/server.rs).
     loop {
         if let Received::Event(Event {
             kind: EventKind::Train {
@@ -273,6 +274,19 @@ fn a_restart_marks_the_running_job_interrupted_and_resume_completes_it() {
         .filter(|e| e["type"] == "started")
         .collect();
     assert_eq!(started.len(), 2);
+    // A clean stop saves where it stopped: no step is trained twice.
+    let steps_before: Vec<u64> = engine
+        .events_since(&train, 0)
+        .unwrap()
+        .iter()
+        .take_while(|e| e["seq"].as_u64() < started[1]["seq"].as_u64())
+        .filter(|e| e["type"] == "step")
+        .map(|e| e["data"]["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        started[1]["data"]["resumed_from_step"].as_u64(),
+        steps_before.last().copied()
+    );
     assert!(started[1]["data"]["resumed_from_step"].as_u64().unwrap() >= 2);
     // No temporary files anywhere.
     let leftovers: Vec<_> = walk(&state_dir)

@@ -491,6 +491,8 @@ enum Between {
     Continue,
     Cancel,
     Pause,
+    /// The daemon is shutting down.
+    Stop,
 }
 
 impl Worker {
@@ -692,7 +694,8 @@ impl Worker {
         {
             return self.fail(id, format!("writing the job's config.json: {e}"));
         }
-        let resume = checkpoint::latest_state(&dir, &cfg.output_name);
+        let name = cfg.output_name.clone();
+        let resume = checkpoint::latest_state(&dir, &name);
         let started = std::time::Instant::now();
         let mut trainer = match Trainer::new(cfg, self.bundle.clone(), resume.as_deref()) {
             Ok(t) => t,
@@ -722,28 +725,31 @@ impl Worker {
         }
         emit(trainer.started_event());
         while !trainer.is_done() {
-            match self.between_steps(id, &trainer) {
-                Between::Continue => {}
-                Between::Cancel => {
-                    if trainer.progress().step > 0 {
-                        let _ = trainer.save_step(&mut emit);
-                    }
-                    emit(TrainEvent::Cancelled {
-                        step: trainer.progress().step,
-                    });
-                    return self.shared.set_state(id, JobState::Cancelled);
-                }
-                Between::Pause => {
-                    self.shared.set_state(id, JobState::Paused);
-                    if !self.wait_while_paused(id, &trainer) {
-                        return;
-                    }
+            let mut between = self.between_steps(id, &trainer);
+            if let Between::Pause = between {
+                self.shared.set_state(id, JobState::Paused);
+                between = self.wait_while_paused(id, &trainer);
+                if let Between::Continue = between {
                     self.shared.set_state(id, JobState::Running);
                 }
             }
-            if self.stop {
-                // Shutdown: keep the job resumable from its last save.
-                return self.shared.set_state(id, JobState::Interrupted);
+            let end = match between {
+                Between::Continue | Between::Pause => None,
+                Between::Cancel => Some(JobState::Cancelled),
+                // Shutdown: the job is resumed later from the state saved now.
+                Between::Stop => Some(JobState::Interrupted),
+            };
+            if let Some(state) = end {
+                let step = trainer.progress().step;
+                if step > 0 && !checkpoint::state_dir(&dir, &name, step).exists() {
+                    if let Err(e) = trainer.save_step(&mut emit) {
+                        tracing::warn!(error = %e, "could not save the run's state");
+                    }
+                }
+                if state == JobState::Cancelled {
+                    emit(TrainEvent::Cancelled { step });
+                }
+                return self.shared.set_state(id, state);
             }
             if let Err(e) = trainer.step(&mut emit) {
                 return self.fail(id, e.to_string());
@@ -797,14 +803,18 @@ impl Worker {
                 Command::Control(id, c) => self.control_queued(&id, c),
             }
         }
+        if self.stop && !matches!(outcome, Between::Cancel) {
+            return Between::Stop;
+        }
         outcome
     }
 
-    /// Blocks while `id` is paused, still serving samples; false when cancelled or stopped.
-    fn wait_while_paused(&mut self, id: &str, trainer: &Trainer) -> bool {
+    /// Blocks while `id` is paused, still serving samples, until it is resumed
+    /// (`Continue`), cancelled or the daemon stops.
+    fn wait_while_paused(&mut self, id: &str, trainer: &Trainer) -> Between {
         loop {
             let Ok(cmd) = self.rx.recv() else {
-                return false;
+                return Between::Stop;
             };
             match cmd {
                 Command::Run(sid, JobRequest::Sample(job)) => {
@@ -814,14 +824,10 @@ impl Worker {
                 Command::Run(other, req) => self.queue.push_back((other, req)),
                 Command::Stop => {
                     self.stop = true;
-                    self.shared.set_state(id, JobState::Interrupted);
-                    return false;
+                    return Between::Stop;
                 }
-                Command::Control(cid, Control::Resume) if cid == id => return true,
-                Command::Control(cid, Control::Cancel) if cid == id => {
-                    self.shared.set_state(id, JobState::Cancelled);
-                    return false;
-                }
+                Command::Control(cid, Control::Resume) if cid == id => return Between::Continue,
+                Command::Control(cid, Control::Cancel) if cid == id => return Between::Cancel,
                 Command::Control(cid, c) if cid != id => self.control_queued(&cid, c),
                 Command::Control(..) => {}
             }
