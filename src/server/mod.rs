@@ -1,6 +1,7 @@
 //! The HTTP surface: builds the actix-web app from [`Settings`] around a running
-//! [`Engine`]. Route groups live in their own modules (`native` for `/v1`);
-//! `errors` maps every failure to one JSON shape.
+//! [`Engine`]. Route groups live in their own modules (`native` for `/v1`, `ws`
+//! for its event stream, `openapi` for its description); `guard` decides who may
+//! call; `errors` maps every failure to one JSON shape.
 //!
 //! Safe by default: binds 127.0.0.1; any other address needs a token, checked on
 //! every request, and browsers are served only from allowed origins (`guard`);
@@ -86,7 +87,6 @@ pub fn check_bind(settings: &Settings) -> Result<(), String> {
 
 /// Binds and starts the server; returns it (to await or stop) and its address.
 pub fn start(settings: &Settings, state: AppState) -> std::io::Result<(Server, SocketAddr)> {
-    check_bind(settings).map_err(std::io::Error::other)?;
     let listener = TcpListener::bind((settings.host.as_str(), settings.port))?;
     start_on(listener, settings, state)
 }
