@@ -456,6 +456,25 @@ fn curl_flow_train_then_sample_with_the_lora() {
         assert!(image::load_from_memory(png).is_ok());
     }
 
+    // The job list filters by kind and state and keeps the newest N.
+    let ids = |query: &str| -> Vec<String> {
+        let jobs = app.get(&format!("/v1/jobs{query}")).json();
+        jobs.as_array()
+            .unwrap_or_else(|| panic!("{jobs}"))
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids("?kind=train&state=finished"), vec![id.clone()]);
+    assert_eq!(ids("?limit=1"), vec![sid.clone()]);
+    assert_eq!(ids("").len(), 4);
+    let r = app.get("/v1/jobs?state=exploded");
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("exploded"));
+
     // The LoRA folder lists the result and shows its kohya metadata.
     let loras = app.get("/v1/loras").json();
     assert_eq!(loras[0]["name"], "api.safetensors");

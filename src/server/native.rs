@@ -105,8 +105,32 @@ async fn system(state: web::Data<AppState>) -> HttpResponse {
     }))
 }
 
-async fn list_jobs(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(state.engine.jobs())
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobFilter {
+    /// Only jobs in this state.
+    #[serde(default)]
+    state: Option<JobState>,
+    /// Only `train` or `sample` jobs.
+    #[serde(default)]
+    kind: Option<crate::engine::store::JobKind>,
+    /// Only the newest N (after filtering), still oldest first.
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn list_jobs(state: web::Data<AppState>, filter: web::Query<JobFilter>) -> HttpResponse {
+    let mut jobs: Vec<_> = state
+        .engine
+        .jobs()
+        .into_iter()
+        .filter(|j| filter.state.is_none_or(|s| j.state == s))
+        .filter(|j| filter.kind.as_ref().is_none_or(|k| &j.kind == k))
+        .collect();
+    if let Some(limit) = filter.limit {
+        jobs.drain(..jobs.len().saturating_sub(limit));
+    }
+    HttpResponse::Ok().json(jobs)
 }
 
 async fn get_job(

@@ -203,18 +203,29 @@ fn paths() -> Value {
     add(
         "/v1/jobs",
         "get",
-        op(
-            "listJobs",
-            "jobs",
-            "Every job, oldest first",
-            "",
-            vec![(
-                "200",
-                json_response(
-                    "The jobs.",
-                    json!({"type": "array", "items": schema_ref("JobRecord")}),
-                ),
-            )],
+        with(
+            op(
+                "listJobs",
+                "jobs",
+                "Jobs, oldest first",
+                "Every job, or those matching the filters.",
+                vec![
+                    (
+                        "200",
+                        json_response(
+                            "The jobs.",
+                            json!({"type": "array", "items": schema_ref("JobRecord")}),
+                        ),
+                    ),
+                    ("400", response_ref("BadRequest")),
+                ],
+            ),
+            "parameters",
+            json!([
+                {"name": "state", "in": "query", "required": false, "description": "Only jobs in this state.", "schema": schema_ref("JobState")},
+                {"name": "kind", "in": "query", "required": false, "description": "Only training or sampling jobs.", "schema": {"type": "string", "enum": ["train", "sample"]}},
+                {"name": "limit", "in": "query", "required": false, "description": "Only the newest N of those (still oldest first).", "schema": {"type": "integer", "minimum": 0}},
+            ]),
         ),
     );
     add(
