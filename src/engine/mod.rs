@@ -203,10 +203,13 @@ impl Engine {
         if removed > 0 {
             tracing::info!(removed, "removed temporary files left by a stopped process");
         }
-        let job_seqs = store.last_seqs();
-        let seq = job_seqs.values().copied().max().unwrap_or(0);
         let mut jobs = HashMap::new();
+        let mut job_seqs = HashMap::new();
         for mut rec in store.load_all()? {
+            store.seal_log(&rec.id)?;
+            if let Some(last) = store.last_seq(&rec.id) {
+                job_seqs.insert(rec.id.clone(), last);
+            }
             if !rec.state.is_terminal() && rec.state != JobState::Interrupted {
                 rec.state = JobState::Interrupted;
                 rec.updated = now();
@@ -218,7 +221,7 @@ impl Engine {
             store,
             bus: EventBus::new(),
             jobs: Mutex::new(jobs),
-            seq: AtomicU64::new(seq),
+            seq: AtomicU64::new(job_seqs.values().copied().max().unwrap_or(0)),
             job_seqs: Mutex::new(job_seqs),
             cancel_samples: Mutex::default(),
             next_id: AtomicU64::new(0),

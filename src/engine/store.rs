@@ -122,20 +122,52 @@ impl JobStore {
         Ok(out)
     }
 
-    /// The newest stored event's sequence number of every job that has events (so
-    /// numbering continues after a restart, and replays skip jobs with nothing new).
-    pub fn last_seqs(&self) -> std::collections::HashMap<String, u64> {
-        let Ok(records) = self.load_all() else {
-            return Default::default();
+    /// Ends a job's log with a newline if a crash left a torn last line, so the next
+    /// event does not run into it.
+    pub fn seal_log(&self, id: &str) -> std::io::Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let path = self.dir(id).join("events.jsonl");
+        let mut f = match OpenOptions::new().read(true).append(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(&path, e)),
         };
-        records
-            .iter()
-            .filter_map(|r| {
-                let events = self.events_since(&r.id, 0).ok()?;
-                let last = events.iter().filter_map(|e| e["seq"].as_u64()).max()?;
-                Some((r.id.clone(), last))
-            })
-            .collect()
+        let len = f.metadata().map_err(|e| io(&path, e))?.len();
+        if len == 0 {
+            return Ok(());
+        }
+        let mut last = [0u8];
+        f.seek(SeekFrom::Start(len - 1))
+            .and_then(|_| f.read_exact(&mut last))
+            .map_err(|e| io(&path, e))?;
+        if last[0] != b'\n' {
+            f.write_all(b"\n").map_err(|e| io(&path, e))?;
+        }
+        Ok(())
+    }
+
+    /// The newest stored event's sequence number of a job, read from the end of its
+    /// log (events are appended in order; a torn last line is skipped), so a start
+    /// with a long history does not parse every event.
+    pub fn last_seq(&self, id: &str) -> Option<u64> {
+        use std::io::{Read, Seek, SeekFrom};
+        const TAIL: u64 = 16 * 1024;
+        let path = self.dir(id).join("events.jsonl");
+        let mut f = std::fs::File::open(&path).ok()?;
+        let len = f.metadata().ok()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(TAIL))).ok()?;
+        let mut tail = Vec::new();
+        f.read_to_end(&mut tail).ok()?;
+        let from_tail = tail
+            .split(|&b| b == b'\n')
+            .rev()
+            .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+            .find_map(|e| e["seq"].as_u64());
+        // A last event longer than the tail: read the whole log.
+        from_tail.or_else(|| {
+            let events = self.events_since(id, 0).ok()?;
+            events.iter().filter_map(|e| e["seq"].as_u64()).max()
+        })
     }
 
     /// Deletes a job's folder.
@@ -190,7 +222,21 @@ mod tests {
             vec![2, 3]
         );
         assert_eq!(since[0]["type"], "state");
-        assert_eq!(store.last_seqs().get("j1"), Some(&3));
+        assert_eq!(store.last_seq("j1"), Some(3));
+        assert_eq!(store.last_seq("none"), None);
+        // After a restart seals the log, new events are readable again.
+        store.seal_log("j1")?;
+        store.seal_log("j1")?;
+        store.append(&Event {
+            seq: 5,
+            job: "j1".into(),
+            time: 0.0,
+            kind: EventKind::State {
+                state: JobState::Interrupted,
+            },
+        })?;
+        assert_eq!(store.last_seq("j1"), Some(5));
+        assert_eq!(store.events_since("j1", 3)?.len(), 1);
         Ok(())
     }
 }
