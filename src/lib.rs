@@ -4,6 +4,7 @@
 
 pub mod atomic_file;
 pub mod bench;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod engine;

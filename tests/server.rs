@@ -219,6 +219,13 @@ impl App {
         self.request("POST", path, Some(body.to_string().as_bytes()))
     }
 
+    /// Queues a job (`POST` to `/v1/jobs/train` or `/v1/jobs/sample`): 202 and its id.
+    fn submit(&self, path: &str, body: &Value) -> String {
+        let r = self.post(path, body);
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["id"].as_str().unwrap().to_string()
+    }
+
     fn wait_finished(&self, id: &str) -> Value {
         let start = Instant::now();
         loop {
@@ -334,9 +341,7 @@ fn curl_flow_train_then_sample_with_the_lora() {
         panic!("the first frame is the hello")
     };
     assert_eq!(hello["type"], "hello");
-    let r = app.post("/v1/jobs/train", &train_body(&data));
-    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-    let id = r.json()["id"].as_str().unwrap().to_string();
+    let id = app.submit("/v1/jobs/train", &train_body(&data));
 
     // The WebSocket streams the run: increasing sequence numbers, kinds in order,
     // and the run's preview images as binary frames.
@@ -430,12 +435,10 @@ fn curl_flow_train_then_sample_with_the_lora() {
     assert_eq!(as_json["images"].as_array().unwrap().len(), 1);
 
     // A queued sampling job streams its steps and binary previews.
-    let r = app.post(
+    let sid = app.submit(
         "/v1/jobs/sample",
         &json!({"request": {"prompt": "a green square", "steps": 3}}),
     );
-    assert_eq!(r.status, 202);
-    let sid = r.json()["id"].as_str().unwrap().to_string();
     let (events, previews) = frames_until(&mut ws, is_end_of(&sid));
     let kinds: Vec<&str> = events
         .iter()
@@ -722,10 +725,7 @@ fn a_sample_during_training_uses_the_live_adapter_and_training_goes_on() {
     let mut ws = app.ws("");
     let mut body = plain_train_body(&data, "live", 100_000);
     body["learning_rate"] = json!(0.01);
-    let id = app.post("/v1/jobs/train", &body).json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = app.submit("/v1/jobs/train", &body);
     events_until(&mut ws, |e| e["type"] == "step" && e["data"]["step"] == 3);
 
     let sample = json!({
@@ -841,12 +841,7 @@ fn a_websocket_client_that_never_reads_does_not_slow_training() {
         None,
     );
     let steps = 200;
-    let alone = app
-        .post("/v1/jobs/train", &plain_train_body(&data, "alone", steps))
-        .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let alone = app.submit("/v1/jobs/train", &plain_train_body(&data, "alone", steps));
     assert_eq!(app.wait_finished(&alone)["state"], "finished");
 
     // A client that never reads; one that reads only at the end, with a short queue
@@ -859,14 +854,9 @@ fn a_websocket_client_that_never_reads_does_not_slow_training() {
     // Previews (binary frames) first, enough to back the silent client up.
     let flood = json!({"request": {"prompt": "noise", "steps": 24, "width": 128, "height": 128}});
     for _ in 0..10 {
-        assert_eq!(app.post("/v1/jobs/sample", &flood).status, 202);
+        app.submit("/v1/jobs/sample", &flood);
     }
-    let watched = app
-        .post("/v1/jobs/train", &plain_train_body(&data, "watched", steps))
-        .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let watched = app.submit("/v1/jobs/train", &plain_train_body(&data, "watched", steps));
     assert_eq!(app.wait_finished(&watched)["state"], "finished");
 
     // The silent client was backed up (its queue dropped previews or events) ...
@@ -1004,10 +994,7 @@ fn a_daemon_killed_mid_training_restarts_with_the_job_interrupted_and_resumable(
     let mut body = plain_train_body(&data, "survivor", 30);
     body["save_every_n_steps"] = json!(4);
     let mut ws = app.ws("");
-    let id = app.post("/v1/jobs/train", &body).json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = app.submit("/v1/jobs/train", &body);
     events_until(&mut ws, |e| e["type"] == "saved" && e["data"]["step"] == 8);
     first.kill().unwrap(); // SIGKILL: no chance to clean up
     first.wait().unwrap();

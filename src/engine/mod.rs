@@ -21,13 +21,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use self::bus::{EventBus, Subscription};
 use self::events::{Event, EventKind, JobState};
 use self::store::{JobKind, JobRecord, JobStore};
+use crate::clock::unix_now;
 use crate::model::adapter::{AdapterSet, Lora};
 use crate::model::bundle::ModelBundle;
 use crate::model::lora_io;
@@ -102,13 +102,6 @@ enum Command {
     Stop,
 }
 
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 /// State shared by the handle and the worker.
 struct Shared {
     store: JobStore,
@@ -131,7 +124,7 @@ impl Shared {
         let event = Event {
             seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
             job: job.to_string(),
-            time: now(),
+            time: unix_now(),
             kind,
         };
         if !event.is_preview() {
@@ -154,7 +147,7 @@ impl Shared {
         if let Some(rec) = jobs.get_mut(id) {
             let before = rec.state;
             f(rec);
-            rec.updated = now();
+            rec.updated = unix_now();
             if let Err(e) = self.store.save(rec) {
                 tracing::warn!(job = id, error = %e, "could not save job record");
             }
@@ -212,7 +205,7 @@ impl Engine {
             }
             if !rec.state.is_terminal() && rec.state != JobState::Interrupted {
                 rec.state = JobState::Interrupted;
-                rec.updated = now();
+                rec.updated = unix_now();
                 store.save(&rec)?;
             }
             jobs.insert(rec.id.clone(), rec);
@@ -242,7 +235,7 @@ impl Engine {
     /// Queues a job; returns its id.
     pub fn submit(&self, request: JobRequest) -> Result<String, EngineError> {
         let n = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
-        let id = format!("{:x}-{n:04x}", (now() * 1000.0) as u64);
+        let id = format!("{:x}-{n:04x}", (unix_now() * 1000.0) as u64);
         let (kind, value) = match &request {
             JobRequest::Train(cfg) => (JobKind::Train, serde_json::to_value(cfg.as_ref())),
             JobRequest::Sample(s) => (JobKind::Sample, serde_json::to_value(s)),
@@ -251,8 +244,8 @@ impl Engine {
             id: id.clone(),
             kind,
             state: JobState::Queued,
-            created: now(),
-            updated: now(),
+            created: unix_now(),
+            updated: unix_now(),
             request: value.unwrap_or_default(),
             outputs: vec![],
             error: None,

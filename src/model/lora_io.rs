@@ -1715,7 +1715,7 @@ impl KohyaMetadata {
         network_dim: usize,
         network_alpha: f64,
     ) -> Self {
-        let now = unix_now();
+        let now = crate::clock::unix_now();
         Self {
             output_name: output_name.into(),
             title: None,
@@ -1964,13 +1964,6 @@ pub fn tag_frequency<'a>(captions: impl IntoIterator<Item = &'a str>) -> BTreeMa
         }
     }
     freq
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// Python's `repr(float)`: shortest round-trip digits, `.0` on integers, exponent

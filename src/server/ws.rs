@@ -151,7 +151,7 @@ impl Connection {
             "seq": self.engine.last_seq(),
             "job": null,
             "type": "hello",
-            "time": unix_now(),
+            "time": crate::clock::unix_now(),
             "data": {"version": env!("CARGO_PKG_VERSION"), "jobs": self.jobs},
         });
         self.send_text(hello.to_string()).await?;
@@ -237,13 +237,6 @@ async fn within(send: impl Future<Output = Result<(), Closed>>) -> Result<(), Go
         Ok(Ok(())) => Ok(()),
         _ => Err(Gone),
     }
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// A binary preview frame (layout in the module comment).

@@ -103,14 +103,6 @@ pub struct Trainer {
     truncation_warned: bool,
 }
 
-/// Unix time in seconds.
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 impl Trainer {
     /// Validates the config, scans the dataset and builds the network and optimizer;
     /// with `resume`, restores a state folder written by an earlier run.
@@ -254,7 +246,7 @@ impl Trainer {
             text_tag,
             started: Instant::now(),
             steps_this_session: 0,
-            started_at_unix: unix_now(),
+            started_at_unix: crate::clock::unix_now(),
             truncation_warned: false,
         })
     }
@@ -700,7 +692,7 @@ impl Trainer {
         m.discrete_flow_shift = cfg.objective.discrete_flow_shift;
         m.sd_model_name = Some(self.bundle.name.clone());
         m.training_started_at = self.started_at_unix;
-        m.training_finished_at = finished.then(unix_now);
+        m.training_finished_at = finished.then(crate::clock::unix_now);
         m.steps = Some(self.progress.step as usize);
         m.epoch = Some(self.progress.epoch as usize);
         m.tag_frequency = self
