@@ -258,11 +258,15 @@ fn a_restart_marks_the_running_job_interrupted_and_resume_completes_it() {
         }
     }
     engine.shutdown();
+    let newest = engine.last_seq();
     drop(engine);
 
     let engine = Engine::start(model, &state_dir, tmp.path().join("loras")).unwrap();
     assert_eq!(engine.job(&train).unwrap().state, JobState::Interrupted);
+    // Numbering goes on after the newest event of the last run, previews included.
+    assert_eq!(engine.last_seq(), newest);
     engine.control(&train, Control::Resume).unwrap();
+    assert!(engine.events_since(&train, newest).unwrap()[0]["seq"].as_u64() > Some(newest));
     assert_eq!(
         wait_for(&engine, &train, JobState::Finished),
         JobState::Finished
@@ -360,14 +364,29 @@ fn a_running_sample_can_be_cancelled_but_not_paused() {
         engine.control(&id, Control::Pause),
         Err(fluxlora::engine::EngineError::BadState { .. })
     ));
+    // Jobs queued behind it: a pause and a cancel sent right after their submits
+    // are seen before they could start.
+    let held = engine.submit(JobRequest::Sample(sample_job(4))).unwrap();
+    engine.control(&held, Control::Pause).unwrap();
+    let dropped = engine.submit(JobRequest::Sample(sample_job(5))).unwrap();
+    engine.control(&dropped, Control::Cancel).unwrap();
     engine.control(&id, Control::Cancel).unwrap();
     assert_eq!(engine.wait(&id).unwrap().state, JobState::Cancelled);
+    assert_eq!(engine.wait(&dropped).unwrap().state, JobState::Cancelled);
+    while engine.job(&held).unwrap().state != JobState::Paused {
+        let _ = sub.recv(Duration::from_secs(60));
+    }
+    engine.control(&held, Control::Resume).unwrap();
+    assert_eq!(engine.wait(&held).unwrap().state, JobState::Finished);
+    let kinds: Vec<String> = engine
+        .events_since(&dropped, 0)
+        .unwrap()
+        .iter()
+        .map(|e| format!("{}", e["data"]["state"]))
+        .collect();
+    assert_eq!(kinds, ["\"queued\"", "\"cancelled\""], "it never ran");
 
-    // A control that arrives after a job ended leaves its end state alone.
-    let quick = engine.submit(JobRequest::Sample(sample_job(4))).unwrap();
-    let _ = engine.control(&quick, Control::Pause);
-    assert_eq!(engine.wait(&quick).unwrap().state, JobState::Finished);
-    let next = engine.submit(JobRequest::Sample(sample_job(5))).unwrap();
-    engine.wait(&next).unwrap();
-    assert_eq!(engine.job(&quick).unwrap().state, JobState::Finished);
+    // A control after a job ended is refused and leaves its end state alone.
+    assert!(engine.control(&held, Control::Pause).is_err());
+    assert_eq!(engine.job(&held).unwrap().state, JobState::Finished);
 }

@@ -414,6 +414,10 @@ fn curl_flow_train_then_sample_with_the_lora() {
     let config: fluxlora::train::config::TrainConfig =
         serde_json::from_slice(&config.body).unwrap();
     assert_eq!(config.max_train_steps, Some(4));
+    // The stored request names the folder the run wrote to, not the default `output`.
+    let job_dir = config.output_dir.clone();
+    assert!(job_dir.ends_with(&id), "{}", job_dir.display());
+    assert_eq!(job["request"]["output_dir"], job_dir.to_str().unwrap());
     for escape in [
         "../../state/jobs",
         "..%2F..%2Fdata%2F0000.txt",
@@ -1007,6 +1011,25 @@ fn a_daemon_killed_mid_training_restarts_with_the_job_interrupted_and_resumable(
     let job = app.wait_finished(&id);
     assert_eq!(job["state"], "finished", "{job}");
     let events = app.get(&format!("/v1/jobs/{id}/events?since=0")).json();
+    let states: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "state")
+        .map(|e| e["data"]["state"].as_str().unwrap())
+        .collect();
+    // The restart says so in the job's log, before it runs again.
+    assert_eq!(
+        states,
+        [
+            "queued",
+            "running",
+            "interrupted",
+            "queued",
+            "running",
+            "finished"
+        ]
+    );
     let resumed_from = events
         .as_array()
         .unwrap()

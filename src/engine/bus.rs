@@ -4,7 +4,13 @@
 //! full, a preview waiting in it is dropped to make room (previews are the bulky,
 //! replaceable kind); with no preview to drop, the oldest event goes and the
 //! subscriber is told how many it missed, so it can replay them from the store by
-//! sequence number.
+//! sequence number. A queue also holds at most [`PREVIEWS_HELD`] previews (a newer
+//! one replaces the oldest), so a stalled client holds a few images, not thousands.
+//!
+//! Events must be published in sequence order (the engine numbers and publishes
+//! under one lock); a subscription knows the newest sequence number published
+//! before it began ([`Subscription::after`]) and receives every later one of its
+//! jobs, unless it falls behind and is told so.
 //!
 //! Must not: block the publisher, or know what an event means beyond "is preview".
 
@@ -13,6 +19,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::events::Event;
+
+/// Previews one subscriber's queue holds at most.
+pub const PREVIEWS_HELD: usize = 4;
 
 /// A subscriber's view: its queue and what it asked for.
 struct Queue {
@@ -48,12 +57,20 @@ struct Slot {
 /// Fans events out to subscribers; cheap to share.
 #[derive(Default)]
 pub struct EventBus {
-    slots: Mutex<Vec<Arc<Slot>>>,
+    inner: Mutex<Subscribers>,
+}
+
+#[derive(Default)]
+struct Subscribers {
+    slots: Vec<Arc<Slot>>,
+    /// The newest sequence number published.
+    last_seq: u64,
 }
 
 /// The receiving end of one subscription. Dropping it unsubscribes.
 pub struct Subscription {
     slot: Arc<Slot>,
+    after: u64,
 }
 
 /// What a subscriber gets when it asks for the next event.
@@ -67,8 +84,19 @@ pub enum Received {
 }
 
 impl EventBus {
-    pub fn new() -> Self {
-        Self::default()
+    /// A bus whose first event will be numbered after `last_seq`.
+    pub fn new(last_seq: u64) -> Self {
+        Self {
+            inner: Mutex::new(Subscribers {
+                slots: vec![],
+                last_seq,
+            }),
+        }
+    }
+
+    /// The newest sequence number published.
+    pub fn last_seq(&self) -> u64 {
+        self.inner.lock().map(|i| i.last_seq).unwrap_or(0)
     }
 
     /// Subscribes to all jobs (`None`) or some, with room for `capacity` events,
@@ -92,20 +120,25 @@ impl EventBus {
             jobs,
             previews,
         });
-        if let Ok(mut slots) = self.slots.lock() {
-            slots.push(slot.clone());
-        }
-        Subscription { slot }
+        let after = match self.inner.lock() {
+            Ok(mut inner) => {
+                inner.slots.push(slot.clone());
+                inner.last_seq
+            }
+            Err(_) => 0,
+        };
+        Subscription { slot, after }
     }
 
     /// Delivers `event` to every interested subscriber without blocking.
     pub fn publish(&self, event: &Event) {
-        let Ok(mut slots) = self.slots.lock() else {
+        let Ok(mut inner) = self.inner.lock() else {
             return;
         };
+        inner.last_seq = inner.last_seq.max(event.seq);
         // Subscriptions whose receiver is gone hold the only other reference.
-        slots.retain(|s| Arc::strong_count(s) > 1);
-        for slot in slots.iter() {
+        inner.slots.retain(|s| Arc::strong_count(s) > 1);
+        for slot in inner.slots.iter() {
             if slot
                 .jobs
                 .as_ref()
@@ -117,6 +150,14 @@ impl EventBus {
             let Ok(mut q) = slot.queue.lock() else {
                 continue;
             };
+            let held_previews = q.events.iter().filter(|e| e.is_preview()).count();
+            if event.is_preview() && held_previews >= PREVIEWS_HELD {
+                // A newer preview replaces the oldest one held.
+                if let Some(i) = q.events.iter().position(Event::is_preview) {
+                    q.events.remove(i);
+                    q.stats.dropped_previews += 1;
+                }
+            }
             if q.events.len() >= q.capacity {
                 if event.is_preview() {
                     q.stats.dropped_previews += 1;
@@ -144,10 +185,11 @@ impl EventBus {
 impl EventBus {
     /// Every live subscription's counters.
     pub fn stats(&self) -> Vec<SubscriberStats> {
-        let Ok(slots) = self.slots.lock() else {
+        let Ok(inner) = self.inner.lock() else {
             return vec![];
         };
-        slots
+        inner
+            .slots
             .iter()
             .filter(|s| Arc::strong_count(s) > 1)
             .filter_map(|s| {
@@ -176,6 +218,12 @@ impl Queue {
 }
 
 impl Subscription {
+    /// The newest sequence number published before this subscription began: it
+    /// receives the events after it.
+    pub fn after(&self) -> u64 {
+        self.after
+    }
+
     /// The next event, waiting for it without blocking a thread (for async servers).
     pub async fn next(&self) -> Received {
         loop {
@@ -255,14 +303,14 @@ mod tests {
             "a",
             EventKind::Preview {
                 step: seq,
-                png: vec![1, 2, 3],
+                png: vec![1, 2, 3].into(),
             },
         )
     }
 
     #[test]
     fn full_queues_drop_previews_before_progress_and_count_misses() {
-        let bus = EventBus::new();
+        let bus = EventBus::new(0);
         let sub = bus.subscribe(None, 2, true);
         bus.publish(&preview(1));
         bus.publish(&progress(2));
@@ -290,9 +338,37 @@ mod tests {
         assert_eq!(got, vec!["missed1", "e3", "e5"]);
     }
 
+    #[test]
+    fn a_queue_holds_a_few_previews_and_keeps_the_newest() {
+        let bus = EventBus::new(0);
+        let sub = bus.subscribe(None, 100, true);
+        for seq in 1..=10 {
+            bus.publish(&preview(seq));
+        }
+        bus.publish(&progress(11));
+        assert_eq!(bus.stats()[0].dropped_previews, 10 - PREVIEWS_HELD as u64);
+        let mut got = vec![];
+        while let Received::Event(e) = sub.recv(Duration::from_millis(10)) {
+            got.push(e.seq);
+        }
+        let newest: Vec<u64> = (11 - PREVIEWS_HELD as u64..=11).collect();
+        assert_eq!(got, newest);
+    }
+
+    #[test]
+    fn a_subscription_knows_the_newest_event_before_it() {
+        let bus = EventBus::new(41);
+        assert_eq!(bus.subscribe(None, 8, true).after(), 41);
+        bus.publish(&progress(42));
+        let sub = bus.subscribe(None, 8, true);
+        assert_eq!((sub.after(), bus.last_seq()), (42, 42));
+        bus.publish(&progress(43));
+        assert!(matches!(sub.recv(Duration::from_millis(10)), Received::Event(e) if e.seq == 43));
+    }
+
     #[tokio::test]
     async fn async_subscribers_wake_for_events_published_from_other_threads() {
-        let bus = Arc::new(EventBus::new());
+        let bus = Arc::new(EventBus::new(0));
         let sub = bus.subscribe(None, 8, true);
         let publisher = bus.clone();
         let handle = std::thread::spawn(move || {
@@ -311,7 +387,7 @@ mod tests {
 
     #[test]
     fn filters_by_job_and_previews_and_forgets_dropped_subscriptions() {
-        let bus = EventBus::new();
+        let bus = EventBus::new(0);
         let only_b = bus.subscribe(Some(vec!["b".into()]), 8, false);
         bus.publish(&progress(1));
         let mut b_preview = preview(2);
@@ -330,6 +406,6 @@ mod tests {
         }
         drop(only_b);
         bus.publish(&progress(3));
-        assert_eq!(bus.slots.lock().unwrap().len(), 0);
+        assert_eq!(bus.inner.lock().unwrap().slots.len(), 0);
     }
 }

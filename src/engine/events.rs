@@ -49,11 +49,12 @@ pub enum EventKind {
     Images {
         paths: Vec<PathBuf>,
     },
-    /// A preview image (PNG bytes); never stored, dropped first under back-pressure.
+    /// A preview image (PNG bytes, shared by every subscriber's queue); never
+    /// stored, dropped first under back-pressure.
     Preview {
         step: u64,
         #[serde(skip)]
-        png: Vec<u8>,
+        png: std::sync::Arc<[u8]>,
     },
     Error {
         message: String,

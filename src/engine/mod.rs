@@ -20,7 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
@@ -107,7 +107,9 @@ struct Shared {
     store: JobStore,
     bus: EventBus,
     jobs: Mutex<HashMap<String, JobRecord>>,
-    seq: AtomicU64,
+    /// The newest sequence number handed out. Held while an event is numbered,
+    /// stored and published, so the store and the bus see events in order.
+    seq: Mutex<u64>,
     /// The newest stored event of each job (replays skip jobs with nothing newer).
     job_seqs: Mutex<HashMap<String, u64>>,
     /// Running sampling jobs asked to stop (checked after every sampling step).
@@ -118,44 +120,62 @@ struct Shared {
     lora_dir: PathBuf,
 }
 
+/// A lock whose holder panicked still guards consistent data here (every change
+/// under these locks is a single assignment or insert), so it is taken anyway.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Shared {
     /// Numbers, stores and publishes an event.
     fn emit(&self, job: &str, kind: EventKind) {
+        let mut seq = lock(&self.seq);
         let event = Event {
-            seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
+            seq: *seq + 1,
             job: job.to_string(),
             time: unix_now(),
             kind,
         };
+        *seq = event.seq;
         if !event.is_preview() {
             match self.store.append(&event) {
                 Ok(()) => {
-                    if let Ok(mut seqs) = self.job_seqs.lock() {
-                        seqs.insert(event.job.clone(), event.seq);
-                    }
+                    lock(&self.job_seqs).insert(event.job.clone(), event.seq);
                 }
-                Err(e) => tracing::warn!(job, error = %e, "could not store event"),
+                Err(e) => {
+                    tracing::warn!(job, error = %e, "could not store event");
+                    // A partly written line must not swallow the next event.
+                    let _ = self.store.seal_log(job);
+                }
             }
         }
         self.bus.publish(&event);
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut JobRecord)) {
-        let Ok(mut jobs) = self.jobs.lock() else {
+        self.update_in(&mut lock(&self.jobs), id, f);
+    }
+
+    /// Changes a job's record under the held jobs lock, saves it, and announces a
+    /// change of state (under the same lock, so state events follow the records).
+    fn update_in(
+        &self,
+        jobs: &mut HashMap<String, JobRecord>,
+        id: &str,
+        f: impl FnOnce(&mut JobRecord),
+    ) {
+        let Some(rec) = jobs.get_mut(id) else {
             return;
         };
-        if let Some(rec) = jobs.get_mut(id) {
-            let before = rec.state;
-            f(rec);
-            rec.updated = unix_now();
-            if let Err(e) = self.store.save(rec) {
-                tracing::warn!(job = id, error = %e, "could not save job record");
-            }
+        let before = rec.state;
+        f(rec);
+        rec.updated = unix_now();
+        if let Err(e) = self.store.save(rec) {
+            tracing::warn!(job = id, error = %e, "could not save job record");
+        }
+        if rec.state != before {
             let state = rec.state;
-            drop(jobs);
-            if state != before {
-                self.emit(id, EventKind::State { state });
-            }
+            self.emit(id, EventKind::State { state });
         }
     }
 
@@ -198,6 +218,7 @@ impl Engine {
         }
         let mut jobs = HashMap::new();
         let mut job_seqs = HashMap::new();
+        let mut interrupted = vec![];
         for mut rec in store.load_all()? {
             store.seal_log(&rec.id)?;
             if let Some(last) = store.last_seq(&rec.id) {
@@ -207,19 +228,36 @@ impl Engine {
                 rec.state = JobState::Interrupted;
                 rec.updated = unix_now();
                 store.save(&rec)?;
+                interrupted.push(rec.id.clone());
             }
             jobs.insert(rec.id.clone(), rec);
         }
+        // Numbers go on from the newest ever handed out (deleted jobs' included), so
+        // a client's `since` from before the restart stays meaningful.
+        let last_seq = job_seqs
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(store.high_water());
         let shared = Arc::new(Shared {
             store,
-            bus: EventBus::new(),
+            bus: EventBus::new(last_seq),
             jobs: Mutex::new(jobs),
-            seq: AtomicU64::new(job_seqs.values().copied().max().unwrap_or(0)),
+            seq: Mutex::new(last_seq),
             job_seqs: Mutex::new(job_seqs),
             cancel_samples: Mutex::default(),
             next_id: AtomicU64::new(0),
             lora_dir,
         });
+        for id in interrupted {
+            shared.emit(
+                &id,
+                EventKind::State {
+                    state: JobState::Interrupted,
+                },
+            );
+        }
         let (tx, rx) = channel();
         let worker_shared = shared.clone();
         let handle = std::thread::Builder::new()
@@ -233,9 +271,20 @@ impl Engine {
     }
 
     /// Queues a job; returns its id.
-    pub fn submit(&self, request: JobRequest) -> Result<String, EngineError> {
-        let n = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
-        let id = format!("{:x}-{n:04x}", (unix_now() * 1000.0) as u64);
+    pub fn submit(&self, mut request: JobRequest) -> Result<String, EngineError> {
+        // Time and a per-process counter; the folder is claimed, so a clock that
+        // stepped back cannot hand out the id of a stored job.
+        let id = loop {
+            let n = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
+            let id = format!("{:x}-{n:04x}", (unix_now() * 1000.0) as u64);
+            if self.shared.store.claim(&id)? {
+                break id;
+            }
+        };
+        if let JobRequest::Train(cfg) = &mut request {
+            // A training job writes into its own folder; the stored request says so.
+            cfg.output_dir = self.shared.store.dir(&id);
+        }
         let (kind, value) = match &request {
             JobRequest::Train(cfg) => (JobKind::Train, serde_json::to_value(cfg.as_ref())),
             JobRequest::Sample(s) => (JobKind::Sample, serde_json::to_value(s)),
@@ -251,88 +300,90 @@ impl Engine {
             error: None,
         };
         self.shared.store.save(&record)?;
-        if let Ok(mut jobs) = self.shared.jobs.lock() {
-            jobs.insert(id.clone(), record);
-        }
+        let mut jobs = lock(&self.shared.jobs);
+        jobs.insert(id.clone(), record);
         self.shared.emit(
             &id,
             EventKind::State {
                 state: JobState::Queued,
             },
         );
+        // Sent under the jobs lock: a control of this job comes after it.
         self.tx
             .send(Command::Run(id.clone(), request))
             .map_err(|_| EngineError::Stopped)?;
         Ok(id)
     }
 
-    /// Cancels, pauses or resumes a job (resuming an interrupted training job re-queues it).
+    /// Cancels, pauses or resumes a job (resuming an interrupted job re-queues it:
+    /// training continues from its last save, sampling starts over).
+    ///
+    /// The check and the action happen under the jobs lock, so two controls of one
+    /// job cannot both pass a check that only one of them should.
     pub fn control(&self, id: &str, control: Control) -> Result<(), EngineError> {
-        let rec = self.job(id)?;
-        let ok = match control {
-            Control::Cancel => !rec.state.is_terminal(),
-            Control::Pause => rec.state == JobState::Running || rec.state == JobState::Queued,
-            Control::Resume => matches!(rec.state, JobState::Paused | JobState::Interrupted),
+        let mut jobs = lock(&self.shared.jobs);
+        let rec = jobs
+            .get(id)
+            .ok_or_else(|| EngineError::NoSuchJob(id.into()))?;
+        let state = rec.state;
+        let refuse = |action| {
+            Err(EngineError::BadState {
+                id: id.into(),
+                state,
+                action,
+            })
         };
-        if rec.kind == JobKind::Sample && rec.state == JobState::Running {
+        if rec.kind == JobKind::Sample && state == JobState::Running {
             // Sampling runs inside the worker: cancel is checked after every step;
             // pausing half-way would hold the device for nothing.
             if control == Control::Cancel {
-                if let Ok(mut c) = self.shared.cancel_samples.lock() {
-                    c.insert(id.to_string());
-                }
+                lock(&self.shared.cancel_samples).insert(id.to_string());
                 return Ok(());
             }
-            return Err(EngineError::BadState {
-                id: id.into(),
-                state: rec.state,
-                action: "pause (a running sampling job can only be cancelled)",
-            });
+            return refuse("pause (a running sampling job can only be cancelled)");
         }
-        if !ok {
-            let action = match control {
-                Control::Cancel => "cancel",
-                Control::Pause => "pause",
-                Control::Resume => "resume",
-            };
-            return Err(EngineError::BadState {
-                id: id.into(),
-                state: rec.state,
-                action,
-            });
+        let to_worker = match (control, state) {
+            (Control::Cancel, s) if s.is_terminal() => return refuse("cancel"),
+            (Control::Cancel, JobState::Interrupted) => {
+                // Nothing runs or waits for it: it ends here.
+                self.shared
+                    .update_in(&mut jobs, id, |r| r.state = JobState::Cancelled);
+                return Ok(());
+            }
+            (Control::Resume, JobState::Interrupted) => {
+                let request = match rec.kind {
+                    JobKind::Train => serde_json::from_value(rec.request.clone())
+                        .map(|c| JobRequest::Train(Box::new(c))),
+                    JobKind::Sample => {
+                        serde_json::from_value(rec.request.clone()).map(JobRequest::Sample)
+                    }
+                }
+                .map_err(|e| {
+                    EngineError::Io(std::io::Error::other(format!(
+                        "job `{id}`: stored request unreadable: {e}"
+                    )))
+                })?;
+                Command::Run(id.to_string(), request)
+            }
+            (Control::Cancel, _)
+            | (Control::Pause, JobState::Running | JobState::Queued)
+            | (Control::Resume, JobState::Paused) => Command::Control(id.to_string(), control),
+            (Control::Pause, _) => return refuse("pause"),
+            (Control::Resume, _) => return refuse("resume"),
+        };
+        let requeue = matches!(to_worker, Command::Run(..));
+        self.tx.send(to_worker).map_err(|_| EngineError::Stopped)?;
+        if requeue {
+            self.shared
+                .update_in(&mut jobs, id, |r| r.state = JobState::Queued);
         }
-        if control == Control::Resume && rec.state == JobState::Interrupted {
-            // Training continues from its last save; sampling starts over.
-            let unreadable = |e: serde_json::Error| {
-                EngineError::Io(std::io::Error::other(format!(
-                    "job `{id}`: stored request unreadable: {e}"
-                )))
-            };
-            let request = match rec.kind {
-                JobKind::Train => JobRequest::Train(Box::new(
-                    serde_json::from_value(rec.request.clone()).map_err(unreadable)?,
-                )),
-                JobKind::Sample => JobRequest::Sample(
-                    serde_json::from_value(rec.request.clone()).map_err(unreadable)?,
-                ),
-            };
-            self.shared.set_state(id, JobState::Queued);
-            return self
-                .tx
-                .send(Command::Run(id.to_string(), request))
-                .map_err(|_| EngineError::Stopped);
-        }
-        self.tx
-            .send(Command::Control(id.to_string(), control))
-            .map_err(|_| EngineError::Stopped)
+        Ok(())
     }
 
     pub fn job(&self, id: &str) -> Result<JobRecord, EngineError> {
-        self.shared
-            .jobs
-            .lock()
-            .ok()
-            .and_then(|j| j.get(id).cloned())
+        lock(&self.shared.jobs)
+            .get(id)
+            .cloned()
             .ok_or_else(|| EngineError::NoSuchJob(id.into()))
     }
 
@@ -354,12 +405,7 @@ impl Engine {
     }
 
     pub fn jobs(&self) -> Vec<JobRecord> {
-        let mut v: Vec<JobRecord> = self
-            .shared
-            .jobs
-            .lock()
-            .map(|j| j.values().cloned().collect())
-            .unwrap_or_default();
+        let mut v: Vec<JobRecord> = lock(&self.shared.jobs).values().cloned().collect();
         v.sort_by(|a, b| a.created.total_cmp(&b.created));
         v
     }
@@ -381,12 +427,7 @@ impl Engine {
             Some(ids) => ids.to_vec(),
             None => self.jobs().into_iter().map(|r| r.id).collect(),
         };
-        let newest = self
-            .shared
-            .job_seqs
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default();
+        let newest = lock(&self.shared.job_seqs).clone();
         let ids = ids
             .into_iter()
             .filter(|id| newest.get(id).is_some_and(|&last| last > since));
@@ -398,12 +439,13 @@ impl Engine {
         events
     }
 
-    /// The sequence number of the newest event.
+    /// The sequence number of the newest event published.
     pub fn last_seq(&self) -> u64 {
-        self.shared.seq.load(Ordering::SeqCst)
+        self.shared.bus.last_seq()
     }
 
-    /// Live events of some jobs (all when `None`); see [`EventBus::subscribe`].
+    /// Live events of some jobs (all when `None`), after [`Subscription::after`];
+    /// see [`EventBus::subscribe`].
     pub fn subscribe(
         &self,
         jobs: Option<Vec<String>>,
@@ -425,17 +467,23 @@ impl Engine {
     /// Deletes a finished, failed, cancelled or interrupted job and its folder (the
     /// copy of its LoRA in the LoRA folder stays).
     pub fn delete(&self, id: &str) -> Result<(), EngineError> {
-        let rec = self.job(id)?;
-        if !(rec.state.is_terminal() || rec.state == JobState::Interrupted) {
+        let mut jobs = lock(&self.shared.jobs);
+        let state = jobs
+            .get(id)
+            .ok_or_else(|| EngineError::NoSuchJob(id.into()))?
+            .state;
+        if !(state.is_terminal() || state == JobState::Interrupted) {
             return Err(EngineError::BadState {
                 id: id.into(),
-                state: rec.state,
+                state,
                 action: "delete (cancel it first)",
             });
         }
-        if let Ok(mut jobs) = self.shared.jobs.lock() {
-            jobs.remove(id);
-        }
+        jobs.remove(id);
+        drop(jobs);
+        lock(&self.shared.job_seqs).remove(id);
+        // Its events' numbers stay used after a restart.
+        self.shared.store.set_high_water(self.last_seq())?;
         Ok(self.shared.store.remove(id)?)
     }
 
@@ -452,6 +500,10 @@ impl Engine {
         let _ = self.tx.send(Command::Stop);
         if let Some(handle) = self.worker.lock().ok().and_then(|mut h| h.take()) {
             let _ = handle.join();
+        }
+        // Preview numbers are not stored with any job; the next start goes on after them.
+        if let Err(e) = self.shared.store.set_high_water(self.last_seq()) {
+            tracing::warn!(error = %e, "could not record the newest event number");
         }
     }
 }
@@ -483,6 +535,7 @@ struct Worker {
 }
 
 /// What the worker does with a command that arrives during a training run.
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Between {
     Continue,
     Cancel,
@@ -506,6 +559,14 @@ impl Worker {
 
     fn run(mut self) {
         while !self.stop {
+            // Everything that has arrived first, so a cancel or pause sent right
+            // after a submit is seen before the job starts.
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.accept(cmd);
+            }
+            if self.stop {
+                break;
+            }
             if let Some((id, req)) = self.next_runnable() {
                 self.run_job(&id, req);
                 continue;
@@ -648,7 +709,7 @@ impl Worker {
                     id,
                     EventKind::Preview {
                         step: info.step as u64,
-                        png,
+                        png: png.into(),
                     },
                 ),
                 Err(e) => tracing::debug!(error = %e, "no preview"),
@@ -711,7 +772,13 @@ impl Worker {
                 .flat_map(|(s, p)| p.into_iter().map(move |p| (s, p)))
             {
                 match std::fs::read(&path) {
-                    Ok(png) => shared.emit(id, EventKind::Preview { step, png }),
+                    Ok(png) => shared.emit(
+                        id,
+                        EventKind::Preview {
+                            step,
+                            png: png.into(),
+                        },
+                    ),
                     Err(e) => tracing::debug!(error = %e, "no preview"),
                 }
             }
@@ -783,49 +850,76 @@ impl Worker {
     /// adapter when asked), other jobs queue, controls apply.
     fn between_steps(&mut self, running: &str, trainer: &Trainer) -> Between {
         let mut outcome = Between::Continue;
-        while let Ok(cmd) = self.rx.try_recv() {
-            match cmd {
-                Command::Run(id, JobRequest::Sample(job)) => {
-                    let live = trainer.live_lora().map(|l| (running, l));
-                    self.run_sample(&id, &job, live);
-                }
-                Command::Run(id, req) => self.queue.push_back((id, req)),
-                Command::Stop => self.stop = true,
-                Command::Control(id, c) if id == running => match c {
-                    Control::Cancel => outcome = Between::Cancel,
-                    Control::Pause => outcome = Between::Pause,
-                    Control::Resume => {}
-                },
-                Command::Control(id, c) => self.control_queued(&id, c),
-            }
-        }
-        if self.stop && !matches!(outcome, Between::Cancel) {
-            return Between::Stop;
-        }
-        outcome
+        self.serve_arrivals(running, trainer, &mut outcome);
+        self.settle(outcome)
     }
 
     /// Blocks while `id` is paused, still serving samples, until it is resumed
     /// (`Continue`), cancelled or the daemon stops.
     fn wait_while_paused(&mut self, id: &str, trainer: &Trainer) -> Between {
+        let mut outcome = Between::Pause;
         loop {
+            self.serve_arrivals(id, trainer, &mut outcome);
+            match self.settle(outcome) {
+                Between::Pause => {}
+                decided => return decided,
+            }
             let Ok(cmd) = self.rx.recv() else {
                 return Between::Stop;
             };
-            match cmd {
-                Command::Run(sid, JobRequest::Sample(job)) => {
-                    let live = trainer.live_lora().map(|l| (id, l));
-                    self.run_sample(&sid, &job, live);
-                }
-                Command::Run(other, req) => self.queue.push_back((other, req)),
-                Command::Stop => {
-                    self.stop = true;
-                    return Between::Stop;
-                }
-                Command::Control(cid, Control::Resume) if cid == id => return Between::Continue,
-                Command::Control(cid, Control::Cancel) if cid == id => return Between::Cancel,
-                Command::Control(cid, c) if cid != id => self.control_queued(&cid, c),
-                Command::Control(..) => {}
+            self.during(id, cmd, &mut outcome);
+        }
+    }
+
+    /// A stop of the daemon wins over everything but a cancel.
+    fn settle(&self, outcome: Between) -> Between {
+        if self.stop && outcome != Between::Cancel {
+            Between::Stop
+        } else {
+            outcome
+        }
+    }
+
+    /// Takes every command that has arrived and runs the queued sampling jobs on
+    /// the live adapter of the training job `running`, one at a time, looking at
+    /// new commands before each (a cancel of a queued sample is seen in time).
+    fn serve_arrivals(&mut self, running: &str, trainer: &Trainer, outcome: &mut Between) {
+        loop {
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.during(running, cmd, outcome);
+            }
+            let Some((id, job)) = self.take_queued_sample() else {
+                return;
+            };
+            let live = trainer.live_lora().map(|l| (running, l));
+            self.run_sample(&id, &job, live);
+        }
+    }
+
+    /// A command that arrives during the training job `running`: its own controls
+    /// decide `outcome` (a cancel wins over a pause), the rest go to the queue.
+    fn during(&mut self, running: &str, cmd: Command, outcome: &mut Between) {
+        match cmd {
+            Command::Control(id, c) if id == running => match c {
+                Control::Cancel => *outcome = Between::Cancel,
+                Control::Pause if *outcome == Between::Continue => *outcome = Between::Pause,
+                Control::Resume if *outcome == Between::Pause => *outcome = Between::Continue,
+                Control::Pause | Control::Resume => {}
+            },
+            cmd => self.accept(cmd),
+        }
+    }
+
+    /// The first queued sampling job that is not paused.
+    fn take_queued_sample(&mut self) -> Option<(String, SampleJob)> {
+        let i = self.queue.iter().position(|(id, req)| {
+            matches!(req, JobRequest::Sample(_)) && !self.paused.contains(id)
+        })?;
+        match self.queue.remove(i)? {
+            (id, JobRequest::Sample(job)) => Some((id, job)),
+            other => {
+                self.queue.insert(i, other);
+                None
             }
         }
     }

@@ -1,12 +1,13 @@
 //! Jobs on disk: `<data>/jobs/<id>/job.json` (the record, rewritten atomically on
-//! every change) and `events.jsonl` (one event per line, appended; a torn last
-//! line from a crash is skipped when read back). A training job's saves live in
-//! the same folder.
+//! every change) and `events.jsonl` (one event per line, appended; a torn line
+//! from a crash is skipped when read back). A training job's saves live in the
+//! same folder. `<data>/jobs/.last_seq` keeps the newest event number handed out
+//! when it may be higher than any stored event's (after a delete or a clean stop).
 //!
 //! Must not: run jobs.
 
 use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -65,6 +66,35 @@ impl JobStore {
         self.root.join(id)
     }
 
+    /// Creates the folder of a new job; `false` when a job of that id exists.
+    pub fn claim(&self, id: &str) -> std::io::Result<bool> {
+        let dir = self.dir(id);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(io(&dir, e)),
+        }
+    }
+
+    fn high_water_path(&self) -> PathBuf {
+        self.root.join(".last_seq")
+    }
+
+    /// The newest event number recorded by [`Self::set_high_water`] (0 if none).
+    pub fn high_water(&self) -> u64 {
+        std::fs::read_to_string(self.high_water_path())
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Records the newest event number handed out (atomically).
+    pub fn set_high_water(&self, seq: u64) -> std::io::Result<()> {
+        let path = self.high_water_path();
+        atomic_file::write(&path, seq.max(self.high_water()).to_string().as_bytes())
+            .map_err(|e| io(&path, e))
+    }
+
     /// Writes the record atomically (creating the job folder).
     pub fn save(&self, record: &JobRecord) -> std::io::Result<()> {
         let path = self.dir(&record.id).join("job.json");
@@ -88,18 +118,18 @@ impl JobStore {
         f.write_all(&line).map_err(|e| io(&path, e))
     }
 
-    /// The job's stored events with `seq > since`, as JSON values, in order.
+    /// The job's stored events with `seq > since`, as JSON values, in order. Lines
+    /// that do not parse (torn by a crash, even inside a UTF-8 character) are skipped.
     pub fn events_since(&self, id: &str, since: u64) -> std::io::Result<Vec<serde_json::Value>> {
         let path = self.dir(id).join("events.jsonl");
-        let f = match std::fs::File::open(&path) {
-            Ok(f) => f,
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
             Err(e) => return Err(io(&path, e)),
         };
-        Ok(BufReader::new(f)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        Ok(bytes
+            .split(|&b| b == b'\n')
+            .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
             .filter(|v| v["seq"].as_u64().is_some_and(|s| s > since))
             .collect())
     }
@@ -237,6 +267,40 @@ mod tests {
         })?;
         assert_eq!(store.last_seq("j1"), Some(5));
         assert_eq!(store.events_since("j1", 3)?.len(), 1);
+        // A line torn inside a UTF-8 character hides nothing after it.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(store.dir("j1").join("events.jsonl"))?;
+        f.write_all(b"{\"seq\": 6, \"job\": \"j1\", \"data\": {\"message\": \"\xc3\n")?;
+        store.append(&Event {
+            seq: 7,
+            job: "j1".into(),
+            time: 0.0,
+            kind: EventKind::Error {
+                message: "café".into(),
+            },
+        })?;
+        let after: Vec<u64> = store
+            .events_since("j1", 4)?
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(after, vec![5, 7]);
+        Ok(())
+    }
+
+    #[test]
+    fn ids_are_claimed_once_and_the_high_water_mark_only_rises() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = JobStore::open(dir.path())?;
+        assert!(store.claim("a")?);
+        assert!(!store.claim("a")?);
+        assert_eq!(store.high_water(), 0);
+        store.set_high_water(9)?;
+        store.set_high_water(4)?;
+        assert_eq!(store.high_water(), 9);
+        // The mark is no job.
+        assert_eq!(store.load_all()?, vec![]);
         Ok(())
     }
 }

@@ -2403,7 +2403,7 @@ mod tests {
             time: 0.0,
             kind: EventKind::Preview {
                 step: 1,
-                png: vec![],
+                png: vec![].into(),
             },
         };
         assert!(!documented.contains(preview.to_json()["type"].as_str().unwrap()));

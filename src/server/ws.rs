@@ -117,7 +117,7 @@ pub async fn connect(
         engine: state.engine.clone(),
         session,
         jobs,
-        last_sent: 0,
+        last_sent: subscription.after(),
     };
     actix_web::rt::spawn(connection.run(query.since, subscription, messages));
     Ok(response)
@@ -131,7 +131,8 @@ struct Connection {
     engine: Engine,
     session: Session,
     jobs: Option<Vec<String>>,
-    /// The newest event sent; older ones from the live queue were replayed already.
+    /// The newest event sent (at first: the newest before the subscription);
+    /// older ones from the live queue were replayed already.
     last_sent: u64,
 }
 
@@ -148,7 +149,7 @@ impl Connection {
         messages: &mut MessageStream,
     ) -> Result<(), Gone> {
         let hello = json!({
-            "seq": self.engine.last_seq(),
+            "seq": self.last_sent,
             "job": null,
             "type": "hello",
             "time": crate::clock::unix_now(),
@@ -158,7 +159,7 @@ impl Connection {
         if let Some(since) = since {
             // A `since` beyond the newest event (from before a restart) replays
             // nothing and must not hide the events to come.
-            self.last_sent = since.min(self.engine.last_seq());
+            self.last_sent = since.min(self.last_sent);
             self.replay().await?;
         }
         let mut ping = tokio::time::interval(PING_EVERY);
