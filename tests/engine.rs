@@ -103,7 +103,7 @@ fn train_then_sample_with_the_produced_lora_and_events_in_order() {
 
     let mut job = sample_job(1);
     job.loras.push(LoraChoice {
-        path: Some(shared_lora),
+        path: Some(shared_lora.clone()),
         live_job: None,
         strength: 0.8,
     });
@@ -164,6 +164,19 @@ fn train_then_sample_with_the_produced_lora_and_events_in_order() {
         engine.events_since(&train, since).unwrap().len(),
         train_kinds.len() - 5
     );
+
+    // A second run of the same name does not replace the first one's LoRA.
+    let first = std::fs::read(&shared_lora).unwrap();
+    let again = engine
+        .submit(JobRequest::Train(Box::new(train_config(&data, 2))))
+        .unwrap();
+    assert_eq!(
+        wait_for(&engine, &again, JobState::Finished),
+        JobState::Finished
+    );
+    let second = tmp.path().join("loras/job_2.safetensors");
+    assert!(engine.job(&again).unwrap().outputs.contains(&second));
+    assert_eq!(std::fs::read(&shared_lora).unwrap(), first);
     engine.shutdown();
 }
 

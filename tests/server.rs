@@ -126,10 +126,10 @@ impl App {
         stream
             .set_read_timeout(Some(Duration::from_secs(120)))
             .unwrap();
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-            self.addr
-        );
+        let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            head.push_str(&format!("Host: {}\r\n", self.addr));
+        }
         if let Some(t) = &self.token {
             head.push_str(&format!("Authorization: Bearer {t}\r\n"));
         }
@@ -507,6 +507,12 @@ fn bad_input_gets_4xx_json_errors_and_the_server_keeps_answering() {
         f(&mut b);
         b
     };
+    // A link in the LoRA folder to a file outside every root.
+    let outside = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(outside.path(), b"not yours").unwrap();
+    let loras = tmp.path().join("state/loras");
+    std::fs::create_dir_all(&loras).unwrap();
+    std::os::unix::fs::symlink(outside.path(), loras.join("link.safetensors")).unwrap();
     let cases: Vec<(&str, Response, u16, &str)> = vec![
         (
             "malformed JSON",
@@ -651,6 +657,44 @@ fn bad_input_gets_4xx_json_errors_and_the_server_keeps_answering() {
             400,
             "WebSocket upgrade",
         ),
+        (
+            "training images too large",
+            app.post(
+                "/v1/jobs/train",
+                &with(&|b| b["dataset"]["resolution"] = json!([65536, 65536])),
+            ),
+            400,
+            "at most 4096",
+        ),
+        (
+            "bucket size that would overflow",
+            app.post(
+                "/v1/jobs/train",
+                &with(&|b| {
+                    b["dataset"]["enable_bucket"] = json!(true);
+                    b["dataset"]["max_bucket_reso"] = json!(u32::MAX);
+                }),
+            ),
+            400,
+            "more than 4096",
+        ),
+        (
+            "LoRA linked from outside the roots",
+            app.get("/v1/loras/link.safetensors"),
+            400,
+            "outside",
+        ),
+        (
+            "a host name re-pointed at loopback (DNS rebinding)",
+            app.request_with(
+                "GET",
+                "/v1/jobs",
+                None,
+                &[("Host", "rebound.example.com:7860")],
+            ),
+            403,
+            "not this machine",
+        ),
     ];
     for (what, r, status, needle) in cases {
         assert_eq!(
@@ -668,6 +712,13 @@ fn bad_input_gets_4xx_json_errors_and_the_server_keeps_answering() {
         &with(&|b| b["learning_rate"] = json!(-1.0)),
     );
     assert_eq!(r.json()["error"]["field"], "learning_rate");
+    // The largest seed of a batch wraps around instead of stopping the engine.
+    let r = app.post(
+        "/v1/sample?format=json",
+        &json!({"request": {"prompt": "x", "steps": 2, "seed": u64::MAX, "batch_size": 2}}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["images"].as_array().unwrap().len(), 2);
     assert_eq!(
         app.get("/v1/system").status,
         200,
@@ -700,6 +751,13 @@ fn non_loopback_binds_need_a_token_and_requests_must_carry_it() {
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "unauthorized");
     assert_eq!(anonymous.get("/v1/system?token=s3cret").status, 200);
+    // A query token may be percent-encoded, and routes with query options take it too.
+    assert_eq!(anonymous.get("/v1/system?token=s3%63ret").status, 200);
+    assert_eq!(anonymous.get("/v1/jobs?limit=1&token=s3cret").status, 200);
+    assert_eq!(anonymous.get("/v1/system?token=s3cre").status, 401);
+    // With a token, the daemon may be reached under any name.
+    let by_name = app.request_with("GET", "/v1/system", None, &[("Host", "studio.lan:7860")]);
+    assert_eq!(by_name.status, 200);
     // Browsers cannot set headers on a WebSocket: the token goes in the query.
     let refused = anonymous.ws_with_headers("", &[]).err().unwrap_or_default();
     assert!(refused.contains("401"), "{refused}");

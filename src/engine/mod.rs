@@ -17,6 +17,7 @@ mod lora_cache;
 pub mod store;
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -179,6 +180,23 @@ impl Shared {
         }
     }
 
+    /// Copies a finished LoRA into the LoRA folder under its own name, or with
+    /// `_2`, `_3`, … when that name is taken: a LoRA already there (another run's,
+    /// or one of a ComfyUI install) is never replaced.
+    fn publish_lora(&self, path: &Path) -> std::io::Result<PathBuf> {
+        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+        let ext = path.extension().unwrap_or_default().to_string_lossy();
+        let target = (1..)
+            .map(|n| match n {
+                1 => self.lora_dir.join(format!("{stem}.{ext}")),
+                n => self.lora_dir.join(format!("{stem}_{n}.{ext}")),
+            })
+            .find(|p| !p.exists())
+            .unwrap_or_default();
+        crate::atomic_file::write(&target, &std::fs::read(path)?)?;
+        Ok(target)
+    }
+
     fn set_state(&self, id: &str, state: JobState) {
         self.update(id, |r| r.state = state);
     }
@@ -309,9 +327,11 @@ impl Engine {
             },
         );
         // Sent under the jobs lock: a control of this job comes after it.
-        self.tx
-            .send(Command::Run(id.clone(), request))
-            .map_err(|_| EngineError::Stopped)?;
+        if self.tx.send(Command::Run(id.clone(), request)).is_err() {
+            jobs.remove(&id);
+            let _ = self.shared.store.remove(&id);
+            return Err(EngineError::Stopped);
+        }
         Ok(id)
     }
 
@@ -523,6 +543,18 @@ fn preview_png(packed: &candle_core::Tensor, lh: usize, lw: usize) -> candle_cor
     Ok(png)
 }
 
+/// What a job that panicked reports: a bug, not the request's fault. The worker
+/// survives it and goes on with the next job.
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    tracing::error!(panic = %what, "a job panicked");
+    format!("internal error (a bug in fluxlora, please report it): {what}")
+}
+
 /// The worker: owns the model and runs jobs one at a time.
 struct Worker {
     shared: Arc<Shared>,
@@ -624,7 +656,12 @@ impl Worker {
         let _guard = span.enter();
         match req {
             JobRequest::Sample(job) => self.run_sample(id, &job, None),
-            JobRequest::Train(cfg) => self.run_train(id, *cfg),
+            JobRequest::Train(cfg) => {
+                let run = catch_unwind(AssertUnwindSafe(|| self.run_train(id, *cfg)));
+                if let Err(panic) = run {
+                    self.fail(id, panic_message(panic));
+                }
+            }
         }
     }
 
@@ -644,7 +681,8 @@ impl Worker {
     /// Runs a sampling job; `live` is the running training job and its adapter.
     fn run_sample(&mut self, id: &str, job: &SampleJob, live: Option<(&str, Arc<Lora>)>) {
         self.shared.set_state(id, JobState::Running);
-        let result = self.sample(id, job, live);
+        let result = catch_unwind(AssertUnwindSafe(|| self.sample(id, job, live)))
+            .unwrap_or_else(|panic| Err(panic_message(panic)));
         if self.shared.take_sample_cancel(id) && result.is_err() {
             return self.shared.set_state(id, JobState::Cancelled);
         }
@@ -821,15 +859,10 @@ impl Worker {
         match trainer.finish() {
             Ok(path) => {
                 let mut outputs = vec![path.clone()];
-                if let Some(name) = path.file_name() {
-                    let shared_copy = self.shared.lora_dir.join(name);
-                    match std::fs::read(&path)
-                        .and_then(|b| crate::atomic_file::write(&shared_copy, &b))
-                    {
-                        Ok(()) => outputs.push(shared_copy),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not copy the LoRA to the LoRA folder")
-                        }
+                match self.shared.publish_lora(&path) {
+                    Ok(copy) => outputs.push(copy),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not copy the LoRA to the LoRA folder")
                     }
                 }
                 emit(TrainEvent::Finished {

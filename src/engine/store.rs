@@ -141,7 +141,11 @@ impl JobStore {
             let Ok(entry) = entry else { continue };
             let path = entry.path().join("job.json");
             match std::fs::read(&path).map(|b| serde_json::from_slice::<JobRecord>(&b)) {
-                Ok(Ok(r)) => out.push(r),
+                // A record names its own folder; one that names another is not trusted.
+                Ok(Ok(r)) if entry.file_name().to_str() == Some(r.id.as_str()) => out.push(r),
+                Ok(Ok(r)) => {
+                    tracing::warn!(file = %path.display(), id = %r.id, "skipping a job record whose id is not its folder's name")
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(file = %path.display(), error = %e, "skipping unreadable job record")
                 }
@@ -299,7 +303,19 @@ mod tests {
         store.set_high_water(9)?;
         store.set_high_water(4)?;
         assert_eq!(store.high_water(), 9);
-        // The mark is no job.
+        // The mark is no job, nor is a record that names another folder.
+        let forged = JobRecord {
+            id: "..".into(),
+            kind: JobKind::Sample,
+            state: JobState::Finished,
+            created: 0.0,
+            updated: 0.0,
+            request: serde_json::Value::Null,
+            outputs: vec![],
+            error: None,
+        };
+        let text = serde_json::to_vec(&forged).unwrap();
+        std::fs::write(store.dir("a").join("job.json"), text)?;
         assert_eq!(store.load_all()?, vec![]);
         Ok(())
     }

@@ -145,7 +145,7 @@ impl ResolvedRequest {
             negative_prompt: self.negative_prompt.clone(),
             steps: self.steps,
             guidance: self.guidance,
-            seed: self.seed + index as u64,
+            seed: self.seed.wrapping_add(index as u64),
             width: self.width,
             height: self.height,
             model: model.to_string(),
@@ -187,7 +187,7 @@ pub fn generate(
     let img_ids = image_ids(b, lh / 2, lw / 2, device)?;
 
     let noise = (0..b)
-        .map(|i| latent_noise(req.seed + i as u64, channels, lh, lw, device))
+        .map(|i| latent_noise(req.seed.wrapping_add(i as u64), channels, lh, lw, device))
         .collect::<Result<Vec<_>>>()?;
     let noise = pack_latents(&Tensor::cat(&noise, 0)?)?.to_dtype(bundle.flux.dtype())?;
 

@@ -1,11 +1,15 @@
-//! Who may call the daemon: the bearer token and the browser origin.
+//! Who may call the daemon: the bearer token, the browser origin and the host name.
 //!
 //! With a token configured, every request must carry it (`Authorization: Bearer`,
-//! or `?token=` where a browser cannot set headers, as for WebSockets). Requests
-//! from browsers carry an `Origin`: only loopback origins (a local ComfyUI front
-//! end) and the configured ones are served and get CORS headers, so a web page
-//! elsewhere can neither call the API nor open its WebSocket. Clients that send
-//! no `Origin` (curl, scripts) are not affected.
+//! or `?token=` where a browser cannot set headers, as for WebSockets and image
+//! URLs); it is compared in constant time. Requests from browsers carry an
+//! `Origin`: only loopback origins (a local ComfyUI front end) and the configured
+//! ones are served and get CORS headers, so a web page elsewhere can neither call
+//! the API nor open its WebSocket. Clients that send no `Origin` (curl, scripts)
+//! are not affected. Without a token (a loopback daemon) the `Host` must name this
+//! machine (`localhost` or a loopback address): a page whose own host name was
+//! re-pointed at 127.0.0.1 (DNS rebinding) sends its GETs without an `Origin`,
+//! and is refused by this check.
 //!
 //! Must not: look inside request bodies.
 
@@ -13,7 +17,7 @@ use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::Method;
-use actix_web::{HttpResponse, ResponseError};
+use actix_web::{web, HttpResponse, ResponseError};
 
 use super::errors::ApiError;
 
@@ -44,6 +48,19 @@ impl Guard {
     }
 
     pub fn check(&self, req: &ServiceRequest) -> Verdict {
+        if self.token.is_none() {
+            if let Some(host) = req.headers().get(header::HOST) {
+                let host = host.to_str().unwrap_or("");
+                if !is_loopback_host(host) {
+                    return Verdict::Answer(
+                        ApiError::Forbidden(format!(
+                            "host `{host}` is not this machine: without a token the daemon answers only to localhost or a loopback address (use http://127.0.0.1, or start it with --token)"
+                        ))
+                        .error_response(),
+                    );
+                }
+            }
+        }
         let origin = req.headers().get(header::ORIGIN).cloned();
         if let Some(o) = &origin {
             if !self.origin_allowed(o.to_str().unwrap_or("")) {
@@ -91,12 +108,12 @@ impl Guard {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|v| v == token);
-        let query = req
-            .query_string()
-            .split('&')
-            .any(|kv| kv.strip_prefix("token=") == Some(token.as_str()));
-        bearer || query
+            .is_some_and(|v| same_secret(v, token));
+        let query = || {
+            web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+                .is_ok_and(|q| q.iter().any(|(k, v)| k == "token" && same_secret(v, token)))
+        };
+        bearer || query()
     }
 
     /// Loopback origins (any port) and the configured ones.
@@ -111,15 +128,47 @@ impl Guard {
         else {
             return false;
         };
-        let host = match rest.strip_prefix('[') {
-            Some(v6) => v6.split(']').next().unwrap_or(""),
-            None => rest.split(':').next().unwrap_or(""),
-        };
-        host == "localhost"
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
+        is_loopback_host(rest)
     }
+}
+
+/// Whether `host` (`name[:port]`, as in a `Host` header or an origin after its
+/// scheme) is `localhost` or a loopback address.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((ip, port)) if port.is_empty() || is_port(port) => ip,
+            _ => return false,
+        },
+        None => match host.split_once(':') {
+            Some((name, port)) if is_port(port) => name,
+            Some(_) => return false,
+            None => host,
+        },
+    };
+    name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `:PORT` after a host: digits only (so `localhost:80@evil.com` is no loopback host).
+fn is_port(rest: &str) -> bool {
+    rest.strip_prefix(':')
+        .unwrap_or(rest)
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+}
+
+/// Compares a presented token with the configured one in time that depends only
+/// on their lengths, not on where they first differ.
+fn same_secret(given: &str, token: &str) -> bool {
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// Adds the CORS headers for an allowed origin to a response.
@@ -158,8 +207,39 @@ mod tests {
             "null",
             "file://",
             "http://192.168.1.4:8188",
+            "http://localhost:80@evil.com",
+            "http://[::1]evil.com",
         ] {
             assert!(!g.origin_allowed(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn loopback_host_headers_only() {
+        for ok in [
+            "localhost",
+            "localhost:7860",
+            "127.0.0.1:7860",
+            "[::1]:7860",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "rebound.example.com:7860",
+            "192.168.1.4",
+            "localhost:7860@x",
+            "",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same_secret("s3cret", "s3cret"));
+        for other in ["s3cre", "s3cret!", "S3cret", ""] {
+            assert!(!same_secret(other, "s3cret"), "{other}");
         }
     }
 }

@@ -117,6 +117,9 @@ struct JobFilter {
     /// Only the newest N (after filtering), still oldest first.
     #[serde(default)]
     limit: Option<usize>,
+    /// The token, when sent as a query parameter (checked by the guard).
+    #[serde(default, rename = "token")]
+    _token: Option<String>,
 }
 
 async fn list_jobs(state: web::Data<AppState>, filter: web::Query<JobFilter>) -> HttpResponse {
@@ -205,6 +208,8 @@ async fn get_lora(
             name.display()
         )));
     }
+    // A link in the LoRA folder may not lead out of the roots.
+    let path = state.resolve_path(&path).map_err(ApiError::bad)?;
     let file = crate::model::lora_io::load(&path, &candle_core::Device::Cpu)
         .map_err(|e| ApiError::bad(e.to_string()))?;
     Ok(HttpResponse::Ok().json(crate::model::lora_io::describe(&file)))
@@ -480,12 +485,16 @@ async fn job_file(
             rel.display()
         )));
     }
-    let bytes = std::fs::read(&canonical).map_err(|e| ApiError::Internal(e.to_string()))?;
     let mime = match canonical.extension().and_then(|e| e.to_str()) {
         Some("png") => "image/png",
         Some("json") => "application/json",
         _ => "application/octet-stream",
     };
+    // Checkpoints can be large: read off the request threads.
+    let bytes = web::block(move || std::fs::read(&canonical))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(HttpResponse::Ok().content_type(mime).body(bytes))
 }
 
@@ -507,19 +516,49 @@ fn inside_roots(roots: &[PathBuf], canonical: &Path) -> bool {
 }
 
 /// Resolves `path` (absolute, or relative to the daemon's working folder) and checks
-/// it lies inside one of `roots` after following symlinks.
+/// it lies inside one of `roots` after following symlinks. A path that is outside
+/// as written is refused before the file system is asked, so the answer does not
+/// tell whether something exists out there.
 pub fn resolve_in_roots(roots: &[PathBuf], path: &Path) -> Result<PathBuf, String> {
-    let canonical = absolute(path)?
+    let outside = || {
+        format!(
+            "{} is outside the folders this server may read",
+            path.display()
+        )
+    };
+    let full = absolute(path)?;
+    let written = lexically_normal(&full);
+    let lexically_inside = roots.iter().any(|r| {
+        absolute(r).is_ok_and(|r| written.starts_with(lexically_normal(&r)))
+            || r.canonicalize().is_ok_and(|r| written.starts_with(r))
+    });
+    if !lexically_inside {
+        return Err(outside());
+    }
+    let canonical = full
         .canonicalize()
         .map_err(|_| format!("{}: no such file or folder", path.display()))?;
     if inside_roots(roots, &canonical) {
         Ok(canonical)
     } else {
-        Err(format!(
-            "{} is outside the folders this server may read",
-            path.display()
-        ))
+        Err(outside())
     }
+}
+
+/// `path` with `.` dropped and `..` taken against the part before it, without
+/// asking the file system (links are followed later, by `canonicalize`).
+fn lexically_normal(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Like [`resolve_in_roots`] for a folder that may not exist yet: its nearest
@@ -546,4 +585,36 @@ fn resolve_for_writing(roots: &[PathBuf], path: &Path) -> Result<PathBuf, String
     }
     canonical.extend(rest.iter().rev());
     Ok(canonical)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_resolve_inside_the_roots_and_outside_ones_say_nothing_of_what_exists() {
+        let root = tempfile::tempdir().unwrap();
+        let inside = root.path().join("a.txt");
+        std::fs::write(&inside, b"x").unwrap();
+        let roots = vec![root.path().to_path_buf()];
+        assert_eq!(
+            resolve_in_roots(&roots, &inside).unwrap(),
+            inside.canonicalize().unwrap()
+        );
+        let missing = resolve_in_roots(&roots, &root.path().join("b.txt")).unwrap_err();
+        assert!(missing.contains("no such file"), "{missing}");
+        // Outside as written: the same answer whether or not the file exists.
+        for outside in ["/etc/passwd", "/no/such/file"] {
+            let e = resolve_in_roots(&roots, Path::new(outside)).unwrap_err();
+            assert!(e.contains("outside"), "{outside}: {e}");
+        }
+        let climbing = root.path().join("../../etc/passwd");
+        assert!(resolve_in_roots(&roots, &climbing)
+            .unwrap_err()
+            .contains("outside"));
+        // A link inside that leads out is followed, then refused.
+        std::os::unix::fs::symlink("/etc", root.path().join("etc")).unwrap();
+        let linked = resolve_in_roots(&roots, &root.path().join("etc/passwd")).unwrap_err();
+        assert!(linked.contains("outside"), "{linked}");
+    }
 }

@@ -56,7 +56,9 @@ const AUTH_DESCRIPTION: &str = "A token is only required when the daemon was sta
 (`--token` or `FLUXLORA_TOKEN`), which it always is when bound to an address other than \
 loopback. Then every request must carry it, as `Authorization: Bearer <token>` or, where a \
 client cannot set headers (browsers opening a WebSocket), as the `token` query parameter. \
-Requests without it are answered 401.";
+Requests without it are answered 401. Without a token (a daemon on loopback) the \
+`Host` header must be `localhost` or a loopback address, so a page whose host name was \
+re-pointed at this machine (DNS rebinding) is answered 403.";
 
 fn schema_ref(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })

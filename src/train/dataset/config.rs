@@ -14,6 +14,8 @@ use super::DatasetError;
 
 /// Flux packs 2×2 patches of the 8× VAE latents: image sides must be multiples of 16.
 pub const FLUX_PIXEL_MULTIPLE: u32 = 16;
+/// The largest side a training image is resized to (the sampler's limit too).
+const MAX_SIDE: u32 = crate::sample::generate::MAX_SIDE as u32;
 
 /// Settings of one training dataset. Every field has a default, so `{}` plus
 /// `folders` is a complete config. Unknown fields are an error.
@@ -331,6 +333,15 @@ impl DatasetConfig {
                 format!("{}x{} is smaller than 16 pixels", res.width, res.height),
             ));
         }
+        if res.width > MAX_SIDE || res.height > MAX_SIDE {
+            return Err(invalid(
+                "resolution",
+                format!(
+                    "{}x{}: a side may be at most {MAX_SIDE} pixels",
+                    res.width, res.height
+                ),
+            ));
+        }
         if !self.enable_bucket {
             if !res.width.is_multiple_of(FLUX_PIXEL_MULTIPLE)
                 || !res.height.is_multiple_of(FLUX_PIXEL_MULTIPLE)
@@ -359,6 +370,18 @@ impl DatasetConfig {
                 "bucket_reso_steps",
                 format!("{steps} is not a positive multiple of 16 (Flux packs 2x2 patches of 8x latents)"),
             ));
+        }
+        for (field, value) in [
+            ("bucket_reso_steps", steps),
+            ("min_bucket_reso", self.min_bucket_reso),
+            ("max_bucket_reso", self.max_bucket_reso),
+        ] {
+            if value > MAX_SIDE {
+                return Err(invalid(
+                    field,
+                    format!("{value} is more than {MAX_SIDE} pixels"),
+                ));
+            }
         }
         if self.min_bucket_reso == 0 {
             return Err(invalid("min_bucket_reso", "must be positive"));

@@ -199,6 +199,25 @@ fn validation_names_the_bad_field() {
         }),
         "min_bucket_reso"
     );
+    // Sizes a request could make huge (or overflow the bucket arithmetic) are refused.
+    assert_eq!(
+        field_of(DatasetConfig {
+            max_bucket_reso: u32::MAX,
+            ..base.clone()
+        }),
+        "max_bucket_reso"
+    );
+    assert_eq!(
+        field_of(DatasetConfig {
+            enable_bucket: false,
+            resolution: Resolution {
+                width: 65536,
+                height: 65536
+            },
+            ..base.clone()
+        }),
+        "resolution"
+    );
     assert_eq!(
         field_of(DatasetConfig {
             enable_bucket: false,
