@@ -213,6 +213,7 @@ pub fn train(cfg: TrainConfig, resume: Option<&ResumeArg>) -> Result<PathBuf> {
     bar.set_position(trainer.progress().step);
     let control = TrainControl::default();
     let result = trainer.run(&control, &mut |event| match &event {
+        TrainEvent::Caching { done, total } => bar.set_message(format!("caching {done}/{total}")),
         TrainEvent::Step(s) => {
             bar.set_position(s.step);
             bar.set_message(format!(

@@ -135,6 +135,9 @@ fn train_then_sample_with_the_produced_lora_and_events_in_order() {
         .map(|e| match &e.kind {
             EventKind::State { state } => format!("{state:?}"),
             EventKind::Train {
+                event: TrainEvent::Caching { done, total },
+            } => format!("caching {done}/{total}"),
+            EventKind::Train {
                 event: TrainEvent::Step(_),
             } => "step".into(),
             EventKind::Train {
@@ -152,7 +155,18 @@ fn train_then_sample_with_the_produced_lora_and_events_in_order() {
     assert_eq!(
         train_kinds,
         [
-            "Queued", "Running", "started", "step", "step", "saved", "step", "step", "finished",
+            "Queued",
+            "Running",
+            "caching 1/3",
+            "caching 2/3",
+            "caching 3/3",
+            "started",
+            "step",
+            "step",
+            "saved",
+            "step",
+            "step",
+            "finished",
             "Finished"
         ]
     );

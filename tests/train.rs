@@ -76,9 +76,18 @@ fn loss_falls_on_a_learnable_task_and_the_lora_loads_back() {
     println!("validation loss before {before:.4}, after {after:.4}");
     assert!(after < before * 0.8, "validation loss {before} → {after}");
 
-    // Events: started first, steps numbered 1..=60, a save at 30, finished last.
+    // Events: caching progress, then started, steps numbered 1..=60, a save at 30,
+    // finished last.
+    let caching: Vec<(usize, usize)> = events
+        .iter()
+        .map_while(|e| match e {
+            TrainEvent::Caching { done, total } => Some((*done, *total)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(caching, (1..=6).map(|d| (d, 6)).collect::<Vec<_>>());
     assert!(matches!(
-        events[0],
+        events[caching.len()],
         TrainEvent::Started {
             total_steps: 60,
             ..
@@ -327,4 +336,26 @@ fn bf16_compute_trains_f32_adapter_weights() {
         .unwrap();
     assert!(up > 0.0, "bf16 gradients reached the f32 adapter");
     assert!(lora_io::load(&path, &Device::Cpu).is_ok());
+}
+
+#[test]
+fn a_cancel_during_caching_stops_before_the_first_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    shapes::write_dataset(&data, 4, 64, 3).unwrap();
+    let out = tmp.path().join("out");
+    let mut trainer = Trainer::new(config(&data, &out, 10), bundle(), None).unwrap();
+    let control = TrainControl::default();
+    control.cancel();
+    let mut events = vec![];
+    let result = trainer.run(&control, &mut |e| events.push(e)).unwrap();
+    assert_eq!(result, None);
+    assert_eq!(
+        events,
+        [
+            TrainEvent::Caching { done: 1, total: 4 },
+            TrainEvent::Cancelled { step: 0 }
+        ]
+    );
+    assert_eq!(trainer.progress().step, 0);
 }

@@ -821,12 +821,25 @@ impl Worker {
                 }
             }
         };
-        if let Err(e) = trainer.prepare_caches(&mut |_, _| {}) {
-            return self.fail(id, e.to_string());
+        // Caching can take long on a real model: controls are seen after each image.
+        let mut pending = Between::Continue;
+        let cached = trainer.prepare_caches(&mut emit, &mut || {
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.during(id, cmd, &mut pending);
+            }
+            !matches!(self.settle(pending), Between::Cancel | Between::Stop)
+        });
+        match cached {
+            Ok(true) => emit(trainer.started_event()),
+            Ok(false) => {}
+            Err(e) => return self.fail(id, e.to_string()),
         }
-        emit(trainer.started_event());
         while !trainer.is_done() {
-            let mut between = self.between_steps(id, &trainer);
+            let mut between = self.between_steps(
+                id,
+                &trainer,
+                std::mem::replace(&mut pending, Between::Continue),
+            );
             if let Between::Pause = between {
                 self.shared.set_state(id, JobState::Paused);
                 between = self.wait_while_paused(id, &trainer);
@@ -880,9 +893,10 @@ impl Worker {
     }
 
     /// Serves what arrived since the last step: samples run now (with the live
-    /// adapter when asked), other jobs queue, controls apply.
-    fn between_steps(&mut self, running: &str, trainer: &Trainer) -> Between {
-        let mut outcome = Between::Continue;
+    /// adapter when asked), other jobs queue, controls apply (on top of `pending`,
+    /// what was decided while caching).
+    fn between_steps(&mut self, running: &str, trainer: &Trainer, pending: Between) -> Between {
+        let mut outcome = pending;
         self.serve_arrivals(running, trainer, &mut outcome);
         self.settle(outcome)
     }

@@ -726,6 +726,7 @@ fn schemas() -> Value {
         ("TrainFinishedData", train_finished_data()),
         ("MessageData", message_data()),
         ("SampleStepData", sample_step_data()),
+        ("CachingData", caching_data()),
         ("ImagesData", images_data()),
         ("TrainConfig", train_config()),
         ("Precision", precision()),
@@ -1211,6 +1212,7 @@ fn lora_report() -> Value {
 /// `(type, data schema)` of every stored event, in documentation order.
 const EVENT_TYPES: &[(&str, &str)] = &[
     ("state", "StateData"),
+    ("caching", "CachingData"),
     ("started", "TrainStartedData"),
     ("step", "StepStats"),
     ("sample", "StepPathsData"),
@@ -1239,7 +1241,8 @@ fn event() -> Value {
     let mut e = object(
         "One thing that happened to a job. `type` says what; `data` holds its fields:\n\n\
          - `state` {state}: the job's state changed;\n\
-         - training (the trainer's events): `started` {total_steps, steps_per_epoch, images, \
+         - training (the trainer's events): `caching` {done, total} (before the first step), \
+         `started` {total_steps, steps_per_epoch, images, \
          trainable_parameters, resumed_from_step}, `step` (StepStats), `sample` {step, paths} \
          (preview images of `sample_prompts`), `saved` {step, path}, `validation` {step, loss}, \
          `paused` {step}, `resumed` {step}, `finished` {step, path, seconds}, `cancelled` \
@@ -1440,6 +1443,20 @@ fn train_finished_data() -> Value {
 
 fn message_data() -> Value {
     object("", &["message"], vec![("message", string_schema(""))])
+}
+
+fn caching_data() -> Value {
+    object(
+        "",
+        &["done", "total"],
+        vec![
+            (
+                "done",
+                u64_schema("Images whose latents and captions are encoded."),
+            ),
+            ("total", u64_schema("Images in the dataset.")),
+        ],
+    )
 }
 
 fn sample_step_data() -> Value {
@@ -2330,6 +2347,7 @@ mod tests {
             peak_memory_bytes: None,
         };
         let train = [
+            TrainEvent::Caching { done: 1, total: 2 },
             TrainEvent::Started {
                 total_steps: 2,
                 steps_per_epoch: 1,

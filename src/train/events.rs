@@ -30,6 +30,12 @@ pub struct StepStats {
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TrainEvent {
+    /// Latents and text embeddings encoded (or found cached) for `done` of `total`
+    /// images, before the first step (reported about a hundred times per run).
+    Caching {
+        done: usize,
+        total: usize,
+    },
     Started {
         total_steps: u64,
         steps_per_epoch: u64,

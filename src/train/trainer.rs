@@ -364,9 +364,16 @@ impl Trainer {
     }
 
     /// Encodes every latent (both flips when `flip_aug`) and every static caption once,
-    /// before the first step; `on_item(done, total)` reports progress.
-    pub fn prepare_caches(&mut self, on_item: &mut dyn FnMut(usize, usize)) -> Result<()> {
+    /// before the first step, reporting [`TrainEvent::Caching`] progress. After each
+    /// image `keep_going()` is asked; when it says no, caching stops and this returns
+    /// `false` (a later run finds the work done so far in the disk cache).
+    pub fn prepare_caches(
+        &mut self,
+        emit: &mut dyn FnMut(TrainEvent),
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> Result<bool> {
         let n = self.dataset.images().len();
+        let report_every = (n / 100).max(1);
         let flips: &[bool] = if self.cfg.dataset.flip_aug {
             &[false, true]
         } else {
@@ -381,14 +388,20 @@ impl Trainer {
             if self.dataset.captions_are_static() {
                 self.text_for(&BatchItem { image, seed: 0 })?;
             }
-            on_item(image + 1, n);
+            let done = image + 1;
+            if done % report_every == 0 || done == n {
+                emit(TrainEvent::Caching { done, total: n });
+            }
+            if !keep_going() {
+                return Ok(false);
+            }
         }
         tracing::info!(
             cached = self.cache.hits,
             encoded = self.cache.misses,
             "caches ready"
         );
-        Ok(())
+        Ok(true)
     }
 
     /// After caching, frees the text encoders and the autoencoder when no step needs
@@ -862,7 +875,10 @@ impl Trainer {
             path: self.cfg.output_dir.clone(),
             source,
         })?;
-        self.prepare_caches(&mut |_, _| {})?;
+        if !self.prepare_caches(emit, &mut || !control.is_cancelled())? {
+            emit(TrainEvent::Cancelled { step: 0 });
+            return Ok(None);
+        }
         self.release_encoders_if_unused();
         emit(self.started_event());
         if self.progress.step == 0 && self.cfg.sample_every_n_steps.is_some() {
