@@ -341,6 +341,15 @@ fn curl_flow_train_then_sample_with_the_lora() {
         panic!("the first frame is the hello")
     };
     assert_eq!(hello["type"], "hello");
+    // The server answers a ping with a pong carrying its payload.
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .unwrap();
+    loop {
+        match ws.read().unwrap() {
+            Message::Pong(p) => break assert_eq!(&p[..], b"are you there"),
+            other => panic!("expected a pong, got {other:?}"),
+        }
+    }
     let id = app.submit("/v1/jobs/train", &train_body(&data));
 
     // The WebSocket streams the run: increasing sequence numbers, kinds in order,
