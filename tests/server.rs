@@ -344,11 +344,9 @@ fn curl_flow_train_then_sample_with_the_lora() {
     // The server answers a ping with a pong carrying its payload.
     ws.send(Message::Ping(b"are you there".to_vec().into()))
         .unwrap();
-    loop {
-        match ws.read().unwrap() {
-            Message::Pong(p) => break assert_eq!(&p[..], b"are you there"),
-            other => panic!("expected a pong, got {other:?}"),
-        }
+    match ws.read().unwrap() {
+        Message::Pong(p) => assert_eq!(&p[..], b"are you there"),
+        other => panic!("expected a pong, got {other:?}"),
     }
     let id = app.submit("/v1/jobs/train", &train_body(&data));
 
