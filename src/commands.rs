@@ -280,8 +280,10 @@ pub fn serve(settings: Settings) -> Result<()> {
     let engine = Engine::start(bundle.clone(), &settings.data_dir, settings.lora_dir())?;
     let state = AppState::new(&settings, &bundle, engine.clone());
     let name = bundle.name.clone();
+    let stopping = state.stopping.clone();
     actix_web::rt::System::new().block_on(async move {
         let (server, addr) = crate::server::start(&settings, state)?;
+        crate::server::stop_on_signal(&server, stopping);
         tracing::info!("fluxlora serving on http://{addr} with model {name}");
         server.await
     })?;

@@ -1108,8 +1108,25 @@ fn a_daemon_killed_mid_training_restarts_with_the_job_interrupted_and_resumable(
     );
     let lora = state.join("loras").join("survivor.safetensors");
     assert!(fluxlora::model::lora_io::load(&lora, &Device::Cpu).is_ok());
-    second.kill().unwrap();
-    second.wait().unwrap();
+    // A clean stop (SIGTERM) tells WebSocket clients it is going away, and exits.
+    let mut ws = app.ws("previews=false");
+    assert!(matches!(next_frame(&mut ws), Frame::Event(h) if h["type"] == "hello"));
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    match ws.read() {
+        Ok(Message::Close(Some(frame))) => {
+            assert_eq!(
+                frame.code,
+                tungstenite::protocol::frame::coding::CloseCode::Away
+            );
+            assert!(frame.reason.contains("stopping"), "{}", frame.reason);
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    assert!(second.wait().unwrap().success());
 
     let mut leftovers = vec![];
     let mut stack = vec![state.clone()];

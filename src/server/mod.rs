@@ -18,6 +18,8 @@ pub mod ws;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::{Server, Service};
 use actix_web::{web, App, HttpServer, ResponseError};
@@ -43,6 +45,9 @@ pub struct AppState {
     pub model_dirs: Vec<PathBuf>,
     /// The loaded model's sampling defaults, to check requests before queueing them.
     pub sampling: crate::model::bundle::SamplingDefaults,
+    /// Set to `true` when the daemon stops: long-lived connections (WebSockets)
+    /// close so they do not hold up the graceful stop.
+    pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl AppState {
@@ -62,6 +67,7 @@ impl AppState {
             model_path: settings.model.clone(),
             model_dirs: settings.model_dirs(),
             sampling: bundle.defaults.clone(),
+            stopping: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
 
@@ -83,6 +89,40 @@ pub fn check_bind(settings: &Settings) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// How long requests in flight (a synchronous sample) may take to finish once the
+/// daemon is asked to stop.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Stops `server` on Ctrl-C or SIGTERM: WebSockets are told first (they close
+/// with "going away"), then requests in flight get [`STOP_GRACE`] to finish.
+/// Call inside the server's runtime.
+pub fn stop_on_signal(server: &Server, stopping: Arc<tokio::sync::watch::Sender<bool>>) {
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        let interrupted = actix_web::rt::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            use actix_web::rt::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut terminate) => {
+                    tokio::select! {
+                        _ = interrupted => {}
+                        _ = terminate.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = interrupted.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = interrupted.await;
+        tracing::info!("stopping: closing WebSockets, finishing requests in flight");
+        stopping.send_replace(true);
+        handle.stop(true).await;
+    });
 }
 
 /// Binds and starts the server; returns it (to await or stop) and its address.
@@ -144,6 +184,8 @@ pub fn start_on(
             }))
     })
     .workers(2)
+    .disable_signals()
+    .shutdown_timeout(STOP_GRACE.as_secs())
     .listen(listener)?
     .run();
     Ok((server, addr))

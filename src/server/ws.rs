@@ -24,7 +24,8 @@
 //! client that falls behind loses previews first; events dropped from its queue are replayed from the
 //! job store, so text frames arrive complete and in order. The server pings every
 //! 20 s and closes a connection that has been silent for 60 s or has not taken a
-//! frame for 60 s.
+//! frame for 60 s. When the daemon stops, every connection is closed with code
+//! 1001 (going away), so open clients do not hold up the stop.
 //!
 //! Must not: touch tensors or change jobs; it only reads events.
 
@@ -32,7 +33,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{Closed, Message, MessageStream, Session};
+use actix_ws::{CloseCode, CloseReason, Closed, Message, MessageStream, Session};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -119,12 +120,19 @@ pub async fn connect(
         jobs,
         last_sent: subscription.after(),
     };
-    actix_web::rt::spawn(connection.run(query.since, subscription, messages));
+    let stopping = state.stopping.subscribe();
+    actix_web::rt::spawn(connection.run(query.since, subscription, messages, stopping));
     Ok(response)
 }
 
 /// The client went away or stopped taking frames.
 struct Gone;
+
+/// Why a connection ended in order.
+enum Ending {
+    ClientLeft,
+    Stopping,
+}
 
 /// One client's connection.
 struct Connection {
@@ -137,9 +145,23 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(mut self, since: Option<u64>, events: Subscription, mut messages: MessageStream) {
-        let _ = self.serve(since, &events, &mut messages).await;
-        let _ = self.session.close(None).await;
+    /// Serves until the client leaves or `stopping` turns `true`.
+    async fn run(
+        mut self,
+        since: Option<u64>,
+        events: Subscription,
+        mut messages: MessageStream,
+        mut stopping: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let served = self.serve(since, &events, &mut messages, &mut stopping);
+        let reason = match served.await {
+            Ok(Ending::Stopping) => Some(CloseReason {
+                code: CloseCode::Away,
+                description: Some("the daemon is stopping".into()),
+            }),
+            _ => None,
+        };
+        let _ = self.session.close(reason).await;
     }
 
     async fn serve(
@@ -147,7 +169,8 @@ impl Connection {
         since: Option<u64>,
         events: &Subscription,
         messages: &mut MessageStream,
-    ) -> Result<(), Gone> {
+        stopping: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Ending, Gone> {
         let hello = json!({
             "seq": self.last_sent,
             "job": null,
@@ -179,11 +202,12 @@ impl Connection {
                         Some(Ok(Message::Ping(bytes))) => {
                             within(self.session.pong(&bytes)).await?;
                         }
-                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Ok(()),
+                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Ok(Ending::ClientLeft),
                         // Pongs, and client text is not part of the protocol: ignored.
                         Some(Ok(_)) => {}
                     }
                 },
+                _ = stopping.wait_for(|stopping| *stopping) => return Ok(Ending::Stopping),
                 _ = ping.tick() => {
                     if last_heard.elapsed() > CLIENT_TIMEOUT {
                         return Err(Gone);
