@@ -150,8 +150,9 @@ impl EventBus {
             let Ok(mut q) = slot.queue.lock() else {
                 continue;
             };
-            let held_previews = q.events.iter().filter(|e| e.is_preview()).count();
-            if event.is_preview() && held_previews >= PREVIEWS_HELD {
+            if event.is_preview()
+                && q.events.iter().filter(|e| e.is_preview()).count() >= PREVIEWS_HELD
+            {
                 // A newer preview replaces the oldest one held.
                 if let Some(i) = q.events.iter().position(Event::is_preview) {
                     q.events.remove(i);

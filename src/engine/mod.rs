@@ -824,9 +824,7 @@ impl Worker {
         // Caching can take long on a real model: controls are seen after each image.
         let mut pending = Between::Continue;
         let cached = trainer.prepare_caches(&mut emit, &mut || {
-            while let Ok(cmd) = self.rx.try_recv() {
-                self.during(id, cmd, &mut pending);
-            }
+            self.take_commands(id, &mut pending);
             !matches!(self.settle(pending), Between::Cancel | Between::Stop)
         });
         match cached {
@@ -932,14 +930,19 @@ impl Worker {
     /// new commands before each (a cancel of a queued sample is seen in time).
     fn serve_arrivals(&mut self, running: &str, trainer: &Trainer, outcome: &mut Between) {
         loop {
-            while let Ok(cmd) = self.rx.try_recv() {
-                self.during(running, cmd, outcome);
-            }
+            self.take_commands(running, outcome);
             let Some((id, job)) = self.take_queued_sample() else {
                 return;
             };
             let live = trainer.live_lora().map(|l| (running, l));
             self.run_sample(&id, &job, live);
+        }
+    }
+
+    /// Every command that has arrived, without waiting (see [`Self::during`]).
+    fn take_commands(&mut self, running: &str, outcome: &mut Between) {
+        while let Ok(cmd) = self.rx.try_recv() {
+            self.during(running, cmd, outcome);
         }
     }
 

@@ -366,7 +366,7 @@ impl Trainer {
     /// Encodes every latent (both flips when `flip_aug`) and every static caption once,
     /// before the first step, reporting [`TrainEvent::Caching`] progress. After each
     /// image `keep_going()` is asked; when it says no, caching stops and this returns
-    /// `false` (a later run finds the work done so far in the disk cache).
+    /// `false` (with a `cache_dir`, a later run finds the work done so far).
     pub fn prepare_caches(
         &mut self,
         emit: &mut dyn FnMut(TrainEvent),
