@@ -1,5 +1,5 @@
-//! [`FluxConfig`]: the architecture's hyper-parameters, the FLUX.1 [dev] and
-//! [schnell] presets, and the config inferred from a checkpoint's weight shapes.
+//! [`FluxConfig`]: the architecture's hyper-parameters, the FLUX.1 \[dev\] and
+//! \[schnell\] presets, and the config inferred from a checkpoint's weight shapes.
 
 use std::path::Path;
 
@@ -26,7 +26,7 @@ pub struct FluxConfig {
 }
 
 impl FluxConfig {
-    /// FLUX.1 [dev]: guidance-distilled.
+    /// FLUX.1 \[dev\]: guidance-distilled.
     pub fn dev() -> Self {
         Self {
             in_channels: 64,
@@ -44,7 +44,7 @@ impl FluxConfig {
         }
     }
 
-    /// FLUX.1 [schnell]: timestep-distilled, no guidance embedding.
+    /// FLUX.1 \[schnell\]: timestep-distilled, no guidance embedding.
     pub fn schnell() -> Self {
         Self {
             guidance_embed: false,
