@@ -23,10 +23,38 @@ use candle_core::{DType, Device, Result};
 use super::flux::{Flux, FluxConfig, WeightSource};
 use super::text::{TextEncoderPaths, TextEncoders};
 use super::vae::Vae;
-use crate::sample::schedule::Shift;
 
 /// Seed of the built-in tiny model's deterministic weights.
 pub const TINY_SEED: u64 = 0x_f1a5_10a0;
+
+/// The resolution-dependent time shift a model family samples with (BFL's
+/// `base_shift` / `max_shift`): μ is linear in the image token count through
+/// (256, base) and (4096, max). Plain data about the model; `sample::schedule`
+/// turns μ into the shifted times.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Shift {
+    pub base_shift: f64,
+    pub max_shift: f64,
+}
+
+impl Default for Shift {
+    fn default() -> Self {
+        Self {
+            base_shift: 0.5,
+            max_shift: 1.15,
+        }
+    }
+}
+
+impl Shift {
+    /// μ for an image of `image_seq_len` tokens.
+    pub fn mu(&self, image_seq_len: usize) -> f64 {
+        let (x1, x2) = (256.0, 4096.0);
+        let m = (self.max_shift - self.base_shift) / (x2 - x1);
+        let b = self.base_shift - m * x1;
+        m * image_seq_len as f64 + b
+    }
+}
 
 /// Generation defaults that fit a model family.
 #[derive(Clone, Debug)]
@@ -500,5 +528,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("vae"));
+    }
+
+    #[test]
+    fn mu_interpolates_base_and_max() {
+        let s = Shift::default();
+        assert!((s.mu(256) - 0.5).abs() < 1e-12);
+        assert!((s.mu(4096) - 1.15).abs() < 1e-12);
     }
 }

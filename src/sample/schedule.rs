@@ -1,31 +1,10 @@
 //! Flux's sampling schedule: t from 1 to 0 in equal steps, optionally time-shifted
 //! with a shift μ that grows with the image token count (BFL `get_schedule`).
+//! The μ of a token count comes from the model's [`Shift`] parameters.
 
-/// Shift parameters: μ is linear in the token count through (256, base) and (4096, max).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Shift {
-    pub base_shift: f64,
-    pub max_shift: f64,
-}
-
-impl Default for Shift {
-    fn default() -> Self {
-        Self {
-            base_shift: 0.5,
-            max_shift: 1.15,
-        }
-    }
-}
-
-impl Shift {
-    /// μ for an image of `image_seq_len` tokens.
-    pub fn mu(&self, image_seq_len: usize) -> f64 {
-        let (x1, x2) = (256.0, 4096.0);
-        let m = (self.max_shift - self.base_shift) / (x2 - x1);
-        let b = self.base_shift - m * x1;
-        m * image_seq_len as f64 + b
-    }
-}
+/// The shift parameters are a fact of the model family (its bundle's sampling
+/// defaults say which one it uses); the schedule here only applies them.
+pub use crate::model::bundle::Shift;
 
 /// exp(μ) / (exp(μ) + (1/t − 1)^σ) with σ = 1; t = 0 and t = 1 map to themselves.
 pub fn time_shift(mu: f64, t: f64) -> f64 {
@@ -69,12 +48,5 @@ mod tests {
         let expect = 1.15f64.exp() / (1.15f64.exp() + 1.0);
         assert!((s[2] - expect).abs() < 1e-12);
         assert!(s.windows(2).all(|w| w[0] > w[1]));
-    }
-
-    #[test]
-    fn mu_interpolates_base_and_max() {
-        let s = Shift::default();
-        assert!((s.mu(256) - 0.5).abs() < 1e-12);
-        assert!((s.mu(4096) - 1.15).abs() < 1e-12);
     }
 }

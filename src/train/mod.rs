@@ -1,5 +1,6 @@
 //! Training: datasets (folders, captions, repeats, buckets), caches, the
-//! flow-matching objective, optimizers, learning-rate schedules, checkpoints.
+//! flow-matching objective, optimizers, learning-rate schedules, checkpoints, and the
+//! kohya training metadata written into the LoRA.
 //!
 //! Must not: know about HTTP; the daemon and the CLI drive it through its API.
 
@@ -9,6 +10,7 @@ pub mod config;
 pub mod dataset;
 pub mod events;
 pub mod lr_schedule;
+pub mod metadata;
 pub mod network;
 pub mod objective;
 pub mod optim;

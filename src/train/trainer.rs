@@ -22,6 +22,7 @@ use super::checkpoint::{self, Progress};
 use super::config::{ConfigError, TrainConfig};
 use super::dataset::{Augment, Batch, BatchItem, Bucket, Dataset, DatasetError};
 use super::events::{peak_memory_bytes, StepStats, TrainControl, TrainEvent};
+use super::metadata::{DatasetDir, FluxVariant, KohyaMetadata};
 use super::network::{Trainable, TrainableLora};
 use super::objective::{noised, velocity_target};
 use super::optim::{self, OptimError, Optimizer, ParamGroup};
@@ -30,7 +31,7 @@ use super::recompute::{keep_params, loss_and_grads};
 use crate::model::adapter::{AdapterSet, Lora};
 use crate::model::bundle::ModelBundle;
 use crate::model::flux::{image_ids, pack_latents, save_checkpoint, text_ids, FluxInputs};
-use crate::model::lora_io::{self, FluxVariant, KohyaMetadata, LoraIoError};
+use crate::model::lora_io::{self, LoraIoError};
 use crate::model::seeded::SeededRng;
 use crate::sample::generate::{generate, ResolvedRequest};
 use crate::sample::png_meta::save_png;
@@ -726,7 +727,7 @@ impl Trainer {
             .map(|(dir, info)| {
                 (
                     dir.clone(),
-                    lora_io::DatasetDir {
+                    DatasetDir {
                         n_repeats: info.n_repeats as usize,
                         img_count: info.img_count,
                     },
