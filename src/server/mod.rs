@@ -10,6 +10,7 @@
 //!
 //! Must not: touch tensors; handlers call the engine.
 
+pub mod comfy;
 pub mod errors;
 pub mod guard;
 pub mod native;
