@@ -11,7 +11,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 
 use super::bus::{self, EventBus, Subscription};
-use super::events::{EventKind, JobState};
+use super::events::{Event, EventKind, JobState};
 use super::requests::{Control, EngineError, JobRequest};
 use super::shared::{lock, Command, Shared};
 use super::store::{JobKind, JobRecord, JobStore};
@@ -239,18 +239,14 @@ impl Engine {
     }
 
     /// Stored events of a job after `since` (replay).
-    pub fn events_since(
-        &self,
-        id: &str,
-        since: u64,
-    ) -> Result<Vec<serde_json::Value>, EngineError> {
+    pub fn events_since(&self, id: &str, since: u64) -> Result<Vec<Event>, EngineError> {
         self.job(id)?;
         Ok(self.shared.store.events_since(id, since)?)
     }
 
     /// Stored events after `since` of some jobs (all when `None`), in sequence order:
     /// what a subscriber that reconnects or fell behind missed.
-    pub fn replay(&self, jobs: Option<&[String]>, since: u64) -> Vec<serde_json::Value> {
+    pub fn replay(&self, jobs: Option<&[String]>, since: u64) -> Vec<Event> {
         let ids: Vec<String> = match jobs {
             Some(ids) => ids.to_vec(),
             None => self.jobs().into_iter().map(|r| r.id).collect(),
@@ -259,11 +255,11 @@ impl Engine {
         let ids = ids
             .into_iter()
             .filter(|id| newest.get(id).is_some_and(|&last| last > since));
-        let mut events: Vec<serde_json::Value> = ids
+        let mut events: Vec<Event> = ids
             .filter_map(|id| self.shared.store.events_since(&id, since).ok())
             .flatten()
             .collect();
-        events.sort_by_key(|e| e["seq"].as_u64());
+        events.sort_by_key(|e| e.seq);
         events
     }
 
