@@ -9,9 +9,20 @@
 //! were running when the process died are marked interrupted; resuming one
 //! continues from its last saved state.
 //!
+//! Training jobs run the same loop as `fluxlora train` ([`crate::train::run`]);
+//! the worker plugs its pause, cancel, stop, inline samples and event publishing
+//! into it as hooks.
+//!
+//! Parts: [`Engine`] (`handle`: what callers hold), `requests` (what they submit
+//! and the errors they get), `shared` (job records and event numbering the handle
+//! and the worker share), `worker` (the thread that runs jobs), [`bus`], [`events`],
+//! [`store`].
+//!
 //! Must not: know about HTTP; protocol adapters translate requests into [`JobRequest`]s.
 
 pub mod bus;
+#[cfg(test)]
+mod cli_parity;
 pub mod events;
 mod handle;
 mod lora_cache;

@@ -23,6 +23,7 @@ use crate::sample::png_meta::save_png;
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
 use crate::train::events::TrainEvent;
+use crate::train::run::{RunEnd, TrainHooks, Verdict};
 use crate::train::trainer::Trainer;
 
 /// A cheap preview of packed latents (first image of the batch): ComfyUI's linear
@@ -290,103 +291,28 @@ impl Worker {
         {
             return self.fail(id, format!("writing the job's config.json: {e}"));
         }
-        let name = cfg.output_name.clone();
-        let resume = checkpoint::latest_state(&dir, &name);
-        let started = std::time::Instant::now();
+        let resume = checkpoint::latest_state(&dir, &cfg.output_name);
         let mut trainer = match Trainer::new(cfg, self.bundle.clone(), resume.as_deref()) {
             Ok(t) => t,
             Err(e) => return self.fail(id, e.to_string()),
         };
         self.shared.set_state(id, JobState::Running);
-        let shared = self.shared.clone();
-        let mut emit = |e: TrainEvent| {
-            // Preview images of the run also go out as previews (WebSocket binary frames).
-            let previews = match &e {
-                TrainEvent::Sample { step, paths } => Some((*step, paths.clone())),
-                _ => None,
-            };
-            shared.emit(id, EventKind::Train { event: e });
-            for (step, path) in previews
-                .into_iter()
-                .flat_map(|(s, p)| p.into_iter().map(move |p| (s, p)))
-            {
-                match std::fs::read(&path) {
-                    Ok(png) => shared.emit(
-                        id,
-                        EventKind::Preview {
-                            step,
-                            png: png.into(),
-                        },
-                    ),
-                    Err(e) => tracing::debug!(error = %e, "no preview"),
-                }
-            }
+        let mut job = TrainJob {
+            worker: self,
+            id,
+            pending: Between::Continue,
+            outputs: vec![],
         };
-        // Caching can take long on a real model: controls are seen after each image.
-        let mut pending = Between::Continue;
-        let cached = trainer.prepare_caches(&mut emit, &mut || {
-            self.take_commands(id, &mut pending);
-            !matches!(self.settle(pending), Between::Cancel | Between::Stop)
-        });
-        match cached {
-            Ok(true) => emit(trainer.started_event()),
-            Ok(false) => {}
-            Err(e) => return self.fail(id, e.to_string()),
-        }
-        while !trainer.is_done() {
-            let mut between = self.between_steps(
-                id,
-                &trainer,
-                std::mem::replace(&mut pending, Between::Continue),
-            );
-            if let Between::Pause = between {
-                self.shared.set_state(id, JobState::Paused);
-                between = self.wait_while_paused(id, &trainer);
-                if let Between::Continue = between {
-                    self.shared.set_state(id, JobState::Running);
-                }
-            }
-            let end = match between {
-                Between::Continue | Between::Pause => None,
-                Between::Cancel => Some(JobState::Cancelled),
-                // Shutdown: the job is resumed later from the state saved now.
-                Between::Stop => Some(JobState::Interrupted),
-            };
-            if let Some(state) = end {
-                let step = trainer.progress().step;
-                if step > 0 && !checkpoint::state_dir(&dir, &name, step).exists() {
-                    if let Err(e) = trainer.save_step(&mut emit) {
-                        tracing::warn!(error = %e, "could not save the run's state");
-                    }
-                }
-                if state == JobState::Cancelled {
-                    emit(TrainEvent::Cancelled { step });
-                }
-                return self.shared.set_state(id, state);
-            }
-            if let Err(e) = trainer.step(&mut emit) {
-                return self.fail(id, e.to_string());
-            }
-        }
-        match trainer.finish() {
-            Ok(path) => {
-                let mut outputs = vec![path.clone()];
-                match self.shared.publish_lora(&path) {
-                    Ok(copy) => outputs.push(copy),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not copy the LoRA to the LoRA folder")
-                    }
-                }
-                emit(TrainEvent::Finished {
-                    step: trainer.progress().step,
-                    path,
-                    seconds: started.elapsed().as_secs_f64(),
-                });
-                self.shared.update(id, |r| {
-                    r.outputs = outputs;
-                    r.state = JobState::Finished;
-                });
-            }
+        let end = trainer.run_with(&mut job);
+        let outputs = job.outputs;
+        match end {
+            Ok(RunEnd::Finished(_)) => self.shared.update(id, |r| {
+                r.outputs = outputs;
+                r.state = JobState::Finished;
+            }),
+            Ok(RunEnd::Cancelled) => self.shared.set_state(id, JobState::Cancelled),
+            // Shutdown: the job is resumed later from the state saved now.
+            Ok(RunEnd::Stopped) => self.shared.set_state(id, JobState::Interrupted),
             Err(e) => self.fail(id, e.to_string()),
         }
     }
@@ -472,6 +398,84 @@ impl Worker {
                 self.queue.insert(i, other);
                 None
             }
+        }
+    }
+}
+
+/// The engine's hooks into the training loop for the running job `id`: events go
+/// to the store and the bus (a run's preview images also as binary previews);
+/// between steps the worker serves sampling requests (with the live adapter when
+/// asked) and applies controls: a pause holds the job (still serving samples), a
+/// cancel or a daemon stop ends it.
+struct TrainJob<'w> {
+    worker: &'w mut Worker,
+    id: &'w str,
+    /// What was decided while caching, applied before the first step.
+    pending: Between,
+    /// The final LoRA and its copy in the LoRA folder.
+    outputs: Vec<PathBuf>,
+}
+
+impl TrainHooks for TrainJob<'_> {
+    fn emit(&mut self, event: TrainEvent) {
+        let (shared, id) = (&self.worker.shared, self.id);
+        // Preview images of the run also go out as previews (WebSocket binary frames).
+        let previews = match &event {
+            TrainEvent::Sample { step, paths } => Some((*step, paths.clone())),
+            _ => None,
+        };
+        shared.emit(id, EventKind::Train { event });
+        for (step, path) in previews
+            .into_iter()
+            .flat_map(|(s, p)| p.into_iter().map(move |p| (s, p)))
+        {
+            match std::fs::read(&path) {
+                Ok(png) => shared.emit(
+                    id,
+                    EventKind::Preview {
+                        step,
+                        png: png.into(),
+                    },
+                ),
+                Err(e) => tracing::debug!(error = %e, "no preview"),
+            }
+        }
+    }
+
+    /// Caching can take long on a real model: controls are seen after each image.
+    /// A pause waits for the first step; a cancel or stop first serves what is
+    /// queued, as between steps.
+    fn while_caching(&mut self, trainer: &Trainer) -> Verdict {
+        self.worker.take_commands(self.id, &mut self.pending);
+        match self.worker.settle(self.pending) {
+            Between::Cancel | Between::Stop => self.between_steps(trainer),
+            Between::Continue | Between::Pause => Verdict::Continue,
+        }
+    }
+
+    fn between_steps(&mut self, trainer: &Trainer) -> Verdict {
+        let (worker, id) = (&mut *self.worker, self.id);
+        let pending = std::mem::replace(&mut self.pending, Between::Continue);
+        let mut between = worker.between_steps(id, trainer, pending);
+        if let Between::Pause = between {
+            worker.shared.set_state(id, JobState::Paused);
+            between = worker.wait_while_paused(id, trainer);
+            if let Between::Continue = between {
+                worker.shared.set_state(id, JobState::Running);
+            }
+        }
+        match between {
+            Between::Continue | Between::Pause => Verdict::Continue,
+            Between::Cancel => Verdict::Cancel,
+            Between::Stop => Verdict::Stop,
+        }
+    }
+
+    fn before_finished(&mut self, lora: &Path) {
+        self.outputs.push(lora.to_path_buf());
+        match self.worker.shared.publish_lora(lora) {
+            Ok(copy) => self.outputs.push(copy),
+            Err(e) => tracing::warn!(error = %e, "could not copy the LoRA to the LoRA folder"),
         }
     }
 }

@@ -15,5 +15,6 @@ pub mod optim;
 pub mod pretrain_tiny;
 pub mod prompts;
 pub mod recompute;
+pub mod run;
 pub mod shapes;
 pub mod trainer;
