@@ -1,5 +1,6 @@
 //! Training: datasets (folders, captions, repeats, buckets), caches, the
-//! flow-matching objective, optimizers, learning-rate schedules, checkpoints.
+//! flow-matching objective, optimizers, learning-rate schedules, checkpoints, and
+//! the one training loop ([`run`]) that the CLI and the daemon both drive.
 //!
 //! Must not: know about HTTP; the daemon and the CLI drive it through its API.
 

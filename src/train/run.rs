@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use super::checkpoint;
 use super::events::{TrainControl, TrainEvent};
-use super::trainer::{Result, Trainer};
+use super::trainer::{Result, TrainError, Trainer};
 
 /// What a driver's hooks decide at a check: go on, or end the run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Continue,
     /// End the run as cancelled: the state of the current step is saved (a
     /// cancelled run can still be resumed) and `Cancelled` is emitted.
@@ -30,7 +30,7 @@ pub enum Verdict {
 
 /// How a run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RunEnd {
+pub(crate) enum RunEnd {
     /// Every step ran; the final LoRA.
     Finished(PathBuf),
     Cancelled,
@@ -38,7 +38,7 @@ pub enum RunEnd {
 }
 
 /// What a driver plugs into the loop.
-pub trait TrainHooks {
+pub(crate) trait TrainHooks {
     /// Receives every event of the run, in order.
     fn emit(&mut self, event: TrainEvent);
 
@@ -60,9 +60,9 @@ impl Trainer {
     /// `Started`, previews at step 0 when previews are asked for and the run starts
     /// from scratch, steps with the hooks' checks between them, the final save and
     /// `Finished`.
-    pub fn run_with(&mut self, hooks: &mut dyn TrainHooks) -> Result<RunEnd> {
+    pub(crate) fn run_with(&mut self, hooks: &mut dyn TrainHooks) -> Result<RunEnd> {
         let dir = self.config().output_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|source| super::trainer::TrainError::Io {
+        std::fs::create_dir_all(&dir).map_err(|source| TrainError::Io {
             path: dir.clone(),
             source,
         })?;
@@ -132,9 +132,9 @@ impl Trainer {
 /// The hooks of a run steered by a [`TrainControl`] (the CLI, tests, the tiny
 /// model's pretraining): `Paused` and `Resumed` around a pause, a cancel seen
 /// after every cached image and before every step.
-pub struct ControlHooks<'a> {
-    pub control: &'a TrainControl,
-    pub emit: &'a mut dyn FnMut(TrainEvent),
+struct ControlHooks<'a> {
+    control: &'a TrainControl,
+    emit: &'a mut dyn FnMut(TrainEvent),
 }
 
 impl ControlHooks<'_> {

@@ -489,7 +489,7 @@ impl Trainer {
 
     /// One optimizer step (with gradient accumulation); emits `Step` and any
     /// `Saved` / `Sample` events that fall due.
-    pub fn step(&mut self, emit: &mut dyn FnMut(TrainEvent)) -> Result<StepStats> {
+    pub(super) fn step(&mut self, emit: &mut dyn FnMut(TrainEvent)) -> Result<StepStats> {
         let factor = self.cfg.lr_scheduler.multiplier(
             self.progress.step,
             self.total_steps,
@@ -629,7 +629,7 @@ impl Trainer {
     }
 
     /// Saves the LoRA and the full state of the current step, then prunes old saves.
-    pub fn save_step(&mut self, emit: &mut dyn FnMut(TrainEvent)) -> Result<PathBuf> {
+    pub(super) fn save_step(&mut self, emit: &mut dyn FnMut(TrainEvent)) -> Result<PathBuf> {
         let step = self.progress.step;
         let dir = &self.cfg.output_dir;
         let path = checkpoint::step_lora_path(dir, &self.cfg.output_name, step);
