@@ -171,7 +171,12 @@ fn train_then_sample_with_the_produced_lora_and_events_in_order() {
         ]
     );
     // The same events were stored and can be replayed from any point.
-    let stored = engine.events_since(&train, 0).unwrap();
+    let stored: Vec<_> = engine
+        .events_since(&train, 0)
+        .unwrap()
+        .iter()
+        .map(Event::to_json)
+        .collect();
     assert_eq!(stored.len(), train_kinds.len());
     let since = stored[4]["seq"].as_u64().unwrap();
     assert_eq!(
@@ -293,7 +298,9 @@ fn a_restart_marks_the_running_job_interrupted_and_resume_completes_it() {
     // Numbering goes on after the newest event of the last run, previews included.
     assert_eq!(engine.last_seq(), newest);
     engine.control(&train, Control::Resume).unwrap();
-    assert!(engine.events_since(&train, newest).unwrap()[0]["seq"].as_u64() > Some(newest));
+    assert!(
+        engine.events_since(&train, newest).unwrap()[0].to_json()["seq"].as_u64() > Some(newest)
+    );
     assert_eq!(
         wait_for(&engine, &train, JobState::Finished),
         JobState::Finished
@@ -301,7 +308,8 @@ fn a_restart_marks_the_running_job_interrupted_and_resume_completes_it() {
     let started: Vec<_> = engine
         .events_since(&train, 0)
         .unwrap()
-        .into_iter()
+        .iter()
+        .map(Event::to_json)
         .filter(|e| e["type"] == "started")
         .collect();
     assert_eq!(started.len(), 2);
@@ -310,6 +318,7 @@ fn a_restart_marks_the_running_job_interrupted_and_resume_completes_it() {
         .events_since(&train, 0)
         .unwrap()
         .iter()
+        .map(Event::to_json)
         .take_while(|e| e["seq"].as_u64() < started[1]["seq"].as_u64())
         .filter(|e| e["type"] == "step")
         .map(|e| e["data"]["step"].as_u64().unwrap())
@@ -409,6 +418,7 @@ fn a_running_sample_can_be_cancelled_but_not_paused() {
         .events_since(&dropped, 0)
         .unwrap()
         .iter()
+        .map(Event::to_json)
         .map(|e| format!("{}", e["data"]["state"]))
         .collect();
     assert_eq!(kinds, ["\"queued\"", "\"cancelled\""], "it never ran");

@@ -354,7 +354,7 @@ fn curl_flow_train_then_sample_with_the_lora() {
     // and the run's preview images as binary frames.
     let (streamed, previews) = frames_until(&mut ws, is_end_of(&id));
     let preview_steps: Vec<u32> = previews.iter().map(|p| p.1).collect();
-    assert_eq!(preview_steps, vec![2, 4]);
+    assert_eq!(preview_steps, vec![0, 2, 4]);
     for (job, _, png) in &previews {
         assert_eq!(job, &id);
         assert!(image::load_from_memory(png).is_ok());
@@ -380,7 +380,7 @@ fn curl_flow_train_then_sample_with_the_lora() {
             .position(|x| *x == k)
             .unwrap_or_else(|| panic!("{k} missing from {kinds:?}"))
     };
-    let order = ["started", "step", "sample", "saved", "finished"].map(first);
+    let order = ["started", "sample", "step", "saved", "finished"].map(first);
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{kinds:?}");
     let steps: Vec<u64> = streamed
         .iter()

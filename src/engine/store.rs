@@ -41,6 +41,12 @@ pub struct JobRecord {
     pub error: Option<String>,
 }
 
+/// The sequence number of a stored line that is a JSON object with one: a number
+/// handed out, whether or not the rest of the line still reads as an event.
+fn seq_of(line: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(line).ok()?["seq"].as_u64()
+}
+
 /// The jobs folder.
 pub struct JobStore {
     root: PathBuf,
@@ -118,20 +124,25 @@ impl JobStore {
         f.write_all(&line).map_err(|e| io(&path, e))
     }
 
-    /// The job's stored events with `seq > since`, as JSON values, in order. Lines
-    /// that do not parse (torn by a crash, even inside a UTF-8 character) are skipped.
-    pub fn events_since(&self, id: &str, since: u64) -> std::io::Result<Vec<serde_json::Value>> {
-        let path = self.dir(id).join("events.jsonl");
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(e) => return Err(io(&path, e)),
-        };
-        Ok(bytes
+    /// The job's stored events with `seq > since`, in order. Lines that do not
+    /// parse as an event (torn by a crash, even inside a UTF-8 character) are skipped.
+    pub fn events_since(&self, id: &str, since: u64) -> std::io::Result<Vec<Event>> {
+        Ok(self
+            .lines(id)?
             .split(|&b| b == b'\n')
-            .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
-            .filter(|v| v["seq"].as_u64().is_some_and(|s| s > since))
+            .filter_map(|l| serde_json::from_slice::<Event>(l).ok())
+            .filter(|e| e.seq > since)
             .collect())
+    }
+
+    /// The bytes of a job's event log (none when it has no log yet).
+    fn lines(&self, id: &str) -> std::io::Result<Vec<u8>> {
+        let path = self.dir(id).join("events.jsonl");
+        match std::fs::read(&path) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+            Err(e) => Err(io(&path, e)),
+        }
     }
 
     /// Every stored record (unreadable ones are skipped with a warning), oldest first.
@@ -192,15 +203,14 @@ impl JobStore {
         f.seek(SeekFrom::Start(len.saturating_sub(TAIL))).ok()?;
         let mut tail = Vec::new();
         f.read_to_end(&mut tail).ok()?;
-        let from_tail = tail
-            .split(|&b| b == b'\n')
-            .rev()
-            .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
-            .find_map(|e| e["seq"].as_u64());
+        let from_tail = tail.split(|&b| b == b'\n').rev().find_map(seq_of);
         // A last event longer than the tail: read the whole log.
         from_tail.or_else(|| {
-            let events = self.events_since(id, 0).ok()?;
-            events.iter().filter_map(|e| e["seq"].as_u64()).max()
+            self.lines(id)
+                .ok()?
+                .split(|&b| b == b'\n')
+                .filter_map(seq_of)
+                .max()
         })
     }
 
@@ -248,14 +258,8 @@ mod tests {
         f.write_all(b"{\"seq\": 4, \"job\"")?;
         assert_eq!(store.load_all()?, vec![rec]);
         let since = store.events_since("j1", 1)?;
-        assert_eq!(
-            since
-                .iter()
-                .map(|e| e["seq"].as_u64().unwrap())
-                .collect::<Vec<_>>(),
-            vec![2, 3]
-        );
-        assert_eq!(since[0]["type"], "state");
+        assert_eq!(since.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(since[0].to_json()["type"], "state");
         assert_eq!(store.last_seq("j1"), Some(3));
         assert_eq!(store.last_seq("none"), None);
         // After a restart seals the log, new events are readable again.
@@ -284,11 +288,7 @@ mod tests {
                 message: "café".into(),
             },
         })?;
-        let after: Vec<u64> = store
-            .events_since("j1", 4)?
-            .iter()
-            .map(|e| e["seq"].as_u64().unwrap())
-            .collect();
+        let after: Vec<u64> = store.events_since("j1", 4)?.iter().map(|e| e.seq).collect();
         assert_eq!(after, vec![5, 7]);
         Ok(())
     }

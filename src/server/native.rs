@@ -402,7 +402,12 @@ async fn job_events(
     id: web::Path<String>,
     q: web::Query<Since>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut events = state.engine.events_since(&id, q.since)?;
+    let mut events: Vec<serde_json::Value> = state
+        .engine
+        .events_since(&id, q.since)?
+        .iter()
+        .map(crate::engine::events::Event::to_json)
+        .collect();
     for event in &mut events {
         add_file_urls(&state.engine, event);
     }

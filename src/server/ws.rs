@@ -241,12 +241,11 @@ impl Connection {
         let events = web::block(move || engine.replay(jobs.as_deref(), since))
             .await
             .map_err(|_| Gone)?;
-        for mut event in events {
-            if let Some(seq) = event["seq"].as_u64() {
-                self.last_sent = self.last_sent.max(seq);
-            }
-            super::native::add_file_urls(&self.engine, &mut event);
-            self.send_text(event.to_string()).await?;
+        for event in events {
+            self.last_sent = self.last_sent.max(event.seq);
+            let mut json = event.to_json();
+            super::native::add_file_urls(&self.engine, &mut json);
+            self.send_text(json.to_string()).await?;
         }
         Ok(())
     }

@@ -2,15 +2,16 @@
 //! ([`TrainControl`]: cancel, pause, resume between optimizer steps).
 //!
 //! Events are plain serialisable data so the daemon can forward them unchanged
-//! (WebSocket, events.jsonl) and the CLI can draw its progress bar from them.
+//! (WebSocket, events.jsonl), read them back from its job store, and the CLI can
+//! draw its progress bar from them.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Progress of one optimizer step.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StepStats {
     pub step: u64,
     pub total_steps: u64,
@@ -27,7 +28,7 @@ pub struct StepStats {
 }
 
 /// Everything a run reports, in order.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TrainEvent {
     /// Latents and text embeddings encoded (or found cached) for `done` of `total`

@@ -1,6 +1,7 @@
 //! Training: datasets (folders, captions, repeats, buckets), caches, the
-//! flow-matching objective, optimizers, learning-rate schedules, checkpoints, and the
-//! kohya training metadata written into the LoRA.
+//! flow-matching objective, optimizers, learning-rate schedules, checkpoints, the
+//! kohya training metadata written into the LoRA, and the one training loop ([`run`])
+//! that the CLI and the daemon both drive.
 //!
 //! Must not: know about HTTP; the daemon and the CLI drive it through its API.
 
@@ -17,5 +18,6 @@ pub mod optim;
 pub mod pretrain_tiny;
 pub mod prompts;
 pub mod recompute;
+pub mod run;
 pub mod shapes;
 pub mod trainer;

@@ -1,9 +1,10 @@
-//! The training loop: one [`Trainer`] runs a [`TrainConfig`] on a loaded model.
+//! A training run: one [`Trainer`] holds a [`TrainConfig`]'s run on a loaded model.
 //!
 //! It scans the dataset, caches latents (and text embeddings when captions are
 //! static), attaches a trainable LoRA to the shared base model, and takes optimizer
-//! steps one at a time, so a driver (the CLI, or the daemon's engine) can interleave
-//! other work between steps: previews with the live adapter, pause, cancel.
+//! steps one at a time. The loop that drives it, the same for the CLI and the
+//! daemon's engine, is [`super::run`]; a driver interleaves other work between
+//! steps through its hooks: previews with the live adapter, pause, cancel.
 //! Every random draw is derived from the seed and the run's counters, so a run
 //! resumed from a saved state reaches the same weights as one never interrupted.
 //!
@@ -21,13 +22,14 @@ use super::cache::{Cache, TextCond};
 use super::checkpoint::{self, Progress};
 use super::config::{ConfigError, TrainConfig};
 use super::dataset::{Augment, Batch, BatchItem, Bucket, Dataset, DatasetError};
-use super::events::{peak_memory_bytes, StepStats, TrainControl, TrainEvent};
+use super::events::{peak_memory_bytes, StepStats, TrainEvent};
 use super::metadata::{DatasetDir, FluxVariant, KohyaMetadata};
 use super::network::{Trainable, TrainableLora};
 use super::objective::{noised, velocity_target};
 use super::optim::{self, OptimError, Optimizer, ParamGroup};
 use super::prompts::PromptSpec;
 use super::recompute::{keep_params, loss_and_grads};
+use super::run::{TrainHooks, Verdict};
 use crate::model::adapter::{AdapterSet, Lora};
 use crate::model::bundle::ModelBundle;
 use crate::model::flux::{image_ids, pack_latents, save_checkpoint, text_ids, FluxInputs};
@@ -63,7 +65,7 @@ fn config_error(field: &str, message: impl Into<String>) -> TrainError {
     })
 }
 
-type Result<T> = std::result::Result<T, TrainError>;
+pub(super) type Result<T> = std::result::Result<T, TrainError>;
 
 /// One micro-batch ready for the model.
 struct MicroBatch {
@@ -366,13 +368,10 @@ impl Trainer {
 
     /// Encodes every latent (both flips when `flip_aug`) and every static caption once,
     /// before the first step, reporting [`TrainEvent::Caching`] progress. After each
-    /// image `keep_going()` is asked; when it says no, caching stops and this returns
-    /// `false` (with a `cache_dir`, a later run finds the work done so far).
-    pub fn prepare_caches(
-        &mut self,
-        emit: &mut dyn FnMut(TrainEvent),
-        keep_going: &mut dyn FnMut() -> bool,
-    ) -> Result<bool> {
+    /// image the hooks are asked whether to go on; anything but `Continue` stops
+    /// caching and is returned (with a `cache_dir`, a later run finds the work done
+    /// so far).
+    pub(super) fn prepare_caches(&mut self, hooks: &mut dyn TrainHooks) -> Result<Verdict> {
         let n = self.dataset.images().len();
         let report_every = (n / 100).max(1);
         let flips: &[bool] = if self.cfg.dataset.flip_aug {
@@ -391,10 +390,11 @@ impl Trainer {
             }
             let done = image + 1;
             if done % report_every == 0 || done == n {
-                emit(TrainEvent::Caching { done, total: n });
+                hooks.emit(TrainEvent::Caching { done, total: n });
             }
-            if !keep_going() {
-                return Ok(false);
+            match hooks.while_caching(self) {
+                Verdict::Continue => {}
+                verdict => return Ok(verdict),
             }
         }
         tracing::info!(
@@ -402,13 +402,13 @@ impl Trainer {
             encoded = self.cache.misses,
             "caches ready"
         );
-        Ok(true)
+        Ok(Verdict::Continue)
     }
 
     /// After caching, frees the text encoders and the autoencoder when no step needs
     /// them (static captions, no text-encoder LoRA, no previews, no validation) and
     /// nobody else holds the model (the CLI; a daemon keeps them for its sampler).
-    fn release_encoders_if_unused(&mut self) {
+    pub(super) fn release_encoders_if_unused(&mut self) {
         let needed = !self.dataset.captions_are_static()
             || self.network.trains_text_encoder()
             || self.validation.is_some()
@@ -490,7 +490,7 @@ impl Trainer {
 
     /// One optimizer step (with gradient accumulation); emits `Step` and any
     /// `Saved` / `Sample` events that fall due.
-    pub fn step(&mut self, emit: &mut dyn FnMut(TrainEvent)) -> Result<StepStats> {
+    pub(super) fn step(&mut self, emit: &mut dyn FnMut(TrainEvent)) -> Result<StepStats> {
         let factor = self.cfg.lr_scheduler.multiplier(
             self.progress.step,
             self.total_steps,
@@ -630,7 +630,7 @@ impl Trainer {
     }
 
     /// Saves the LoRA and the full state of the current step, then prunes old saves.
-    pub fn save_step(&mut self, emit: &mut dyn FnMut(TrainEvent)) -> Result<PathBuf> {
+    pub(super) fn save_step(&mut self, emit: &mut dyn FnMut(TrainEvent)) -> Result<PathBuf> {
         let step = self.progress.step;
         let dir = &self.cfg.output_dir;
         let path = checkpoint::step_lora_path(dir, &self.cfg.output_name, step);
@@ -864,60 +864,9 @@ impl Trainer {
         Ok(path)
     }
 
-    /// Runs to the end: caches, `Started`, steps (honouring pause and cancel between
-    /// steps), the final save and `Finished`. Returns the final LoRA, or `None` when
-    /// cancelled (after saving a resumable state).
-    pub fn run(
-        &mut self,
-        control: &TrainControl,
-        emit: &mut dyn FnMut(TrainEvent),
-    ) -> Result<Option<PathBuf>> {
-        std::fs::create_dir_all(&self.cfg.output_dir).map_err(|source| TrainError::Io {
-            path: self.cfg.output_dir.clone(),
-            source,
-        })?;
-        if !self.prepare_caches(emit, &mut || !control.is_cancelled())? {
-            emit(TrainEvent::Cancelled { step: 0 });
-            return Ok(None);
-        }
-        self.release_encoders_if_unused();
-        emit(self.started_event());
-        if self.progress.step == 0 && self.cfg.sample_every_n_steps.is_some() {
-            let paths = self.sample_previews(0)?;
-            if !paths.is_empty() {
-                emit(TrainEvent::Sample { step: 0, paths });
-            }
-        }
-        while !self.is_done() {
-            if control.is_paused() {
-                emit(TrainEvent::Paused {
-                    step: self.progress.step,
-                });
-                while control.is_paused() && !control.is_cancelled() {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                emit(TrainEvent::Resumed {
-                    step: self.progress.step,
-                });
-            }
-            if control.is_cancelled() {
-                if self.progress.step > 0 {
-                    self.save_step(emit)?;
-                }
-                emit(TrainEvent::Cancelled {
-                    step: self.progress.step,
-                });
-                return Ok(None);
-            }
-            self.step(emit)?;
-        }
-        let path = self.finish()?;
-        emit(TrainEvent::Finished {
-            step: self.progress.step,
-            path: path.clone(),
-            seconds: self.started.elapsed().as_secs_f64(),
-        });
-        Ok(Some(path))
+    /// Time since the run was set up.
+    pub(super) fn elapsed(&self) -> std::time::Duration {
+        self.started.elapsed()
     }
 
     /// The device the run computes on.
