@@ -107,7 +107,7 @@ fn summarize(problems: &[String]) -> String {
 }
 
 /// The key layout a file was written in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LoraFormat {
     /// kohya sd-scripts: `lora_unet_<bfl path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
@@ -1117,7 +1117,7 @@ pub fn validate(lora: &Lora, shapes: &BTreeMap<String, (usize, usize)>) -> Resul
 }
 
 /// What `fluxlora lora inspect` shows about a LoRA file.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct LoraReport {
     pub name: String,
     pub format: LoraFormat,
