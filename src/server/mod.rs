@@ -27,10 +27,10 @@ pub mod errors;
 pub mod guard;
 mod native;
 pub mod openapi;
-pub mod paths;
-pub mod present;
-pub mod route_table;
-pub mod state;
+mod paths;
+mod present;
+mod route_table;
+mod state;
 pub mod ws;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -49,7 +49,7 @@ use crate::config::Settings;
 
 /// Registers every route of the app; returns `(method, actix pattern)` of each,
 /// in order (what the OpenAPI document must list).
-pub fn routes(cfg: &mut web::ServiceConfig) -> Vec<(Method, String)> {
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) -> Vec<(Method, String)> {
     let mut table = RouteTable::new(cfg);
     native::routes(&mut table);
     ws::routes(&mut table);

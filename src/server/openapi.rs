@@ -287,7 +287,7 @@ carry `url`/`urls`, the `GET /v1/jobs/{id}/files/…` address of a file inside t
 /// `(type, data)` of every text event, derived from [`EventKind`] and
 /// [`TrainEvent`]: a training event goes out under the trainer's own type, and
 /// previews never become text events.
-pub(crate) fn event_types() -> Vec<(String, RefOr<Schema>)> {
+fn event_types() -> Vec<(String, RefOr<Schema>)> {
     let mut out = vec![];
     for (ty, data) in tagged_variants(EventKind::schema()) {
         match ty.as_str() {

@@ -78,13 +78,13 @@ pub struct WsQuery {
     since: Option<u64>,
     /// Send binary preview frames.
     #[serde(default = "yes")]
-    #[param(default = true)]
+    #[param(default = yes)]
     previews: bool,
     /// Events the server holds for this connection while the client is behind;
     /// beyond it previews are dropped, then events (replayed from the store when
     /// the client catches up).
     #[serde(default = "default_queue")]
-    #[param(default = 256, minimum = 1, maximum = 4096)]
+    #[param(default = default_queue, minimum = 1, maximum = 4096)]
     queue: usize,
 }
 
@@ -329,6 +329,16 @@ pub fn preview_frame(job: &str, seq: u64, step: u64, png: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_documented_queue_bounds_are_the_checked_ones() {
+        let params = WsQuery::into_params(|| None);
+        let queue = params.iter().find(|p| p.name == "queue").unwrap();
+        let schema = serde_json::to_value(&queue.schema).unwrap();
+        assert_eq!(schema["maximum"], json!(QUEUE_MAX));
+        assert_eq!(schema["minimum"], json!(1));
+        assert_eq!(schema["default"], json!(QUEUE_CAPACITY));
+    }
 
     #[test]
     fn preview_frames_follow_the_documented_layout() {
