@@ -293,7 +293,9 @@ pub fn serve(settings: Settings) -> Result<()> {
 
 /// `fluxlora nodes`: the node definitions with the LoRA folder's files, as JSON.
 pub fn nodes(settings: &Settings, compact: bool) -> Result<String> {
-    let info = crate::nodes::object_info(&crate::nodes::lora_names(&settings.lora_dir()));
+    let info = crate::server::comfy::nodes::object_info(&crate::server::comfy::nodes::lora_names(
+        &settings.lora_dir(),
+    ));
     Ok(if compact {
         serde_json::to_string(&info)?
     } else {

@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 /// Where tensors live: the CPU, or a CUDA GPU when built with the `cuda` feature.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     #[default]
@@ -59,7 +59,7 @@ impl fmt::Display for DeviceChoice {
 }
 
 /// Compute precision of the model weights and activations.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
@@ -91,7 +91,8 @@ impl FromStr for Precision {
 }
 
 /// The daemon's settings, with safe defaults (loopback only, no token needed there).
-#[derive(Clone, Debug)]
+/// `Debug` does not show the token.
+#[derive(Clone)]
 pub struct Settings {
     pub host: String,
     /// 0 picks a free port.
@@ -130,6 +131,29 @@ impl Default for Settings {
             cors_origins: vec![],
         }
     }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("data_dir", &self.data_dir)
+            .field("model", &self.model)
+            .field("comfy_root", &self.comfy_root)
+            .field("token", &redacted(&self.token))
+            .field("device", &self.device)
+            .field("precision", &self.precision)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("roots", &self.roots)
+            .field("cors_origins", &self.cors_origins)
+            .finish()
+    }
+}
+
+/// What `Debug` shows of a secret: whether there is one, never its value.
+pub fn redacted(secret: &Option<String>) -> Option<&'static str> {
+    secret.as_ref().map(|_| "<redacted>")
 }
 
 impl Settings {
@@ -172,5 +196,22 @@ mod tests {
         assert!("tpu".parse::<DeviceChoice>().unwrap_err().contains("tpu"));
         assert_eq!("BF16".parse::<Precision>(), Ok(Precision::Bf16));
         assert!("f8".parse::<Precision>().is_err());
+    }
+
+    #[test]
+    fn debug_output_hides_the_token() {
+        let settings = Settings {
+            token: Some("s3cret-t0ken".into()),
+            ..Settings::default()
+        };
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("s3cret-t0ken"), "{shown}");
+        assert!(shown.contains(r#"token: Some("<redacted>")"#), "{shown}");
+        assert!(shown.contains("host: \"127.0.0.1\""), "{shown}");
+        let without = Settings {
+            token: None,
+            ..Settings::default()
+        };
+        assert!(format!("{without:?}").contains("token: None"));
     }
 }

@@ -9,7 +9,6 @@ pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod model;
-pub mod nodes;
 pub mod sample;
 pub mod server;
 pub mod train;

@@ -34,7 +34,7 @@ struct Queue {
 }
 
 /// How one subscriber keeps up, since it subscribed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct SubscriberStats {
     /// Events waiting in its queue now.
     pub queued: usize,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::train::events::TrainEvent;
 
 /// Where a job is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
@@ -29,7 +29,7 @@ impl JobState {
 }
 
 /// What happened.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     /// The job's state changed.
@@ -49,6 +49,7 @@ pub enum EventKind {
     },
     /// Images were written.
     Images {
+        #[schema(value_type = Vec<String>)]
         paths: Vec<PathBuf>,
     },
     /// A preview image (PNG bytes, shared by every subscriber's queue); never

@@ -14,14 +14,16 @@ use crate::train::config::TrainConfig;
 
 /// A LoRA to apply when sampling: a file, or the live adapter of a running
 /// training job (exactly one of the two).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoraChoice {
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub path: Option<PathBuf>,
     #[serde(default)]
     pub live_job: Option<String>,
     #[serde(default = "one")]
+    #[schema(default = 1.0)]
     pub strength: f64,
 }
 
@@ -30,7 +32,7 @@ fn one() -> f64 {
 }
 
 /// A sampling job: the request and the LoRAs to apply.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SampleJob {
     pub request: SampleRequest,

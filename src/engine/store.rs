@@ -16,7 +16,7 @@ use super::events::{Event, JobState};
 use crate::atomic_file;
 
 /// What a job is.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
     Train,
@@ -24,7 +24,7 @@ pub enum JobKind {
 }
 
 /// The persisted record of a job.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRecord {
     pub id: String,
     pub kind: JobKind,
@@ -36,8 +36,10 @@ pub struct JobRecord {
     pub request: serde_json::Value,
     /// Files the job produced (LoRAs, images).
     #[serde(default)]
+    #[schema(value_type = Vec<String>, required)]
     pub outputs: Vec<PathBuf>,
     #[serde(default)]
+    #[schema(required)]
     pub error: Option<String>,
 }
 

@@ -18,23 +18,37 @@ use crate::model::vae::tensor_to_images;
 pub const SIZE_MULTIPLE: usize = 16;
 
 /// One text-to-image request. Missing fields take the model's defaults.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SampleRequest {
     pub prompt: String,
+    /// Recorded in the PNG metadata.
     #[serde(default)]
+    #[schema(default = "")]
     pub negative_prompt: String,
+    /// Pixels, a multiple of 16 up to 4096; the model's default when unset.
     #[serde(default)]
+    #[schema(minimum = 16, maximum = 4096, multiple_of = 16)]
     pub width: Option<usize>,
+    /// Pixels, a multiple of 16 up to 4096; the model's default when unset.
     #[serde(default)]
+    #[schema(minimum = 16, maximum = 4096, multiple_of = 16)]
     pub height: Option<usize>,
+    /// Sampling steps, 1 to 1000; the model's default when unset.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
     pub steps: Option<usize>,
+    /// Distilled guidance, ≥ 0; the model's default when unset.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub guidance: Option<f64>,
+    /// Seed of the noise; image i of the batch uses seed + i.
     #[serde(default)]
+    #[schema(default = 0)]
     pub seed: u64,
+    /// Images to generate, 1 to 64.
     #[serde(default = "one")]
+    #[schema(default = 1, minimum = 1, maximum = 64)]
     pub batch_size: usize,
 }
 

@@ -1,11 +1,14 @@
 //! The one mapping from errors to HTTP: every failure becomes
-//! `{"error": {"code", "message", "field"?}}` with a 4xx/5xx status. Handlers never
-//! format an error body by hand.
+//! `{"error": {"code", "message", "field"?}}` ([`ErrorBody`]) with a 4xx/5xx
+//! status. The typed errors of the layers below (the engine's, the config's, the
+//! path policy's, a body that does not parse) are mapped here, once. Handlers
+//! never format an error body by hand.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
-use serde_json::json;
+use serde::Serialize;
 
+use super::paths::PathError;
 use crate::engine::EngineError;
 use crate::train::config::ConfigError;
 
@@ -39,17 +42,60 @@ impl ApiError {
         }
     }
 
-    fn code(&self) -> &'static str {
+    /// The same error, naming `field` of the request when it is a 400.
+    pub fn at(self, field: impl Into<String>) -> Self {
         match self {
-            Self::BadRequest { .. } => "bad_request",
-            Self::NotFound(_) => "not_found",
-            Self::Conflict(_) => "conflict",
-            Self::TooLarge(_) => "payload_too_large",
-            Self::Unauthorized => "unauthorized",
-            Self::Forbidden(_) => "forbidden",
-            Self::Internal(_) => "internal",
+            Self::BadRequest { message, .. } => Self::BadRequest {
+                message,
+                field: Some(field.into()),
+            },
+            other => other,
         }
     }
+
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::BadRequest { .. } => ErrorCode::BadRequest,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::Conflict(_) => ErrorCode::Conflict,
+            Self::TooLarge(_) => ErrorCode::PayloadTooLarge,
+            Self::Unauthorized => ErrorCode::Unauthorized,
+            Self::Forbidden(_) => ErrorCode::Forbidden,
+            Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Every 4xx/5xx answer's body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    /// What went wrong, for people.
+    pub message: String,
+    /// The offending field's path in the request body (`dataset.folders[0]`,
+    /// `request.width`), on 400 answers where one is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// 400 `bad_request`, 401 `unauthorized`, 403 `forbidden`, 404 `not_found`, 409
+/// `conflict`, 413 `payload_too_large`, 500 `internal`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    NotFound,
+    Conflict,
+    PayloadTooLarge,
+    Unauthorized,
+    Forbidden,
+    Internal,
 }
 
 impl ResponseError for ApiError {
@@ -66,11 +112,17 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let mut body = json!({"code": self.code(), "message": self.to_string()});
-        if let Self::BadRequest { field: Some(f), .. } = self {
-            body["field"] = json!(f);
-        }
-        HttpResponse::build(self.status_code()).json(json!({ "error": body }))
+        let field = match self {
+            Self::BadRequest { field, .. } => field.clone(),
+            _ => None,
+        };
+        HttpResponse::build(self.status_code()).json(ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+                field,
+            },
+        })
     }
 }
 
@@ -94,6 +146,39 @@ impl From<ConfigError> for ApiError {
             _ => Self::bad(e.to_string()),
         }
     }
+}
+
+impl From<PathError> for ApiError {
+    fn from(e: PathError) -> Self {
+        match e {
+            PathError::NoJobFile { .. } | PathError::NoLora(_) => Self::NotFound(e.to_string()),
+            PathError::JobFolder(_) => Self::Internal(e.to_string()),
+            PathError::OutsideReadable(_)
+            | PathError::OutsideWritable(_)
+            | PathError::Missing(_)
+            | PathError::ParentDir(_)
+            | PathError::NoParent(_)
+            | PathError::Unreadable(_)
+            | PathError::LeavesJobFolder
+            | PathError::NotAFileName => Self::bad(e.to_string()),
+        }
+    }
+}
+
+/// A JSON body that does not fit its type: 400 naming the offending field's path.
+impl From<serde_path_to_error::Error<serde_json::Error>> for ApiError {
+    fn from(e: serde_path_to_error::Error<serde_json::Error>) -> Self {
+        let path = e.path().to_string();
+        Self::BadRequest {
+            message: format!("`{path}`: {}", e.inner()),
+            field: (path != ".").then_some(path),
+        }
+    }
+}
+
+/// Parses a JSON value into `T`; errors name the offending field's path.
+pub fn parse<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    Ok(serde_path_to_error::deserialize(value)?)
 }
 
 /// JSON bodies that do not parse or do not fit the type: 400 with serde's message
@@ -120,3 +205,37 @@ pub fn json_error(
     };
     ApiError::bad(message).into()
 }
+
+// The error answers as OpenAPI response components, named in each handler's
+// `#[utoipa::path]`; the guard's 401 and 403 and the 500 apply to every route.
+
+/// The request is malformed or does not validate (`bad_request`); `field` names
+/// the offending field where one is known.
+#[derive(utoipa::ToResponse)]
+pub struct BadRequest(pub ErrorBody);
+
+/// The daemon has a token and the request did not carry it (`unauthorized`).
+#[derive(utoipa::ToResponse)]
+pub struct Unauthorized(pub ErrorBody);
+
+/// The request came from a browser origin the daemon does not serve, or (without
+/// a token) named a host that is not this machine (`forbidden`): only loopback
+/// origins and those given with `--cors-origin` are served.
+#[derive(utoipa::ToResponse)]
+pub struct Forbidden(pub ErrorBody);
+
+/// No such job, file, LoRA or route (`not_found`).
+#[derive(utoipa::ToResponse)]
+pub struct NotFound(pub ErrorBody);
+
+/// The job's state does not allow this (`conflict`); the message names the state.
+#[derive(utoipa::ToResponse)]
+pub struct Conflict(pub ErrorBody);
+
+/// The request body is over the daemon's limit (`payload_too_large`).
+#[derive(utoipa::ToResponse)]
+pub struct TooLarge(pub ErrorBody);
+
+/// The daemon failed (`internal`).
+#[derive(utoipa::ToResponse)]
+pub struct Internal(pub ErrorBody);

@@ -21,11 +21,20 @@ use actix_web::{web, HttpResponse, ResponseError};
 
 use super::errors::ApiError;
 
-/// The checks, built once from the settings.
-#[derive(Clone, Debug)]
+/// The checks, built once from the settings. `Debug` does not show the token.
+#[derive(Clone)]
 pub struct Guard {
     token: Option<String>,
     origins: Vec<String>,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard")
+            .field("token", &crate::config::redacted(&self.token))
+            .field("origins", &self.origins)
+            .finish()
+    }
 }
 
 /// What the guard decided about a request.
@@ -233,6 +242,14 @@ mod tests {
         ] {
             assert!(!is_loopback_host(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn debug_output_hides_the_token() {
+        let g = Guard::new(Some("s3cret-t0ken".into()), &[]);
+        let shown = format!("{g:?}");
+        assert!(!shown.contains("s3cret-t0ken"), "{shown}");
+        assert!(shown.contains(r#"token: Some("<redacted>")"#), "{shown}");
     }
 
     #[test]

@@ -1,81 +1,60 @@
 //! The HTTP surface: builds the actix-web app from [`Settings`] around a running
-//! [`Engine`]. Route groups live in their own modules (`native` for `/v1`, `ws`
-//! for its event stream, `openapi` for its description); `guard` decides who may
-//! call; `errors` maps every failure to one JSON shape.
+//! [`Engine`](crate::engine::Engine), one module per concern:
+//!
+//! - `native/`: the `/v1` API, one module per resource;
+//! - `ws`: `/v1/ws`, the event stream;
+//! - `comfy/`: the ComfyUI dialect (its node definitions for now); `webui/`
+//!   (A1111's `/sdapi/v1`) joins it beside;
+//! - `openapi`: the document of `/v1`, derived from the handlers and types;
+//! - shared by the dialects: `state` (what handlers share), `paths` (the
+//!   path-confinement policy), `present` (one presentation of events), `errors`
+//!   (one mapping from errors to HTTP), `guard` (who may call) and `route_table`
+//!   (every route is registered through it).
+//!
+//! This module only builds the app and registers each module's routes; the
+//! modules do not import it, nor each other's routes (check:
+//! `scripts/check-server-cycles.sh`).
 //!
 //! Safe by default: binds 127.0.0.1; any other address needs a token, checked on
 //! every request, and browsers are served only from allowed origins (`guard`);
 //! JSON bodies are limited in size; every path in a request must resolve inside
-//! the configured roots.
+//! the configured roots (`paths`).
 //!
 //! Must not: touch tensors; handlers call the engine.
 
 pub mod comfy;
 pub mod errors;
 pub mod guard;
-pub mod native;
+mod native;
 pub mod openapi;
+mod paths;
+mod present;
+mod route_table;
+mod state;
 pub mod ws;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::{Server, Service};
+use actix_web::http::Method;
 use actix_web::{web, App, HttpServer, ResponseError};
 
 use self::errors::{json_error, ApiError};
 use self::guard::{with_cors, Guard, Verdict};
+use self::route_table::RouteTable;
+pub use self::state::AppState;
 use crate::config::Settings;
-use crate::engine::Engine;
 
-/// What handlers share.
-pub struct AppState {
-    pub engine: Engine,
-    pub model_name: String,
-    pub device: String,
-    pub dtype: String,
-    /// Folders requests may read from (datasets, LoRAs).
-    pub roots: Vec<PathBuf>,
-    /// Where bare LoRA file names are looked up.
-    pub lora_dir: Option<PathBuf>,
-    /// The loaded model's file or folder; `None` for the built-in tiny model.
-    pub model_path: Option<PathBuf>,
-    /// Where other model files are looked for.
-    pub model_dirs: Vec<PathBuf>,
-    /// The loaded model's sampling defaults, to check requests before queueing them.
-    pub sampling: crate::model::bundle::SamplingDefaults,
-    /// Set to `true` when the daemon stops: long-lived connections (WebSockets)
-    /// close so they do not hold up the graceful stop.
-    pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
-}
-
-impl AppState {
-    /// The state for serving `bundle` through `engine` with these settings.
-    pub fn new(
-        settings: &Settings,
-        bundle: &crate::model::bundle::ModelBundle,
-        engine: Engine,
-    ) -> Self {
-        Self {
-            engine,
-            model_name: bundle.name.clone(),
-            device: settings.device.to_string(),
-            dtype: format!("{:?}", bundle.flux.dtype()).to_lowercase(),
-            roots: settings.read_roots(),
-            lora_dir: Some(settings.lora_dir()),
-            model_path: settings.model.clone(),
-            model_dirs: settings.model_dirs(),
-            sampling: bundle.defaults.clone(),
-            stopping: Arc::new(tokio::sync::watch::channel(false).0),
-        }
-    }
-
-    /// `path` resolved inside the configured roots, or a message saying why not.
-    pub fn resolve_path(&self, path: &Path) -> Result<PathBuf, String> {
-        native::resolve_in_roots(&self.roots, path)
-    }
+/// Registers every route of the app; returns `(method, actix pattern)` of each,
+/// in order (what the OpenAPI document must list).
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) -> Vec<(Method, String)> {
+    let mut table = RouteTable::new(cfg);
+    native::routes(&mut table);
+    ws::routes(&mut table);
+    openapi::routes(&mut table);
+    table.registered()
 }
 
 /// Checks the settings are safe to serve with; the message names the setting.
@@ -178,7 +157,9 @@ pub fn start_on(
                     }
                 }
             })
-            .configure(native::routes)
+            .configure(|cfg| {
+                routes(cfg);
+            })
             .default_service(web::to(|req: actix_web::HttpRequest| async move {
                 ApiError::NotFound(format!("no route {} {}", req.method(), req.path()))
                     .error_response()

@@ -32,13 +32,17 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use actix_web::http::Method;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Closed, Message, MessageStream, Session};
 use serde::Deserialize;
 use serde_json::json;
+use utoipa::IntoParams;
 
-use super::errors::ApiError;
-use super::AppState;
+use super::errors::{ApiError, BadRequest, NotFound};
+use super::present;
+use super::route_table::RouteTable;
+use super::state::AppState;
 use crate::engine::bus::{Received, Subscription};
 use crate::engine::events::{Event, EventKind};
 use crate::engine::Engine;
@@ -58,18 +62,29 @@ pub const FRAME_PREVIEW: u32 = 1;
 /// Image format code of PNG (ComfyUI uses 1 for JPEG, 2 for PNG).
 pub const FORMAT_PNG: u32 = 2;
 
-#[derive(Deserialize)]
+pub(super) fn routes(table: &mut RouteTable) {
+    table.add(Method::GET, "/v1/ws", connect);
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WsQuery {
-    /// Comma-separated job ids; all jobs when absent.
+    /// Comma-separated job ids to follow; all jobs when absent.
     #[serde(default)]
+    #[param(example = "18f0c2a1b3d-0000,18f0c2a1b3d-0001")]
     jobs: Option<String>,
-    /// Replay stored events after this sequence number before live ones.
+    /// Replay the stored events with a greater `seq` before live ones.
     #[serde(default)]
     since: Option<u64>,
+    /// Send binary preview frames.
     #[serde(default = "yes")]
+    #[param(default = yes)]
     previews: bool,
-    /// Events the server holds for this connection while it is behind.
+    /// Events the server holds for this connection while the client is behind;
+    /// beyond it previews are dropped, then events (replayed from the store when
+    /// the client catches up).
     #[serde(default = "default_queue")]
+    #[param(default = default_queue, minimum = 1, maximum = 4096)]
     queue: usize,
 }
 
@@ -81,7 +96,40 @@ fn yes() -> bool {
     true
 }
 
+/// What `GET /v1/openapi.json` says of this route, besides its parameters.
+const WS_DESCRIPTION: &str = "Upgrades to a WebSocket that streams events of all jobs, or \
+of the jobs named in `jobs` (an unknown job id is answered 404 before the upgrade; a request \
+that is not a WebSocket upgrade is answered 400).\n\n**Text frames** are JSON `Event` \
+objects. The first frame is a `hello` (`HelloEvent`): `{\"seq\": <the newest event's seq at \
+connect>, \"job\": null, \"type\": \"hello\", \"time\", \"data\": {\"version\", \"jobs\"}}`. \
+With `since`, the stored events with `seq > since` of the subscribed jobs are replayed next, \
+then live events follow; a client that reconnects passes the last `seq` it saw.\n\n**Binary \
+frames** are preview images (a sampling job's latent preview at each step, and a training run's sample images at their optimizer step), with a big-endian header:\n\n| bytes | \
+field |\n|---|---|\n| 0..4 | frame type, u32: 1 = preview |\n| 4..8 | image format, u32: 1 \
+= JPEG, 2 = PNG (ComfyUI's codes; the daemon sends PNG) |\n| 8..16 | seq, u64 |\n| 16..20 | \
+step, u32 |\n| 20..22 | job id length n, u16 |\n| 22..22+n | job id, UTF-8 |\n| rest | the \
+image bytes |\n\nPreviews are sent unless `previews=false` and are never stored or \
+replayed.\n\nThe server pings every 20 s and closes a connection that has not been heard from \
+(pong or message) for 60 s, or that has not taken a frame for 60 s; client pings are \
+answered with pongs; client text frames are ignored. The engine never waits for a client: a \
+client that falls behind loses previews first, and events it missed are replayed from the \
+store, so text events arrive complete and in `seq` order.";
+
 /// Upgrades to a WebSocket and streams events until the client leaves.
+#[utoipa::path(
+    get,
+    path = "/v1/ws",
+    tag = "events",
+    operation_id = "connectEvents",
+    summary = "Live events over a WebSocket",
+    description = WS_DESCRIPTION,
+    params(WsQuery),
+    responses(
+        (status = 101, description = "Switching protocols: the WebSocket is open."),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 pub async fn connect(
     req: HttpRequest,
     body: web::Payload,
@@ -228,8 +276,7 @@ impl Connection {
             return within(self.session.binary(frame)).await;
         }
         self.last_sent = event.seq;
-        let mut json = event.to_json();
-        super::native::add_file_urls(&self.engine, &mut json);
+        let json = present::event(&self.engine, &event);
         self.send_text(json.to_string()).await
     }
 
@@ -243,8 +290,7 @@ impl Connection {
             .map_err(|_| Gone)?;
         for event in events {
             self.last_sent = self.last_sent.max(event.seq);
-            let mut json = event.to_json();
-            super::native::add_file_urls(&self.engine, &mut json);
+            let json = present::event(&self.engine, &event);
             self.send_text(json.to_string()).await?;
         }
         Ok(())
@@ -280,6 +326,16 @@ pub fn preview_frame(job: &str, seq: u64, step: u64, png: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_documented_queue_bounds_are_the_checked_ones() {
+        let params = WsQuery::into_params(|| None);
+        let queue = params.iter().find(|p| p.name == "queue").unwrap();
+        let schema = serde_json::to_value(&queue.schema).unwrap();
+        assert_eq!(schema["maximum"], json!(QUEUE_MAX));
+        assert_eq!(schema["minimum"], json!(1));
+        assert_eq!(schema["default"], json!(QUEUE_CAPACITY));
+    }
 
     #[test]
     fn preview_frames_follow_the_documented_layout() {

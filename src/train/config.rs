@@ -19,12 +19,14 @@ use super::optim::OptimizerConfig;
 use crate::config::{DeviceChoice, Precision};
 
 /// One training run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Base model (file or folder); the built-in tiny model when absent.
+    #[schema(value_type = Option<String>)]
     pub model: Option<PathBuf>,
     /// Everything the run writes goes under this folder.
+    #[schema(value_type = String)]
     pub output_dir: PathBuf,
     /// File stem of the saved LoRA (`<output_name>.safetensors`).
     pub output_name: String,
@@ -75,6 +77,7 @@ pub struct TrainConfig {
     /// pretrained); the final save is then a transformer checkpoint.
     pub full_finetune: bool,
     /// Folder for cached latents and text embeddings; in memory only when absent.
+    #[schema(value_type = Option<String>)]
     pub cache_dir: Option<PathBuf>,
 }
 

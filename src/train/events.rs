@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::{Deserialize, Serialize};
 
 /// Progress of one optimizer step.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct StepStats {
     pub step: u64,
     pub total_steps: u64,
@@ -20,15 +20,17 @@ pub struct StepStats {
     /// Exponential moving average of the loss (β = 0.9, bias-corrected).
     pub loss_ema: f64,
     pub lr: f64,
+    #[schema(required)]
     pub grad_norm: Option<f64>,
     pub it_per_s: f64,
     pub eta_s: f64,
     /// Peak resident memory of the process so far, in bytes (when the OS tells).
+    #[schema(required)]
     pub peak_memory_bytes: Option<u64>,
 }
 
 /// Everything a run reports, in order.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TrainEvent {
     /// Latents and text embeddings encoded (or found cached) for `done` of `total`
@@ -42,15 +44,18 @@ pub enum TrainEvent {
         steps_per_epoch: u64,
         images: usize,
         trainable_parameters: usize,
+        #[schema(required)]
         resumed_from_step: Option<u64>,
     },
     Step(StepStats),
     Sample {
         step: u64,
+        #[schema(value_type = Vec<String>)]
         paths: Vec<PathBuf>,
     },
     Saved {
         step: u64,
+        #[schema(value_type = String)]
         path: PathBuf,
     },
     Validation {
@@ -65,6 +70,7 @@ pub enum TrainEvent {
     },
     Finished {
         step: u64,
+        #[schema(value_type = String)]
         path: PathBuf,
         seconds: f64,
     },

@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The schedule shapes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ScheduleKind {
     /// 1 throughout.
@@ -36,7 +36,7 @@ pub enum ScheduleKind {
 /// A learning-rate schedule as configured. Unset fields take the defaults of
 /// transformers' schedule functions; fields that do not apply to `kind` are
 /// rejected by [`LrSchedule::validate`].
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LrSchedule {
     pub kind: ScheduleKind,

@@ -21,7 +21,7 @@ use crate::model::lora_io;
 use crate::model::seeded::SeededRng;
 
 /// Which linears a preset targets.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TargetPreset {
     /// Attention projections: double-block qkv/proj, single-block linear1/linear2
@@ -37,7 +37,7 @@ pub enum TargetPreset {
 }
 
 /// Which blocks train (kohya's `train_blocks`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TrainBlocks {
     #[default]
@@ -47,7 +47,7 @@ pub enum TrainBlocks {
 }
 
 /// LoRA network settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkConfig {
     /// Rank (kohya's `network_dim`).

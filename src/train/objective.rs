@@ -15,7 +15,7 @@ use crate::model::seeded::SeededRng;
 use crate::sample::schedule::{time_shift, Shift};
 
 /// How training timesteps t ∈ (0, 1) are drawn.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSampling {
     Uniform,
@@ -26,7 +26,7 @@ pub enum TimestepSampling {
 }
 
 /// Timestep and noise settings (kohya's argument names).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ObjectiveConfig {
     pub timestep_sampling: TimestepSampling,

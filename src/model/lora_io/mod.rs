@@ -122,7 +122,7 @@ fn summarize(problems: &[String]) -> String {
 }
 
 /// The key layout a file was written in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LoraFormat {
     /// kohya sd-scripts: `lora_unet_<bfl path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`.

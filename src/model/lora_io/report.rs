@@ -37,7 +37,7 @@ pub fn validate(lora: &Lora, shapes: &BTreeMap<String, (usize, usize)>) -> Resul
 }
 
 /// What `fluxlora lora inspect` shows about a LoRA file.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct LoraReport {
     pub name: String,
     pub format: LoraFormat,

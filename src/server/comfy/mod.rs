@@ -1,10 +1,15 @@
-//! The ComfyUI dialect: ComfyUI's routes, its WebSocket messages and a graph
-//! executor that turns API-format prompts into the engine's jobs
+//! The ComfyUI dialect: its node definitions (`nodes`, from the top-level
+//! `node_defs/`), and, as they land, its routes, its WebSocket messages and the
+//! graph executor that turns API-format prompts of our nodes into engine jobs
 //! (`docs/comfyui-protocol.md` is the reference for every shape).
 //!
+//! - `nodes`: the node definitions in `/object_info` format.
 //! - `graph`: parsing and validating prompts against node definitions, the
 //!   execution order and the output-cache signatures (pure logic).
 //!
-//! Must not: touch tensors; nodes become engine jobs, nothing runs here directly.
+//! Must not: touch tensors, or import the other dialects (`native`, `ws`,
+//! `webui`); what they share (AppState, errors, paths, the presentation of
+//! events) lives beside them in `server/`.
 
 pub mod graph;
+pub mod nodes;

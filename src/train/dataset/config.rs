@@ -19,7 +19,7 @@ const MAX_SIDE: u32 = crate::sample::generate::MAX_SIDE as u32;
 
 /// Settings of one training dataset. Every field has a default, so `{}` plus
 /// `folders` is a complete config. Unknown fields are an error.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatasetConfig {
     /// Image folders. Each entry is a path, or a table

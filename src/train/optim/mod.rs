@@ -68,7 +68,7 @@ pub type Result<T> = std::result::Result<T, OptimError>;
 
 /// The optimizer algorithms. Serde names are snake_case; kohya's
 /// `--optimizer_type` spellings are accepted as aliases.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OptimizerKind {
     #[default]
@@ -121,7 +121,7 @@ impl OptimizerKind {
 /// field takes the default of the reference implementation for that kind
 /// (see the `resolved_*` methods), and a field that does not apply to the
 /// kind is rejected by [`OptimizerConfig::validate`].
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptimizerConfig {
     pub kind: OptimizerKind,

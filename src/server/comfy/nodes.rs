@@ -57,19 +57,19 @@ use crate::train::config::TrainConfig;
 const NODE_FILES: &[(&str, &str)] = &[
     (
         "FluxLoraTrain.json",
-        include_str!("../node_defs/FluxLoraTrain.json"),
+        include_str!("../../../node_defs/FluxLoraTrain.json"),
     ),
     (
         "FluxLoraLoader.json",
-        include_str!("../node_defs/FluxLoraLoader.json"),
+        include_str!("../../../node_defs/FluxLoraLoader.json"),
     ),
     (
         "FluxLoraLiveAdapter.json",
-        include_str!("../node_defs/FluxLoraLiveAdapter.json"),
+        include_str!("../../../node_defs/FluxLoraLiveAdapter.json"),
     ),
     (
         "FluxLoraSampler.json",
-        include_str!("../node_defs/FluxLoraSampler.json"),
+        include_str!("../../../node_defs/FluxLoraSampler.json"),
     ),
 ];
 
