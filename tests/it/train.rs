@@ -10,30 +10,18 @@ use fluxlora::config::Precision;
 use fluxlora::model::bundle::ModelBundle;
 use fluxlora::model::lora_io;
 use fluxlora::train::config::TrainConfig;
-use fluxlora::train::dataset::{DatasetConfig, FolderConfig, Resolution};
 use fluxlora::train::events::{TrainControl, TrainEvent};
 use fluxlora::train::network::{NetworkConfig, TargetPreset};
 use fluxlora::train::optim::{OptimizerConfig, OptimizerKind};
 use fluxlora::train::shapes;
 use fluxlora::train::trainer::Trainer;
 
-fn dataset(dir: &Path) -> DatasetConfig {
-    DatasetConfig {
-        folders: vec![FolderConfig::new(dir.to_path_buf())],
-        resolution: Resolution {
-            width: 64,
-            height: 64,
-        },
-        enable_bucket: false,
-        ..DatasetConfig::default()
-    }
-}
+use crate::support::{self, bundle, max_abs_diff};
 
 fn config(data: &Path, out: &Path, steps: u64) -> TrainConfig {
     TrainConfig {
         output_dir: out.to_path_buf(),
         output_name: "test".into(),
-        dataset: dataset(data),
         network: NetworkConfig {
             rank: 4,
             alpha: 4.0,
@@ -42,16 +30,11 @@ fn config(data: &Path, out: &Path, steps: u64) -> TrainConfig {
         },
         optimizer: OptimizerConfig::new(OptimizerKind::Adamw),
         learning_rate: 3e-3,
-        max_train_steps: Some(steps),
         train_batch_size: 2,
         save_precision: Precision::F32,
         seed: 7,
-        ..TrainConfig::default()
+        ..support::train_config(data, steps)
     }
-}
-
-fn bundle() -> Arc<ModelBundle> {
-    Arc::new(ModelBundle::tiny(&Device::Cpu).expect("tiny model"))
 }
 
 #[test]
@@ -61,7 +44,7 @@ fn loss_falls_on_a_learnable_task_and_the_lora_loads_back() {
     shapes::write_dataset(&data, 6, 64, 1).unwrap();
     let out = tmp.path().join("out");
     let mut cfg = config(&data, &out, 60);
-    cfg.validation_dataset = Some(dataset(&data));
+    cfg.validation_dataset = Some(support::dataset_config(&data));
     cfg.save_every_n_steps = Some(30);
     // The untrained tiny model: the test does not depend on the shipped weights.
     let base = Arc::new(ModelBundle::tiny_untrained(&Device::Cpu).unwrap());
@@ -272,14 +255,7 @@ fn text_encoder_lora_trains_with_its_own_rate_and_saves_kohya_te_keys() {
         .encode_with(&["a red circle"], &with)
         .unwrap()
         .pooled;
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&a, &b);
     assert!(d > 0.0, "text-encoder LoRA had no effect");
 }
 

@@ -15,6 +15,8 @@ use fluxlora::model::lora_io;
 use fluxlora::sample::euler::{euler, FluxVelocity};
 use fluxlora::sample::schedule::{schedule, Shift};
 
+use crate::support;
+
 type TestResult<T> = Result<T, String>;
 
 const TOL_OUT: f64 = 1e-4;
@@ -22,7 +24,7 @@ const TOL_FINAL: f64 = 1e-3;
 
 fn fixture_dirs() -> Vec<PathBuf> {
     let mut dirs = vec![];
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
+    let root = support::fixture("parity");
     if let Ok(entries) = std::fs::read_dir(&root) {
         let mut local: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))

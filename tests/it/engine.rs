@@ -3,24 +3,18 @@
 //! adapter, and a restart leaves a resumable, interrupted job.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
 use fluxlora::engine::bus::Received;
 use fluxlora::engine::events::{Event, EventKind, JobState};
 use fluxlora::engine::{Control, Engine, JobRequest, LoraChoice, SampleJob};
-use fluxlora::model::bundle::ModelBundle;
 use fluxlora::sample::generate::SampleRequest;
 use fluxlora::train::config::TrainConfig;
-use fluxlora::train::dataset::{DatasetConfig, FolderConfig, Resolution};
 use fluxlora::train::events::TrainEvent;
 use fluxlora::train::network::NetworkConfig;
 use fluxlora::train::shapes;
 
-fn bundle() -> Arc<ModelBundle> {
-    Arc::new(ModelBundle::tiny(&Device::Cpu).unwrap())
-}
+use crate::support::{self, bundle};
 
 /// An engine on the tiny model with its state and LoRA folders under `root`.
 fn start(root: &Path) -> Engine {
@@ -30,24 +24,14 @@ fn start(root: &Path) -> Engine {
 fn train_config(data: &Path, steps: u64) -> TrainConfig {
     TrainConfig {
         output_name: "job".into(),
-        dataset: DatasetConfig {
-            folders: vec![FolderConfig::new(data.to_path_buf())],
-            resolution: Resolution {
-                width: 64,
-                height: 64,
-            },
-            enable_bucket: false,
-            ..DatasetConfig::default()
-        },
         network: NetworkConfig {
             rank: 2,
             alpha: 2.0,
             ..NetworkConfig::default()
         },
         learning_rate: 1e-3,
-        max_train_steps: Some(steps),
         save_every_n_steps: Some(2),
-        ..TrainConfig::default()
+        ..support::train_config(data, steps)
     }
 }
 
@@ -277,7 +261,7 @@ fn a_restart_marks_the_running_job_interrupted_and_resume_completes_it() {
         .submit(JobRequest::Train(Box::new(train_config(&data, 8))))
         .unwrap();
     // Stop the engine after the first save, as a stopping daemon would (the
-    // killed-process case is in tests/server.rs).
+    // killed-process case is in the `server` tests).
     loop {
         if let Received::Event(Event {
             kind: EventKind::Train {
@@ -329,27 +313,9 @@ fn a_restart_marks_the_running_job_interrupted_and_resume_completes_it() {
     );
     assert!(started[1]["data"]["resumed_from_step"].as_u64().unwrap() >= 2);
     // No temporary files anywhere.
-    let leftovers: Vec<_> = walk(&state_dir)
-        .into_iter()
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().ends_with(".tmp"))
-        })
-        .collect();
+    let leftovers = support::temp_files(&state_dir);
     assert!(leftovers.is_empty(), "{leftovers:?}");
     engine.shutdown();
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = vec![];
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        }
-        out.push(p);
-    }
-    out
 }
 
 #[test]

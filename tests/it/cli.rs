@@ -16,6 +16,8 @@ use fluxlora::model::seeded::SeededRng;
 use fluxlora::sample::generate::SampleRequest;
 use fluxlora::sample::png_meta::read_text_chunks;
 
+use crate::support::{bundle, max_abs_diff};
+
 /// A rank-4 LoRA on every linear of the tiny model, scaled so it clearly changes images.
 fn tiny_lora(bundle: &ModelBundle, name: &str, seed: u64) -> Lora {
     let mut rng = SeededRng::new(seed);
@@ -36,7 +38,7 @@ fn tiny_lora(bundle: &ModelBundle, name: &str, seed: u64) -> Lora {
 }
 
 fn write_lora(dir: &Path, name: &str, seed: u64) -> PathBuf {
-    let bundle = ModelBundle::tiny(&Device::Cpu).unwrap();
+    let bundle = bundle();
     let path = dir.join(format!("{name}.safetensors"));
     lora_io::save_kohya(
         &path,
@@ -160,17 +162,6 @@ fn forward(flux: &Flux, t: &[Tensor], adapters: &AdapterSet) -> Tensor {
     flux.forward(&inputs, adapters).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn merge_of_two_stacked_loras_equals_applying_them_unmerged() {
     let dir = tempfile::tempdir().unwrap();
@@ -189,7 +180,7 @@ fn merge_of_two_stacked_loras_equals_applying_them_unmerged() {
     let merged_path = dir.path().join("merged.safetensors");
     commands::lora_merge(&ModelArgs::default(), &loras, &merged_path).unwrap();
 
-    let bundle = ModelBundle::tiny(&Device::Cpu).unwrap();
+    let bundle = bundle();
     let cfg = bundle.flux.config().clone();
     let t = tiny_inputs(cfg.context_in_dim, cfg.vec_in_dim, cfg.in_channels);
     let load = |p: &Path| Arc::new(lora_io::load(p, &Device::Cpu).unwrap().lora);

@@ -3,15 +3,17 @@
 //! upcast; bf16 runs close to f32. Uses the committed parity fixture as reference.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use fluxlora::model::adapter::AdapterSet;
 use fluxlora::model::flux::{Flux, FluxConfig, FluxInputs, WeightSource};
 use fluxlora::model::keymap::{linear_from_bfl, swap_halves, RowLayout};
 
+use crate::support::{self, rel_err};
+
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/dev_b2_grid3x5")
+    support::fixture("parity/dev_b2_grid3x5")
 }
 
 fn inputs() -> HashMap<String, Tensor> {
@@ -33,19 +35,6 @@ fn run(model: &Flux, i: &HashMap<String, Tensor>) -> Tensor {
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let num = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
-    num.to_scalar::<f32>().unwrap() / den.to_scalar::<f32>().unwrap()
 }
 
 /// The diffusers name of a BFL QK-norm scale.

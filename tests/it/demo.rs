@@ -3,18 +3,16 @@
 //! LoRA, trigger-word prompts draw far more pink than without it, while an
 //! unrelated prompt barely changes.
 
-use std::sync::Arc;
-
-use candle_core::Device;
 use fluxlora::commands::{write_demo_dataset, DEMO_CONFIG};
 use fluxlora::model::adapter::AdapterSet;
-use fluxlora::model::bundle::ModelBundle;
 use fluxlora::sample::generate::{generate, ResolvedRequest, SampleRequest};
 use fluxlora::train::config::TrainConfig;
 use fluxlora::train::events::{TrainControl, TrainEvent};
 use fluxlora::train::shapes::Concept;
 use fluxlora::train::trainer::Trainer;
 use image::RgbImage;
+
+use crate::support;
 
 /// Mean colour of the central 16×16 pixels, where the generated shape sits (the
 /// training shapes are centred with a small jitter).
@@ -56,7 +54,7 @@ fn demo_lora_teaches_the_trigger_word_and_leaves_other_prompts_alone() {
     cfg.save_every_n_steps = None;
     write_demo_dataset(&cfg).unwrap();
 
-    let bundle = Arc::new(ModelBundle::tiny(&Device::Cpu).unwrap());
+    let bundle = support::bundle();
     let mut trainer = Trainer::new(cfg, bundle.clone(), None).unwrap();
     let mut losses = vec![];
     trainer

@@ -1,0 +1,102 @@
+//! Helpers shared by the integration tests, each written once: the built-in tiny
+//! model, training configs for it, fixture paths, tensor comparisons, and (in
+//! [`app`]) a real server on an ephemeral port with an HTTP and WebSocket client.
+//!
+//! Helpers used by one test module stay in that module. These are test code: they
+//! panic instead of returning errors.
+
+pub mod app;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use fluxlora::model::bundle::ModelBundle;
+use fluxlora::train::config::TrainConfig;
+use fluxlora::train::dataset::{DatasetConfig, FolderConfig, Resolution};
+
+/// The built-in tiny model on the CPU.
+pub fn bundle() -> Arc<ModelBundle> {
+    Arc::new(ModelBundle::tiny(&Device::Cpu).expect("tiny model"))
+}
+
+/// A path under `tests/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// One folder of 64×64 images (as `shapes::write_dataset` writes them), no buckets.
+pub fn dataset_config(dir: &Path) -> DatasetConfig {
+    DatasetConfig {
+        folders: vec![FolderConfig::new(dir.to_path_buf())],
+        resolution: Resolution {
+            width: 64,
+            height: 64,
+        },
+        enable_bucket: false,
+        ..DatasetConfig::default()
+    }
+}
+
+/// Defaults, trained on [`dataset_config`]`(data)` for `steps` steps; test modules
+/// set the rest.
+pub fn train_config(data: &Path, steps: u64) -> TrainConfig {
+    TrainConfig {
+        dataset: dataset_config(data),
+        max_train_steps: Some(steps),
+        ..TrainConfig::default()
+    }
+}
+
+/// max |a − b| over all elements.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// ‖a − b‖ / ‖b‖.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let num = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap();
+    let den = b.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+    num.to_scalar::<f32>().unwrap() / den.to_scalar::<f32>().unwrap()
+}
+
+/// Every file and folder under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).expect("a readable folder").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+/// The `.tmp` files left under `dir` (every write is temp-file-then-rename, so a
+/// clean or killed run leaves none).
+pub fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(".tmp"))
+        })
+        .collect()
+}
