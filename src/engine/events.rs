@@ -37,8 +37,7 @@ pub enum EventKind {
         state: JobState,
     },
     /// A training event, as the trainer reported it (on the wire under the
-    /// trainer's own type, so [`Event`]'s `Deserialize` reads it back).
-    #[serde(skip_deserializing)]
+    /// trainer's own type, which [`Event`]'s `Deserialize` reads back).
     Train {
         event: TrainEvent,
     },
