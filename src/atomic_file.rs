@@ -14,7 +14,7 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Writes the file at `path` through `fill`, atomically: readers see the old file or
 /// the complete new one. Parent folders are created.
-pub fn write_with(
+pub(crate) fn write_with(
     path: &Path,
     fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
 ) -> io::Result<()> {
@@ -64,7 +64,7 @@ fn is_leftover(name: &str) -> bool {
 /// Removes temporary files and folders a killed process left under `dir` (down to
 /// `depth` levels); returns how many were removed. Only our own temporary names are
 /// touched.
-pub fn remove_leftovers(dir: &Path, depth: usize) -> io::Result<usize> {
+pub(crate) fn remove_leftovers(dir: &Path, depth: usize) -> io::Result<usize> {
     let mut removed = 0;
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -89,7 +89,7 @@ pub fn remove_leftovers(dir: &Path, depth: usize) -> io::Result<usize> {
 }
 
 /// [`write_with`] for bytes already in memory.
-pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_with(path, |w| w.write_all(bytes))
 }
 

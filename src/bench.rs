@@ -41,7 +41,7 @@ fn sync(device: &Device) -> Result<()> {
 }
 
 /// Achieved f32 GFLOP/s of an n×n×n matmul.
-pub fn matmul_peak(device: &Device, n: usize) -> Result<f64> {
+pub(crate) fn matmul_peak(device: &Device, n: usize) -> Result<f64> {
     let a = SeededRng::new(1).randn((n, n), device)?;
     let b = SeededRng::new(2).randn((n, n), device)?;
     let secs = median_secs(5, || {
@@ -54,7 +54,7 @@ pub fn matmul_peak(device: &Device, n: usize) -> Result<f64> {
 /// FLOPs of one forward pass for `batch` samples of `n_img` image and `n_txt` text
 /// tokens: 2·in·out per token for every linear (each on the tokens it sees), plus
 /// the attention products 4·L²·hidden per block.
-pub fn forward_flops(flux: &Flux, batch: usize, n_img: usize, n_txt: usize) -> f64 {
+pub(crate) fn forward_flops(flux: &Flux, batch: usize, n_img: usize, n_txt: usize) -> f64 {
     let cfg = flux.config();
     let mut flops = 0.0;
     for (module, &(out_f, in_f)) in flux.linear_shapes() {

@@ -4,7 +4,7 @@
 //! Must not: be used to measure durations (use `std::time::Instant`).
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())

@@ -20,7 +20,7 @@ pub enum DeviceChoice {
 }
 
 impl DeviceChoice {
-    pub fn open(self) -> candle_core::Result<Device> {
+    pub(crate) fn open(self) -> candle_core::Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(i) => {
@@ -69,7 +69,7 @@ pub enum Precision {
 }
 
 impl Precision {
-    pub fn dtype(self) -> DType {
+    pub(crate) fn dtype(self) -> DType {
         match self {
             Self::F32 => DType::F32,
             Self::Bf16 => DType::BF16,
@@ -152,7 +152,7 @@ impl fmt::Debug for Settings {
 }
 
 /// What `Debug` shows of a secret: whether there is one, never its value.
-pub fn redacted(secret: &Option<String>) -> Option<&'static str> {
+pub(crate) fn redacted(secret: &Option<String>) -> Option<&'static str> {
     secret.as_ref().map(|_| "<redacted>")
 }
 
@@ -167,7 +167,7 @@ impl Settings {
 
     /// Folders where model files are looked for (`GET /v1/models`): `<data>/models`
     /// and a ComfyUI install's diffusion-model folders.
-    pub fn model_dirs(&self) -> Vec<PathBuf> {
+    pub(crate) fn model_dirs(&self) -> Vec<PathBuf> {
         let mut dirs = vec![self.data_dir.join("models")];
         if let Some(root) = &self.comfy_root {
             for sub in ["diffusion_models", "unet", "checkpoints"] {
@@ -178,7 +178,7 @@ impl Settings {
     }
 
     /// Every folder a request may read from.
-    pub fn read_roots(&self) -> Vec<PathBuf> {
+    pub(crate) fn read_roots(&self) -> Vec<PathBuf> {
         let mut roots = vec![self.data_dir.clone(), self.lora_dir()];
         roots.extend(self.roots.iter().cloned());
         roots

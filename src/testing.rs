@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 /// max |a − b| over all elements.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .and_then(|d| d.abs())
         .and_then(|d| d.flatten_all())
@@ -13,7 +13,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// ‖a − b‖ / ‖b‖.
-pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let norm = |t: &Tensor| {
         t.sqr()
             .and_then(|t| t.sum_all())

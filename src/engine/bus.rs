@@ -21,7 +21,7 @@ use std::time::Duration;
 use super::events::Event;
 
 /// Previews one subscriber's queue holds at most.
-pub const PREVIEWS_HELD: usize = 4;
+pub(crate) const PREVIEWS_HELD: usize = 4;
 
 /// A subscriber's view: its queue and what it asked for.
 struct Queue {
@@ -35,7 +35,7 @@ struct Queue {
 
 /// How one subscriber keeps up, since it subscribed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-pub struct SubscriberStats {
+pub(crate) struct SubscriberStats {
     /// Events waiting in its queue now.
     pub queued: usize,
     pub delivered: u64,
@@ -56,7 +56,7 @@ struct Slot {
 
 /// Fans events out to subscribers; cheap to share.
 #[derive(Default)]
-pub struct EventBus {
+pub(crate) struct EventBus {
     inner: Mutex<Subscribers>,
 }
 
@@ -85,7 +85,7 @@ pub enum Received {
 
 impl EventBus {
     /// A bus whose first event will be numbered after `last_seq`.
-    pub fn new(last_seq: u64) -> Self {
+    pub(crate) fn new(last_seq: u64) -> Self {
         Self {
             inner: Mutex::new(Subscribers {
                 slots: vec![],
@@ -95,13 +95,13 @@ impl EventBus {
     }
 
     /// The newest sequence number published.
-    pub fn last_seq(&self) -> u64 {
+    pub(crate) fn last_seq(&self) -> u64 {
         self.inner.lock().map(|i| i.last_seq).unwrap_or(0)
     }
 
     /// Subscribes to all jobs (`None`) or some, with room for `capacity` events,
     /// with or without previews.
-    pub fn subscribe(
+    pub(crate) fn subscribe(
         &self,
         jobs: Option<Vec<String>>,
         capacity: usize,
@@ -131,7 +131,7 @@ impl EventBus {
     }
 
     /// Delivers `event` to every interested subscriber without blocking.
-    pub fn publish(&self, event: &Event) {
+    pub(crate) fn publish(&self, event: &Event) {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
@@ -185,7 +185,7 @@ impl EventBus {
 
 impl EventBus {
     /// Every live subscription's counters.
-    pub fn stats(&self) -> Vec<SubscriberStats> {
+    pub(crate) fn stats(&self) -> Vec<SubscriberStats> {
         let Ok(inner) = self.inner.lock() else {
             return vec![];
         };
@@ -221,12 +221,12 @@ impl Queue {
 impl Subscription {
     /// The newest sequence number published before this subscription began: it
     /// receives the events after it.
-    pub fn after(&self) -> u64 {
+    pub(crate) fn after(&self) -> u64 {
         self.after
     }
 
     /// The next event, waiting for it without blocking a thread (for async servers).
-    pub async fn next(&self) -> Received {
+    pub(crate) async fn next(&self) -> Received {
         loop {
             match self.slot.queue.lock() {
                 Ok(mut q) => {

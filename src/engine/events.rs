@@ -101,7 +101,7 @@ pub struct Event {
 }
 
 impl Event {
-    pub fn is_preview(&self) -> bool {
+    pub(crate) fn is_preview(&self) -> bool {
         matches!(self.kind, EventKind::Preview { .. })
     }
 

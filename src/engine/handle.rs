@@ -232,7 +232,7 @@ impl Engine {
         }
     }
 
-    pub fn jobs(&self) -> Vec<JobRecord> {
+    pub(crate) fn jobs(&self) -> Vec<JobRecord> {
         let mut v: Vec<JobRecord> = lock(&self.shared.jobs).values().cloned().collect();
         v.sort_by(|a, b| a.created.total_cmp(&b.created));
         v
@@ -246,7 +246,7 @@ impl Engine {
 
     /// Stored events after `since` of some jobs (all when `None`), in sequence order:
     /// what a subscriber that reconnects or fell behind missed.
-    pub fn replay(&self, jobs: Option<&[String]>, since: u64) -> Vec<Event> {
+    pub(crate) fn replay(&self, jobs: Option<&[String]>, since: u64) -> Vec<Event> {
         let ids: Vec<String> = match jobs {
             Some(ids) => ids.to_vec(),
             None => self.jobs().into_iter().map(|r| r.id).collect(),
@@ -280,7 +280,7 @@ impl Engine {
     }
 
     /// How each live subscription is keeping up.
-    pub fn subscribers(&self) -> Vec<bus::SubscriberStats> {
+    pub(crate) fn subscribers(&self) -> Vec<bus::SubscriberStats> {
         self.shared.bus.stats()
     }
 
@@ -290,7 +290,7 @@ impl Engine {
 
     /// Deletes a finished, failed, cancelled or interrupted job and its folder (the
     /// copy of its LoRA in the LoRA folder stays).
-    pub fn delete(&self, id: &str) -> Result<(), EngineError> {
+    pub(crate) fn delete(&self, id: &str) -> Result<(), EngineError> {
         let mut jobs = lock(&self.shared.jobs);
         let state = jobs
             .get(id)

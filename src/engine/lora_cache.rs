@@ -11,16 +11,16 @@ use std::time::SystemTime;
 use crate::model::adapter::Lora;
 
 /// LoRAs kept loaded by default.
-pub const DEFAULT_CAPACITY: usize = 8;
+pub(crate) const DEFAULT_CAPACITY: usize = 8;
 
-pub struct LoraCache {
+pub(crate) struct LoraCache {
     capacity: usize,
     /// Least recently used first.
     entries: Vec<(PathBuf, SystemTime, Arc<Lora>)>,
 }
 
 impl LoraCache {
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         Self {
             capacity: capacity.max(1),
             entries: vec![],
@@ -29,7 +29,7 @@ impl LoraCache {
 
     /// The LoRA at `path` as of `modified`, loading it with `load` when it is not
     /// kept or the file changed since.
-    pub fn get_or_load<E>(
+    pub(crate) fn get_or_load<E>(
         &mut self,
         path: &Path,
         modified: SystemTime,

@@ -28,7 +28,7 @@ mod handle;
 mod lora_cache;
 mod requests;
 mod shared;
-pub mod store;
+pub(crate) mod store;
 mod worker;
 
 pub use self::handle::Engine;

@@ -50,7 +50,7 @@ fn seq_of(line: &[u8]) -> Option<u64> {
 }
 
 /// The jobs folder.
-pub struct JobStore {
+pub(crate) struct JobStore {
     root: PathBuf,
 }
 
@@ -59,23 +59,23 @@ fn io(path: &Path, e: impl std::fmt::Display) -> std::io::Error {
 }
 
 impl JobStore {
-    pub fn open(data_dir: &Path) -> std::io::Result<Self> {
+    pub(crate) fn open(data_dir: &Path) -> std::io::Result<Self> {
         let root = data_dir.join("jobs");
         std::fs::create_dir_all(&root).map_err(|e| io(&root, e))?;
         Ok(Self { root })
     }
 
     /// The jobs folder itself.
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
-    pub fn dir(&self, id: &str) -> PathBuf {
+    pub(crate) fn dir(&self, id: &str) -> PathBuf {
         self.root.join(id)
     }
 
     /// Creates the folder of a new job; `false` when a job of that id exists.
-    pub fn claim(&self, id: &str) -> std::io::Result<bool> {
+    pub(crate) fn claim(&self, id: &str) -> std::io::Result<bool> {
         let dir = self.dir(id);
         match std::fs::create_dir(&dir) {
             Ok(()) => Ok(true),
@@ -89,7 +89,7 @@ impl JobStore {
     }
 
     /// The newest event number recorded by [`Self::set_high_water`] (0 if none).
-    pub fn high_water(&self) -> u64 {
+    pub(crate) fn high_water(&self) -> u64 {
         std::fs::read_to_string(self.high_water_path())
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -97,21 +97,21 @@ impl JobStore {
     }
 
     /// Records the newest event number handed out (atomically).
-    pub fn set_high_water(&self, seq: u64) -> std::io::Result<()> {
+    pub(crate) fn set_high_water(&self, seq: u64) -> std::io::Result<()> {
         let path = self.high_water_path();
         atomic_file::write(&path, seq.max(self.high_water()).to_string().as_bytes())
             .map_err(|e| io(&path, e))
     }
 
     /// Writes the record atomically (creating the job folder).
-    pub fn save(&self, record: &JobRecord) -> std::io::Result<()> {
+    pub(crate) fn save(&self, record: &JobRecord) -> std::io::Result<()> {
         let path = self.dir(&record.id).join("job.json");
         let text = serde_json::to_vec_pretty(record).map_err(|e| io(&path, e))?;
         atomic_file::write(&path, &text).map_err(|e| io(&path, e))
     }
 
     /// Appends an event to its job's log (previews are not stored).
-    pub fn append(&self, event: &Event) -> std::io::Result<()> {
+    pub(crate) fn append(&self, event: &Event) -> std::io::Result<()> {
         if event.is_preview() {
             return Ok(());
         }
@@ -128,7 +128,7 @@ impl JobStore {
 
     /// The job's stored events with `seq > since`, in order. Lines that do not
     /// parse as an event (torn by a crash, even inside a UTF-8 character) are skipped.
-    pub fn events_since(&self, id: &str, since: u64) -> std::io::Result<Vec<Event>> {
+    pub(crate) fn events_since(&self, id: &str, since: u64) -> std::io::Result<Vec<Event>> {
         Ok(self
             .lines(id)?
             .split(|&b| b == b'\n')
@@ -148,7 +148,7 @@ impl JobStore {
     }
 
     /// Every stored record (unreadable ones are skipped with a warning), oldest first.
-    pub fn load_all(&self) -> std::io::Result<Vec<JobRecord>> {
+    pub(crate) fn load_all(&self) -> std::io::Result<Vec<JobRecord>> {
         let mut out = vec![];
         for entry in std::fs::read_dir(&self.root).map_err(|e| io(&self.root, e))? {
             let Ok(entry) = entry else { continue };
@@ -171,7 +171,7 @@ impl JobStore {
 
     /// Ends a job's log with a newline if a crash left a torn last line, so the next
     /// event does not run into it.
-    pub fn seal_log(&self, id: &str) -> std::io::Result<()> {
+    pub(crate) fn seal_log(&self, id: &str) -> std::io::Result<()> {
         use std::io::{Read, Seek, SeekFrom};
         let path = self.dir(id).join("events.jsonl");
         let mut f = match OpenOptions::new().read(true).append(true).open(&path) {
@@ -196,7 +196,7 @@ impl JobStore {
     /// The newest stored event's sequence number of a job, read from the end of its
     /// log (events are appended in order; a torn last line is skipped), so a start
     /// with a long history does not parse every event.
-    pub fn last_seq(&self, id: &str) -> Option<u64> {
+    pub(crate) fn last_seq(&self, id: &str) -> Option<u64> {
         use std::io::{Read, Seek, SeekFrom};
         const TAIL: u64 = 16 * 1024;
         let path = self.dir(id).join("events.jsonl");
@@ -217,7 +217,7 @@ impl JobStore {
     }
 
     /// Deletes a job's folder.
-    pub fn remove(&self, id: &str) -> std::io::Result<()> {
+    pub(crate) fn remove(&self, id: &str) -> std::io::Result<()> {
         let dir = self.dir(id);
         std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))
     }

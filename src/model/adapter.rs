@@ -32,12 +32,12 @@ pub struct LoraLayer {
 }
 
 impl LoraLayer {
-    pub fn rank(&self) -> usize {
+    pub(crate) fn rank(&self) -> usize {
         self.down.dims().first().copied().unwrap_or(0)
     }
 
     /// alpha / rank: the factor that multiplies up·down.
-    pub fn scale(&self) -> f64 {
+    pub(crate) fn scale(&self) -> f64 {
         let rank = self.rank();
         if rank == 0 {
             0.0
@@ -47,14 +47,14 @@ impl LoraLayer {
     }
 
     /// (in_features, out_features) of the layer this update fits.
-    pub fn in_out(&self) -> (usize, usize) {
+    pub(crate) fn in_out(&self) -> (usize, usize) {
         let in_f = self.down.dims().get(1).copied().unwrap_or(0);
         let out_f = self.up.dims().first().copied().unwrap_or(0);
         (in_f, out_f)
     }
 
     /// The dense update scale · up · down, (out, in), in f32.
-    pub fn delta_weight(&self) -> Result<Tensor> {
+    pub(crate) fn delta_weight(&self) -> Result<Tensor> {
         let up = self.up.to_dtype(DType::F32)?;
         let down = self.down.to_dtype(DType::F32)?;
         up.matmul(&down)? * self.scale()
@@ -62,7 +62,7 @@ impl LoraLayer {
 
     /// x (…, in) → strength · scale · (x·downᵀ)·upᵀ, (…, out), in x's dtype;
     /// with `dropout` > 0 the rank-space activations are dropped (training only).
-    pub fn apply(&self, x: &Tensor, strength: f64, dropout: f64) -> Result<Tensor> {
+    pub(crate) fn apply(&self, x: &Tensor, strength: f64, dropout: f64) -> Result<Tensor> {
         let down = self.down.to_dtype(x.dtype())?;
         let up = self.up.to_dtype(x.dtype())?;
         let mut h = x.broadcast_matmul(&down.t()?)?;
@@ -91,7 +91,7 @@ impl Lora {
     }
 
     /// Largest rank over all layers (the `network_dim` of kohya metadata).
-    pub fn max_rank(&self) -> usize {
+    pub(crate) fn max_rank(&self) -> usize {
         self.layers.values().map(LoraLayer::rank).max().unwrap_or(0)
     }
 }
@@ -116,18 +116,18 @@ impl AdapterSet {
         self
     }
 
-    pub fn push(&mut self, lora: Arc<Lora>, strength: f64) {
+    pub(crate) fn push(&mut self, lora: Arc<Lora>, strength: f64) {
         self.entries.push((lora, strength));
     }
 
     /// The same set with LoRA dropout while training.
-    pub fn with_dropout(mut self, dropout: f64) -> Self {
+    pub(crate) fn with_dropout(mut self, dropout: f64) -> Self {
         self.dropout = dropout;
         self
     }
 
     /// Changes the strength of every entry whose LoRA has `name`; returns how many changed.
-    pub fn set_strength(&mut self, name: &str, strength: f64) -> usize {
+    pub(crate) fn set_strength(&mut self, name: &str, strength: f64) -> usize {
         let mut n = 0;
         for (lora, s) in self.entries.iter_mut() {
             if lora.name == name {
@@ -139,23 +139,23 @@ impl AdapterSet {
     }
 
     /// Removes every entry whose LoRA has `name`; returns how many were removed.
-    pub fn remove(&mut self, name: &str) -> usize {
+    pub(crate) fn remove(&mut self, name: &str) -> usize {
         let before = self.entries.len();
         self.entries.retain(|(lora, _)| lora.name != name);
         before - self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
-    pub fn entries(&self) -> impl Iterator<Item = (&Arc<Lora>, f64)> {
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&Arc<Lora>, f64)> {
         self.entries.iter().map(|(l, s)| (l, *s))
     }
 
     /// The updates that apply to the layer at `module` with their strengths;
     /// strength-zero entries are skipped so they cost nothing.
-    pub fn layers_for<'a>(
+    pub(crate) fn layers_for<'a>(
         &'a self,
         module: &'a str,
     ) -> impl Iterator<Item = (&'a LoraLayer, f64)> + 'a {
@@ -166,7 +166,7 @@ impl AdapterSet {
     }
 
     /// Adds the set's updates for `module` to a linear output: y + Σ sᵢ·ΔWᵢ·x.
-    pub fn apply(&self, module: &str, x: &Tensor, y: Tensor) -> Result<Tensor> {
+    pub(crate) fn apply(&self, module: &str, x: &Tensor, y: Tensor) -> Result<Tensor> {
         let mut y = y;
         for (layer, strength) in self.layers_for(module) {
             y = (y + layer.apply(x, strength, self.dropout)?)?;
@@ -175,7 +175,7 @@ impl AdapterSet {
     }
 
     /// W + Σ sᵢ·ΔWᵢ for the layer at `module`, in `weight`'s dtype (computed in f32).
-    pub fn merged_weight(&self, module: &str, weight: &Tensor) -> Result<Tensor> {
+    pub(crate) fn merged_weight(&self, module: &str, weight: &Tensor) -> Result<Tensor> {
         let mut w = weight.to_dtype(DType::F32)?;
         let mut touched = false;
         for (layer, strength) in self.layers_for(module) {
@@ -192,7 +192,7 @@ impl AdapterSet {
 
 /// Checks that a layer update fits a linear of shape (out, in); used by loaders so a
 /// wrong-shape LoRA fails at load time naming the module, not deep inside a matmul.
-pub fn check_fits(
+pub(crate) fn check_fits(
     module: &str,
     layer: &LoraLayer,
     out_f: usize,

@@ -25,7 +25,7 @@ use super::text::{TextEncoderPaths, TextEncoders};
 use super::vae::Vae;
 
 /// Seed of the built-in tiny model's deterministic weights.
-pub const TINY_SEED: u64 = 0x_f1a5_10a0;
+pub(crate) const TINY_SEED: u64 = 0x_f1a5_10a0;
 
 /// The resolution-dependent time shift a model family samples with (BFL's
 /// `base_shift` / `max_shift`): μ is linear in the image token count through
@@ -48,7 +48,7 @@ impl Default for Shift {
 
 impl Shift {
     /// μ for an image of `image_seq_len` tokens.
-    pub fn mu(&self, image_seq_len: usize) -> f64 {
+    pub(crate) fn mu(&self, image_seq_len: usize) -> f64 {
         let (x1, x2) = (256.0, 4096.0);
         let m = (self.max_shift - self.base_shift) / (x2 - x1);
         let b = self.base_shift - m * x1;
@@ -86,7 +86,7 @@ const TINY_FLUX: &[u8] = include_bytes!("../../assets/tiny/flux.safetensors");
 const TINY_VAE: &[u8] = include_bytes!("../../assets/tiny/vae.safetensors");
 
 /// The tiny VAE from bytes written by the pretraining (scale/shift from metadata).
-pub fn tiny_vae_from_bytes(bytes: &[u8], device: &Device) -> Result<Vae> {
+pub(crate) fn tiny_vae_from_bytes(bytes: &[u8], device: &Device) -> Result<Vae> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| candle_core::Error::msg(format!("tiny VAE: {e}")))?;
     let meta = meta.metadata().clone().unwrap_or_default();
@@ -106,7 +106,7 @@ const RELEASED: &str =
 (keep them with sample prompts, a validation set, or a text-encoder LoRA)";
 
 /// The built-in tiny transformer's config, sized to the tiny encoders and VAE.
-pub fn tiny_flux_config(text: &TextEncoders, vae: &Vae) -> FluxConfig {
+pub(crate) fn tiny_flux_config(text: &TextEncoders, vae: &Vae) -> FluxConfig {
     FluxConfig {
         in_channels: vae.latent_channels() * 4,
         vec_in_dim: text.pooled_dim(),
@@ -158,7 +158,7 @@ impl ModelBundle {
     }
 
     /// Sampling defaults of the tiny model: 64×64, 12 steps, shifted schedule.
-    pub fn tiny_defaults() -> SamplingDefaults {
+    pub(crate) fn tiny_defaults() -> SamplingDefaults {
         SamplingDefaults {
             width: 64,
             height: 64,
@@ -203,7 +203,7 @@ impl ModelBundle {
         Ok(Self::new(name, flux, text, vae, defaults))
     }
 
-    pub fn new(
+    pub(crate) fn new(
         name: impl Into<String>,
         flux: Flux,
         text: TextEncoders,
@@ -221,7 +221,7 @@ impl ModelBundle {
         }
     }
 
-    pub fn device(&self) -> &Device {
+    pub(crate) fn device(&self) -> &Device {
         &self.device
     }
 
@@ -232,7 +232,7 @@ impl ModelBundle {
             .ok_or_else(|| candle_core::Error::msg(RELEASED))
     }
 
-    pub fn text_mut(&mut self) -> Result<&mut TextEncoders> {
+    pub(crate) fn text_mut(&mut self) -> Result<&mut TextEncoders> {
         self.text
             .as_mut()
             .ok_or_else(|| candle_core::Error::msg(RELEASED))
@@ -246,7 +246,7 @@ impl ModelBundle {
     }
 
     /// Frees the text encoders and the autoencoder (after caching their outputs).
-    pub fn release_encoders(&mut self) {
+    pub(crate) fn release_encoders(&mut self) {
         self.text = None;
         self.vae = None;
     }
@@ -263,7 +263,7 @@ impl ModelBundle {
 
 /// The files of one model set.
 #[derive(Clone, Debug)]
-pub struct ModelPaths {
+pub(crate) struct ModelPaths {
     pub transformer: PathBuf,
     pub vae: PathBuf,
     pub text: TextEncoderPaths,
@@ -272,7 +272,7 @@ pub struct ModelPaths {
 impl ModelPaths {
     /// Finds every part of a model set from one path; the error lists what is missing
     /// and where it was looked for.
-    pub fn discover(path: &Path) -> Result<Self> {
+    pub(crate) fn discover(path: &Path) -> Result<Self> {
         if !path.exists() {
             candle_core::bail!("{}: no such file or folder", path.display())
         }

@@ -20,7 +20,7 @@ use super::adapter::AdapterSet;
 use super::layers::{layer_norm, softmax_last, Linear};
 
 /// The prefix of every CLIP-L module path (kohya's first text encoder).
-pub const CLIP_MODULE_PREFIX: &str = "te1.text_model";
+pub(crate) const CLIP_MODULE_PREFIX: &str = "te1.text_model";
 
 const LN_EPS: f64 = 1e-5;
 
@@ -125,7 +125,7 @@ fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 
 /// The CLIP text transformer up to the final layer norm.
 #[derive(Clone, Debug)]
-pub struct ClipText {
+pub(crate) struct ClipText {
     token_embedding: Tensor,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
@@ -135,7 +135,7 @@ pub struct ClipText {
 
 impl ClipText {
     /// `vb` points at the model root holding `text_model.` (HF `CLIPTextModel` keys).
-    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         let tm = vb.pp("text_model");
         let emb = tm.pp("embeddings");
         let token_embedding = embedding(&emb, "token_embedding", cfg.vocab_size, cfg.embed_dim)?;
@@ -165,7 +165,7 @@ impl ClipText {
     }
 
     /// ids (b, seq) → final-layer-normed hidden states (b, seq, d), causal attention.
-    pub fn forward(&self, ids: &Tensor, adapters: &AdapterSet) -> Result<Tensor> {
+    pub(crate) fn forward(&self, ids: &Tensor, adapters: &AdapterSet) -> Result<Tensor> {
         let (b, seq) = ids.dims2()?;
         let tokens = self.token_embedding.index_select(&ids.flatten_all()?, 0)?;
         let d = tokens.dim(D::Minus1)?;
@@ -183,7 +183,7 @@ impl ClipText {
     }
 
     /// Every linear's module path and (out, in): what a text-encoder LoRA may target.
-    pub fn linear_shapes(&self) -> BTreeMap<String, (usize, usize)> {
+    pub(crate) fn linear_shapes(&self) -> BTreeMap<String, (usize, usize)> {
         self.layers
             .iter()
             .flat_map(|l| [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj, &l.fc1, &l.fc2])

@@ -26,11 +26,11 @@ use candle_core::Tensor;
 
 /// Flux's MLP ratio: a single block's `proj_mlp` has `4 · hidden` rows. Only used
 /// when a LoRA on `linear1` carries no `proj_mlp` part and the size must be guessed.
-pub const FLUX_MLP_RATIO: usize = 4;
+pub(crate) const FLUX_MLP_RATIO: usize = 4;
 
 /// Errors of the key conversion; each names the key at fault.
 #[derive(Debug, thiserror::Error)]
-pub enum KeymapError {
+pub(crate) enum KeymapError {
     #[error("missing tensor `{key}` (needed to build `{needed_for}`)")]
     MissingKey { key: String, needed_for: String },
     #[error("tensor `{key}`: {reason}")]
@@ -59,7 +59,7 @@ pub enum RowLayout {
 
 impl RowLayout {
     /// How many diffusers parts make up the BFL module.
-    pub fn parts(self) -> usize {
+    pub(crate) fn parts(self) -> usize {
         match self {
             RowLayout::Same | RowLayout::SwappedHalves => 1,
             RowLayout::Qkv => 3,
@@ -116,7 +116,7 @@ pub struct LinearMap {
 
 /// Which part of the network a BFL module belongs to (for reports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ModuleGroup {
+pub(crate) enum ModuleGroup {
     Double(usize),
     Single(usize),
     Other,
@@ -271,7 +271,7 @@ pub fn linear_from_bfl(bfl: &str) -> Option<LinearMap> {
 
 /// The BFL module a diffusers linear belongs to, and which part of it (index into
 /// [`LinearMap::diffusers`]) the diffusers module is.
-pub fn linear_from_diffusers(diffusers: &str) -> Option<(LinearMap, usize)> {
+pub(crate) fn linear_from_diffusers(diffusers: &str) -> Option<(LinearMap, usize)> {
     let find = |table: Table, rest: &str| {
         table.iter().find_map(|(b, layout, diff)| {
             diff.iter()
@@ -309,7 +309,7 @@ fn underscored(s: &str) -> String {
 
 /// The BFL path of a kohya-style underscored name (without the `lora_unet_` prefix),
 /// e.g. `double_blocks_0_img_attn_qkv` → `double_blocks.0.img_attn.qkv`.
-pub fn bfl_from_underscored(name: &str) -> Option<String> {
+pub(crate) fn bfl_from_underscored(name: &str) -> Option<String> {
     if let Some((n, rest)) = split_block_underscored(name, "double_blocks_") {
         let (b, _, _) = DOUBLE_BLOCK
             .iter()
@@ -331,7 +331,7 @@ pub fn bfl_from_underscored(name: &str) -> Option<String> {
 /// The diffusers path of an underscored diffusers name (OneTrainer's
 /// `lora_transformer_…`, SimpleTuner's `lycoris_…`, without the prefix), e.g.
 /// `single_transformer_blocks_3_attn_to_q` → `single_transformer_blocks.3.attn.to_q`.
-pub fn diffusers_from_underscored(name: &str) -> Option<String> {
+pub(crate) fn diffusers_from_underscored(name: &str) -> Option<String> {
     let find = |table: Table, rest: &str| {
         table
             .iter()
@@ -351,12 +351,12 @@ pub fn diffusers_from_underscored(name: &str) -> Option<String> {
 }
 
 /// kohya's module name for a BFL path: `lora_unet_` + the path with `.` → `_`.
-pub fn kohya_name(bfl: &str) -> String {
+pub(crate) fn kohya_name(bfl: &str) -> String {
     format!("lora_unet_{}", underscored(bfl))
 }
 
 /// The block a BFL module path belongs to.
-pub fn module_group(bfl: &str) -> ModuleGroup {
+pub(crate) fn module_group(bfl: &str) -> ModuleGroup {
     if let Some((n, _)) = split_block(bfl, BFL_DOUBLE) {
         ModuleGroup::Double(n)
     } else if let Some((n, _)) = split_block(bfl, BFL_SINGLE) {
@@ -367,7 +367,7 @@ pub fn module_group(bfl: &str) -> ModuleGroup {
 }
 
 /// Every linear module path of a Flux transformer with the given depth.
-pub fn bfl_linear_modules(n_double: usize, n_single: usize, guidance: bool) -> Vec<String> {
+pub(crate) fn bfl_linear_modules(n_double: usize, n_single: usize, guidance: bool) -> Vec<String> {
     let mut out = Vec::new();
     for (b, _, _) in TOP_LEVEL {
         if !guidance && b.starts_with("guidance_in.") {
@@ -416,7 +416,7 @@ const CLIP_LEAVES: [(&str, &str); 6] = [
 ];
 
 /// Our CLIP module path from kohya's stem after `lora_te1_`.
-pub fn clip_module_from_kohya(stem: &str) -> Option<String> {
+pub(crate) fn clip_module_from_kohya(stem: &str) -> Option<String> {
     let rest = stem.strip_prefix("text_model_encoder_layers_")?;
     let (layer, leaf) = rest.split_once('_')?;
     let layer: usize = layer.parse().ok()?;
@@ -425,7 +425,7 @@ pub fn clip_module_from_kohya(stem: &str) -> Option<String> {
 }
 
 /// Our CLIP module path from a diffusers/peft path after `text_encoder.`.
-pub fn clip_module_from_diffusers(path: &str) -> Option<String> {
+pub(crate) fn clip_module_from_diffusers(path: &str) -> Option<String> {
     let rest = path.strip_prefix("text_model.encoder.layers.")?;
     let (layer, leaf) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
@@ -434,19 +434,19 @@ pub fn clip_module_from_diffusers(path: &str) -> Option<String> {
 }
 
 /// Whether `module` is one of our CLIP-L module paths.
-pub fn is_clip_module(module: &str) -> bool {
+pub(crate) fn is_clip_module(module: &str) -> bool {
     module
         .strip_prefix("te1.")
         .is_some_and(|p| clip_module_from_diffusers(p).is_some())
 }
 
 /// kohya's name of a CLIP module (`lora_te1_text_model_encoder_layers_0_mlp_fc1`).
-pub fn clip_kohya_name(module: &str) -> String {
+pub(crate) fn clip_kohya_name(module: &str) -> String {
     format!("lora_{}", module.replace('.', "_"))
 }
 
 /// diffusers/peft's name of a CLIP module (`text_encoder.text_model.encoder.layers.0.mlp.fc1`).
-pub fn clip_diffusers_name(module: &str) -> String {
+pub(crate) fn clip_diffusers_name(module: &str) -> String {
     format!(
         "text_encoder.{}",
         module.strip_prefix("te1.").unwrap_or(module)
@@ -455,7 +455,7 @@ pub fn clip_diffusers_name(module: &str) -> String {
 
 /// True if the keys look like a diffusers `FluxTransformer2DModel` state dict rather
 /// than a BFL one (also accepts a `transformer.` prefix on every key).
-pub fn is_diffusers_layout<I, S>(keys: I) -> bool
+pub(crate) fn is_diffusers_layout<I, S>(keys: I) -> bool
 where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
@@ -479,7 +479,7 @@ where
 }
 
 /// A source of named tensors, eager or lazy (memory-mapped).
-pub trait TensorSource {
+pub(crate) trait TensorSource {
     fn tensor_names(&self) -> Vec<String>;
     fn tensor(&self, name: &str) -> candle_core::Result<Tensor>;
     fn contains(&self, name: &str) -> bool {
@@ -504,7 +504,7 @@ impl TensorSource for HashMap<String, Tensor> {
 }
 
 /// A memory-mapped safetensors file (or several) read onto one device.
-pub struct MmapSource<'a> {
+pub(crate) struct MmapSource<'a> {
     pub tensors: &'a candle_core::safetensors::MmapedSafetensors,
     pub device: &'a candle_core::Device,
 }
@@ -523,7 +523,7 @@ impl TensorSource for MmapSource<'_> {
 
 /// How to build one BFL tensor from diffusers tensors.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Recipe {
+pub(crate) enum Recipe {
     /// The same tensor under another name.
     Rename(String),
     /// Row-wise concatenation of the parts, in order (fused q/k/v(/mlp)).
@@ -534,7 +534,7 @@ pub enum Recipe {
 
 impl Recipe {
     /// The source keys the recipe reads.
-    pub fn sources(&self) -> Vec<&str> {
+    pub(crate) fn sources(&self) -> Vec<&str> {
         match self {
             Recipe::Rename(k) | Recipe::SwapHalves(k) => vec![k.as_str()],
             Recipe::Concat(ks) => ks.iter().map(String::as_str).collect(),
@@ -542,7 +542,7 @@ impl Recipe {
     }
 
     /// Builds the BFL tensor `target` from `src`.
-    pub fn build<S: TensorSource + ?Sized>(
+    pub(crate) fn build<S: TensorSource + ?Sized>(
         &self,
         target: &str,
         src: &S,
@@ -601,7 +601,7 @@ impl Recipe {
 
 /// The BFL key of one diffusers key and how to build it. Keys that are not part of
 /// the Flux transformer give `None`.
-pub fn bfl_recipe_for_diffusers_key(key: &str) -> Option<(String, Recipe)> {
+pub(crate) fn bfl_recipe_for_diffusers_key(key: &str) -> Option<(String, Recipe)> {
     // Linear weights and biases.
     for param in ["weight", "bias"] {
         let Some(module) = key.strip_suffix(&format!(".{param}")) else {
@@ -644,7 +644,7 @@ pub fn bfl_recipe_for_diffusers_key(key: &str) -> Option<(String, Recipe)> {
 /// with its recipe, plus the source keys that belong to no known parameter (they
 /// are kept under their own name by [`convert_diffusers_to_bfl`]). A `transformer.`
 /// prefix on the source keys is handled.
-pub fn diffusers_to_bfl_plan<S: AsRef<str>>(
+pub(crate) fn diffusers_to_bfl_plan<S: AsRef<str>>(
     names: &[S],
 ) -> (BTreeMap<String, Recipe>, Vec<String>) {
     let prefix =
@@ -681,7 +681,7 @@ pub fn diffusers_to_bfl_plan<S: AsRef<str>>(
 /// halves swapped, QK-norm scales renamed. Keys that belong to no known parameter
 /// are passed through unchanged so the model loader's missing-key errors stay
 /// truthful. Errors name the missing or misshapen key.
-pub fn convert_diffusers_to_bfl<S: TensorSource + ?Sized>(
+pub(crate) fn convert_diffusers_to_bfl<S: TensorSource + ?Sized>(
     src: &S,
 ) -> Result<HashMap<String, Tensor>, KeymapError> {
     let names = src.tensor_names();

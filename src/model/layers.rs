@@ -20,7 +20,7 @@ pub struct Linear {
 
 impl Linear {
     /// `weight` (out, in), `bias` (out,).
-    pub fn new(module: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub(crate) fn new(module: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
             module: module.into(),
             weight,
@@ -28,7 +28,7 @@ impl Linear {
         }
     }
 
-    pub fn module(&self) -> &str {
+    pub(crate) fn module(&self) -> &str {
         &self.module
     }
 
@@ -36,18 +36,18 @@ impl Linear {
         &self.weight
     }
 
-    pub fn bias(&self) -> Option<&Tensor> {
+    pub(crate) fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
 
     /// (out_features, in_features)
-    pub fn shape(&self) -> (usize, usize) {
+    pub(crate) fn shape(&self) -> (usize, usize) {
         let d = self.weight.dims();
         (d[0], d[1])
     }
 
     /// x (…, in) → (…, out) = x·Wᵀ + b + adapter updates.
-    pub fn forward(&self, x: &Tensor, adapters: &AdapterSet) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, adapters: &AdapterSet) -> Result<Tensor> {
         let w = if self.weight.dtype() == x.dtype() {
             self.weight.clone()
         } else {
@@ -62,13 +62,17 @@ impl Linear {
 }
 
 /// True when gradients may flow through any of `xs`.
-pub fn tracks(xs: &[&Tensor]) -> bool {
+pub(crate) fn tracks(xs: &[&Tensor]) -> bool {
     xs.iter().any(|x| x.track_op())
 }
 
 /// LayerNorm over the last dim, computed in f32 and returned in x's dtype, with
 /// optional affine (weight, bias).
-pub fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    affine: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let dim = xf.dim(D::Minus1)?;
@@ -98,7 +102,7 @@ pub fn layer_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> R
 }
 
 /// Softmax over the last dim.
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if tracks(&[x]) {
         candle_nn::ops::softmax(x, D::Minus1)
     } else {

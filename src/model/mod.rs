@@ -3,11 +3,11 @@
 
 pub mod adapter;
 pub mod bundle;
-pub mod clip;
+pub(crate) mod clip;
 pub mod flux;
 pub mod keymap;
-pub mod layers;
+pub(crate) mod layers;
 pub mod lora_io;
 pub mod seeded;
-pub mod text;
-pub mod vae;
+pub(crate) mod text;
+pub(crate) mod vae;

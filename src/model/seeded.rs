@@ -24,7 +24,7 @@ impl SeededRng {
     }
 
     /// A generator for one named stream under `seed` (FNV-1a of the name mixed in).
-    pub fn for_name(seed: u64, name: &str) -> Self {
+    pub(crate) fn for_name(seed: u64, name: &str) -> Self {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in name.bytes() {
             h ^= b as u64;
@@ -35,7 +35,7 @@ impl SeededRng {
         rng
     }
 
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -44,24 +44,24 @@ impl SeededRng {
     }
 
     /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
+    pub(crate) fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
     /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
+    pub(crate) fn normal(&mut self) -> f64 {
         let u1 = self.uniform().max(f64::MIN_POSITIVE);
         let u2 = self.uniform();
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
-    pub fn normal_vec(&mut self, n: usize, mean: f64, std: f64) -> Vec<f32> {
+    pub(crate) fn normal_vec(&mut self, n: usize, mean: f64, std: f64) -> Vec<f32> {
         (0..n)
             .map(|_| (mean + std * self.normal()) as f32)
             .collect()
     }
 
-    pub fn uniform_vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f32> {
+    pub(crate) fn uniform_vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f32> {
         (0..n)
             .map(|_| (lo + (hi - lo) * self.uniform()) as f32)
             .collect()
@@ -76,12 +76,12 @@ impl SeededRng {
 }
 
 /// Weights made from `(seed, name)`; see the module doc.
-pub struct SeededInit {
+pub(crate) struct SeededInit {
     pub seed: u64,
 }
 
 impl SeededInit {
-    pub fn var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    pub(crate) fn var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(SeededInit { seed }), dtype, device.clone())
     }
 }

@@ -21,7 +21,7 @@ use image::RgbImage;
 use super::seeded::{SeededInit, SeededRng};
 
 /// The autoencoder's architecture and latent scaling (candle's Flux config).
-pub type VaeConfig = Config;
+pub(crate) type VaeConfig = Config;
 
 /// Flux's latent scale and shift (`ae.safetensors`, diffusers `vae/config.json`).
 const FLUX_SCALE_FACTOR: f64 = 0.3611;
@@ -64,7 +64,7 @@ impl Vae {
     /// (candle's GroupNorm uses 32 groups), four levels (8× down-sampling like
     /// Flux), one res block per level and 4 latent channels. Its latents are
     /// not rescaled (scale 1, shift 0).
-    pub fn tiny_config() -> Config {
+    pub(crate) fn tiny_config() -> Config {
         Config {
             resolution: 64,
             in_channels: 3,
@@ -79,7 +79,7 @@ impl Vae {
     }
 
     /// The tiny VAE with weights made from `seed` (F32).
-    pub fn tiny(seed: u64, device: &Device) -> Result<Self> {
+    pub(crate) fn tiny(seed: u64, device: &Device) -> Result<Self> {
         let vb = SeededInit::var_builder(seed, DType::F32, device);
         Self::tiny_from_varbuilder(&Self::tiny_config(), vb)
     }
@@ -87,7 +87,7 @@ impl Vae {
     /// A VAE of architecture `cfg` (normally [`Vae::tiny_config`], possibly
     /// with a calibrated scale/shift) with weights from `vb`, BFL key layout:
     /// `encoder.down.0.block.0.conv1.weight`, `decoder.mid.attn_1.q.weight`, …
-    pub fn tiny_from_varbuilder(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn tiny_from_varbuilder(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         Self::build(cfg, vb)
     }
 
@@ -131,39 +131,39 @@ impl Vae {
         Self::build(&cfg, vb)
     }
 
-    pub fn config(&self) -> &Config {
+    pub(crate) fn config(&self) -> &Config {
         &self.cfg
     }
 
     /// Channels of a latent (16 for Flux).
-    pub fn latent_channels(&self) -> usize {
+    pub(crate) fn latent_channels(&self) -> usize {
         self.cfg.z_channels
     }
 
     /// Pixels per latent cell along each side (8 for Flux).
-    pub fn downsample_factor(&self) -> usize {
+    pub(crate) fn downsample_factor(&self) -> usize {
         1 << self.cfg.ch_mult.len().saturating_sub(1)
     }
 
-    pub fn device(&self) -> &Device {
+    pub(crate) fn device(&self) -> &Device {
         &self.device
     }
 
-    pub fn dtype(&self) -> DType {
+    pub(crate) fn dtype(&self) -> DType {
         self.dtype
     }
 
     /// Images `(b, 3, h, w)` in [-1, 1] → scaled latents `(b, z, h/8, w/8)`,
     /// F32: the mean of the encoder's distribution (deterministic), then
     /// `(mean - shift) * scale`.
-    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+    pub(crate) fn encode(&self, images: &Tensor) -> Result<Tensor> {
         let (mean, _) = self.moments(images)?;
         self.scale(&mean)
     }
 
     /// Like [`Vae::encode`] but draws from the encoder's distribution with
     /// noise from `rng` (as BFL's `AutoEncoder.encode`, reproducibly).
-    pub fn encode_sampled(&self, images: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
+    pub(crate) fn encode_sampled(&self, images: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
         let (mean, logvar) = self.moments(images)?;
         let std = (logvar.clamp(-30f32, 20f32)? * 0.5)?.exp()?;
         let noise = rng.randn(mean.shape(), mean.device())?;
@@ -172,7 +172,7 @@ impl Vae {
 
     /// Scaled latents `(b, z, h/8, w/8)` → images `(b, 3, h, w)`, F32, roughly
     /// in [-1, 1] (not clamped; [`tensor_to_images`] clamps).
-    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+    pub(crate) fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let (_, c, _, _) = latents.dims4().map_err(|_| {
             candle_core::Error::Msg(format!(
                 "VAE decode: latents must be (b, c, h, w), got {:?}",
@@ -247,7 +247,7 @@ fn check_config(cfg: &Config) -> Result<()> {
 /// channels to RGB, returned as `(b, 3, h, w)` F32 in [0, 1]. Flux's 16
 /// channels use ComfyUI's published factors; other channel counts average
 /// every third channel into R, G and B.
-pub fn latent_to_rgb_preview(latents: &Tensor) -> Result<Tensor> {
+pub(crate) fn latent_to_rgb_preview(latents: &Tensor) -> Result<Tensor> {
     let (_, c, _, _) = latents.dims4().map_err(|_| {
         candle_core::Error::Msg(format!(
             "latent preview: latents must be (b, c, h, w), got {:?}",
@@ -268,7 +268,7 @@ pub fn latent_to_rgb_preview(latents: &Tensor) -> Result<Tensor> {
 }
 
 /// Latent→RGB factors (rows: channels) and bias for `channels` channels.
-pub fn preview_factors(channels: usize) -> (Vec<[f32; 3]>, [f32; 3]) {
+pub(crate) fn preview_factors(channels: usize) -> (Vec<[f32; 3]>, [f32; 3]) {
     if channels == FLUX_RGB_FACTORS.len() {
         return (FLUX_RGB_FACTORS.to_vec(), FLUX_RGB_BIAS);
     }
@@ -293,14 +293,14 @@ pub fn preview_factors(channels: usize) -> (Vec<[f32; 3]>, [f32; 3]) {
 // Images ↔ tensors
 
 /// Reads an image file (PNG, JPEG, WebP) as 8-bit RGB.
-pub fn open_rgb_image(path: &Path) -> Result<RgbImage> {
+pub(crate) fn open_rgb_image(path: &Path) -> Result<RgbImage> {
     let img = image::open(path)
         .map_err(|e| candle_core::Error::Msg(format!("image {}: {e}", path.display())))?;
     Ok(img.to_rgb8())
 }
 
 /// An RGB image → `(1, 3, h, w)` F32 in [-1, 1] (`v / 127.5 - 1`).
-pub fn image_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
+pub(crate) fn image_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let hwc = Tensor::from_vec(img.as_raw().clone(), (h, w, 3), &Device::Cpu)?;
     let chw = hwc.permute((2, 0, 1))?.to_dtype(DType::F32)?;
@@ -309,7 +309,7 @@ pub fn image_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
 
 /// `(b, 3, h, w)` (or `(3, h, w)`) in [-1, 1] → RGB images, clamped and
 /// rounded to the nearest 8-bit value.
-pub fn tensor_to_images(images: &Tensor) -> Result<Vec<RgbImage>> {
+pub(crate) fn tensor_to_images(images: &Tensor) -> Result<Vec<RgbImage>> {
     let images = match images.rank() {
         3 => images.unsqueeze(0)?,
         4 => images.clone(),
@@ -575,7 +575,7 @@ impl SimpleBackend for VaeWeights {
 /// `mid.attn_1.{norm,q,k,v,proj_out}` ↔
 /// `mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}`,
 /// `norm_out` ↔ `conv_norm_out`, `nin_shortcut` ↔ `conv_shortcut`.
-pub fn bfl_to_diffusers_key(name: &str, levels: usize) -> String {
+pub(crate) fn bfl_to_diffusers_key(name: &str, levels: usize) -> String {
     let parts: Vec<&str> = name.split('.').collect();
     let resnet_rest = |rest: &[&str]| -> String {
         rest.iter()

@@ -15,7 +15,7 @@ use crate::model::seeded::SeededRng;
 use crate::model::vae::tensor_to_images;
 
 /// Pixels per packed token side: 8× VAE down-sampling times 2×2 patches.
-pub const SIZE_MULTIPLE: usize = 16;
+pub(crate) const SIZE_MULTIPLE: usize = 16;
 
 /// One text-to-image request. Missing fields take the model's defaults.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -85,9 +85,9 @@ pub struct ResolvedRequest {
 }
 
 /// Largest side we accept; beyond this a CPU or a GPU runs out long before finishing.
-pub const MAX_SIDE: usize = 4096;
-pub const MAX_STEPS: usize = 1000;
-pub const MAX_BATCH: usize = 64;
+pub(crate) const MAX_SIDE: usize = 4096;
+pub(crate) const MAX_STEPS: usize = 1000;
+pub(crate) const MAX_BATCH: usize = 64;
 
 /// A sampling request that cannot run; `field` names the offending field.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +106,7 @@ impl ResolvedRequest {
         Self::with_defaults(req, &bundle.defaults)
     }
 
-    pub fn with_defaults(
+    pub(crate) fn with_defaults(
         req: &SampleRequest,
         d: &SamplingDefaults,
     ) -> std::result::Result<Self, RequestError> {
@@ -153,7 +153,12 @@ impl ResolvedRequest {
     }
 
     /// The parameters recorded in the PNG of image `index` of the batch.
-    pub fn params(&self, index: usize, model: &str, loras: &[(String, f64)]) -> GenerationParams {
+    pub(crate) fn params(
+        &self,
+        index: usize,
+        model: &str,
+        loras: &[(String, f64)],
+    ) -> GenerationParams {
         GenerationParams {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -169,7 +174,7 @@ impl ResolvedRequest {
 }
 
 /// Initial noise for one image: standard normal latents (c, h/8, w/8) from `seed`.
-pub fn latent_noise(
+pub(crate) fn latent_noise(
     seed: u64,
     channels: usize,
     h: usize,

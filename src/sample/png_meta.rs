@@ -15,7 +15,7 @@ use crate::atomic_file;
 
 /// What produced an image, written into its PNG.
 #[derive(Clone, Debug, Serialize)]
-pub struct GenerationParams {
+pub(crate) struct GenerationParams {
     pub prompt: String,
     pub negative_prompt: String,
     pub steps: usize,
@@ -31,7 +31,7 @@ pub struct GenerationParams {
 impl GenerationParams {
     /// A1111's `parameters` text. LoRAs appear as `<lora:name:strength>` in the prompt
     /// line, as A1111 itself records them, so "send to txt2img" re-applies them.
-    pub fn a1111_text(&self) -> String {
+    pub(crate) fn a1111_text(&self) -> String {
         let mut prompt = self.prompt.clone();
         for (name, strength) in &self.loras {
             prompt.push_str(&format!(" <lora:{name}:{strength}>"));
@@ -55,7 +55,7 @@ impl GenerationParams {
 }
 
 /// Encodes `image` as PNG bytes with the parameter chunks.
-pub fn encode_png(image: &RgbImage, params: &GenerationParams) -> io::Result<Vec<u8>> {
+pub(crate) fn encode_png(image: &RgbImage, params: &GenerationParams) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     write_png(&mut bytes, image, params)?;
     Ok(bytes)
@@ -82,7 +82,7 @@ fn write_png(w: &mut dyn Write, image: &RgbImage, params: &GenerationParams) -> 
 }
 
 /// Writes `image` to `path` atomically with the parameter chunks.
-pub fn save_png(path: &Path, image: &RgbImage, params: &GenerationParams) -> io::Result<()> {
+pub(crate) fn save_png(path: &Path, image: &RgbImage, params: &GenerationParams) -> io::Result<()> {
     atomic_file::write_with(path, |w| write_png(w, image, params))
 }
 

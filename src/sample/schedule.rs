@@ -7,7 +7,7 @@
 pub use crate::model::bundle::Shift;
 
 /// exp(μ) / (exp(μ) + (1/t − 1)^σ) with σ = 1; t = 0 and t = 1 map to themselves.
-pub fn time_shift(mu: f64, t: f64) -> f64 {
+pub(crate) fn time_shift(mu: f64, t: f64) -> f64 {
     if t <= 0.0 {
         return 0.0;
     }

@@ -14,7 +14,7 @@ use crate::train::config::ConfigError;
 
 /// An error as the API reports it.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("{message}")]
     BadRequest {
         message: String,
@@ -35,7 +35,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    pub fn bad(message: impl Into<String>) -> Self {
+    pub(crate) fn bad(message: impl Into<String>) -> Self {
         Self::BadRequest {
             message: message.into(),
             field: None,
@@ -43,7 +43,7 @@ impl ApiError {
     }
 
     /// The same error, naming `field` of the request when it is a 400.
-    pub fn at(self, field: impl Into<String>) -> Self {
+    pub(crate) fn at(self, field: impl Into<String>) -> Self {
         match self {
             Self::BadRequest { message, .. } => Self::BadRequest {
                 message,
@@ -68,13 +68,13 @@ impl ApiError {
 
 /// Every 4xx/5xx answer's body.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     pub error: ErrorDetail,
 }
 
 /// What went wrong.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ErrorDetail {
+pub(crate) struct ErrorDetail {
     pub code: ErrorCode,
     /// What went wrong, for people.
     pub message: String,
@@ -88,7 +88,7 @@ pub struct ErrorDetail {
 /// `conflict`, 413 `payload_too_large`, 500 `internal`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
+pub(crate) enum ErrorCode {
     BadRequest,
     NotFound,
     Conflict,
@@ -183,7 +183,7 @@ pub fn parse<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result
 
 /// JSON bodies that do not parse or do not fit the type: 400 with serde's message
 /// (which names the field and position) instead of actix's plain-text default.
-pub fn json_error(
+pub(crate) fn json_error(
     err: actix_web::error::JsonPayloadError,
     _req: &actix_web::HttpRequest,
 ) -> actix_web::Error {
@@ -212,30 +212,30 @@ pub fn json_error(
 /// The request is malformed or does not validate (`bad_request`); `field` names
 /// the offending field where one is known.
 #[derive(utoipa::ToResponse)]
-pub struct BadRequest(pub ErrorBody);
+pub(crate) struct BadRequest(pub ErrorBody);
 
 /// The daemon has a token and the request did not carry it (`unauthorized`).
 #[derive(utoipa::ToResponse)]
-pub struct Unauthorized(pub ErrorBody);
+pub(crate) struct Unauthorized(pub ErrorBody);
 
 /// The request came from a browser origin the daemon does not serve, or (without
 /// a token) named a host that is not this machine (`forbidden`): only loopback
 /// origins and those given with `--cors-origin` are served.
 #[derive(utoipa::ToResponse)]
-pub struct Forbidden(pub ErrorBody);
+pub(crate) struct Forbidden(pub ErrorBody);
 
 /// No such job, file, LoRA or route (`not_found`).
 #[derive(utoipa::ToResponse)]
-pub struct NotFound(pub ErrorBody);
+pub(crate) struct NotFound(pub ErrorBody);
 
 /// The job's state does not allow this (`conflict`); the message names the state.
 #[derive(utoipa::ToResponse)]
-pub struct Conflict(pub ErrorBody);
+pub(crate) struct Conflict(pub ErrorBody);
 
 /// The request body is over the daemon's limit (`payload_too_large`).
 #[derive(utoipa::ToResponse)]
-pub struct TooLarge(pub ErrorBody);
+pub(crate) struct TooLarge(pub ErrorBody);
 
 /// The daemon failed (`internal`).
 #[derive(utoipa::ToResponse)]
-pub struct Internal(pub ErrorBody);
+pub(crate) struct Internal(pub ErrorBody);

@@ -23,7 +23,7 @@ use super::errors::ApiError;
 
 /// The checks, built once from the settings. `Debug` does not show the token.
 #[derive(Clone)]
-pub struct Guard {
+pub(crate) struct Guard {
     token: Option<String>,
     origins: Vec<String>,
 }
@@ -38,7 +38,7 @@ impl std::fmt::Debug for Guard {
 }
 
 /// What the guard decided about a request.
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Serve it; add CORS headers for this origin to the response.
     Pass { origin: Option<HeaderValue> },
     /// Answer now (a CORS preflight, or a refusal).
@@ -46,7 +46,7 @@ pub enum Verdict {
 }
 
 impl Guard {
-    pub fn new(token: Option<String>, origins: &[String]) -> Self {
+    pub(crate) fn new(token: Option<String>, origins: &[String]) -> Self {
         Self {
             token: token.filter(|t| !t.is_empty()),
             origins: origins
@@ -56,7 +56,7 @@ impl Guard {
         }
     }
 
-    pub fn check(&self, req: &ServiceRequest) -> Verdict {
+    pub(crate) fn check(&self, req: &ServiceRequest) -> Verdict {
         if self.token.is_none() {
             if let Some(host) = req.headers().get(header::HOST) {
                 let host = host.to_str().unwrap_or("");
@@ -181,7 +181,7 @@ fn same_secret(given: &str, token: &str) -> bool {
 }
 
 /// Adds the CORS headers for an allowed origin to a response.
-pub fn with_cors<B: MessageBody + 'static>(
+pub(crate) fn with_cors<B: MessageBody + 'static>(
     mut res: ServiceResponse<B>,
     origin: Option<HeaderValue>,
 ) -> ServiceResponse<BoxBody> {

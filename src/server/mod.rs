@@ -22,16 +22,16 @@
 //!
 //! Must not: touch tensors; handlers call the engine.
 
-pub mod comfy;
-pub mod errors;
-pub mod guard;
+pub(crate) mod comfy;
+pub(crate) mod errors;
+pub(crate) mod guard;
 mod native;
-pub mod openapi;
+pub(crate) mod openapi;
 mod paths;
 mod present;
 mod route_table;
 mod state;
-pub mod ws;
+pub(crate) mod ws;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -78,7 +78,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Stops `server` on Ctrl-C or SIGTERM: WebSockets are told first (they close
 /// with "going away"), then requests in flight get [`STOP_GRACE`] to finish.
 /// Call inside the server's runtime.
-pub fn stop_on_signal(server: &Server, stopping: Arc<tokio::sync::watch::Sender<bool>>) {
+pub(crate) fn stop_on_signal(server: &Server, stopping: Arc<tokio::sync::watch::Sender<bool>>) {
     let handle = server.handle();
     actix_web::rt::spawn(async move {
         let interrupted = actix_web::rt::signal::ctrl_c();
@@ -106,7 +106,7 @@ pub fn stop_on_signal(server: &Server, stopping: Arc<tokio::sync::watch::Sender<
 }
 
 /// Binds and starts the server; returns it (to await or stop) and its address.
-pub fn start(settings: &Settings, state: AppState) -> std::io::Result<(Server, SocketAddr)> {
+pub(crate) fn start(settings: &Settings, state: AppState) -> std::io::Result<(Server, SocketAddr)> {
     let listener = TcpListener::bind((settings.host.as_str(), settings.port))?;
     start_on(listener, settings, state)
 }

@@ -33,7 +33,7 @@ use crate::train::dataset::{FolderConfig, Resolution};
 use crate::train::events::TrainEvent;
 
 /// The OpenAPI 3.1 document of the native API.
-pub fn document() -> utoipa::openapi::OpenApi {
+pub(crate) fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 

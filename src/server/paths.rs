@@ -17,7 +17,7 @@ use std::path::{Component, Path, PathBuf};
 
 /// Why a path from a request was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum PathError {
+pub(crate) enum PathError {
     #[error("{0} is outside the folders this server may read")]
     OutsideReadable(String),
     #[error("{0} is outside the folders this server may write")]
@@ -65,7 +65,7 @@ fn inside_roots(roots: &[PathBuf], canonical: &Path) -> bool {
 /// it lies inside one of `roots` after following symlinks. A path that is outside
 /// as written is refused before the file system is asked, so the answer does not
 /// tell whether something exists out there.
-pub fn resolve_in_roots(roots: &[PathBuf], path: &Path) -> Result<PathBuf, PathError> {
+pub(crate) fn resolve_in_roots(roots: &[PathBuf], path: &Path) -> Result<PathBuf, PathError> {
     let outside = || PathError::OutsideReadable(path.display().to_string());
     let full = absolute(path)?;
     let written = lexically_normal(&full);
@@ -88,7 +88,7 @@ pub fn resolve_in_roots(roots: &[PathBuf], path: &Path) -> Result<PathBuf, PathE
 
 /// `path` with `.` dropped and `..` taken against the part before it, without
 /// asking the file system (links are followed later, by `canonicalize`).
-pub fn lexically_normal(path: &Path) -> PathBuf {
+pub(crate) fn lexically_normal(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in path.components() {
         match c {
@@ -104,7 +104,7 @@ pub fn lexically_normal(path: &Path) -> PathBuf {
 
 /// Like [`resolve_in_roots`] for a folder that may not exist yet: its nearest
 /// existing ancestor must lie inside the roots, and the rest may not contain `..`.
-pub fn resolve_for_writing(roots: &[PathBuf], path: &Path) -> Result<PathBuf, PathError> {
+pub(crate) fn resolve_for_writing(roots: &[PathBuf], path: &Path) -> Result<PathBuf, PathError> {
     let full = absolute(path)?;
     if full.components().any(|c| c == Component::ParentDir) {
         return Err(PathError::ParentDir(path.display().to_string()));
@@ -129,7 +129,7 @@ pub fn resolve_for_writing(roots: &[PathBuf], path: &Path) -> Result<PathBuf, Pa
 
 /// The file `rel` (slashes allowed, no `..`, not absolute) of job `job` whose
 /// folder is `dir`, canonical; a link may not lead out of the folder.
-pub fn job_file(dir: &Path, job: &str, rel: &Path) -> Result<PathBuf, PathError> {
+pub(crate) fn job_file(dir: &Path, job: &str, rel: &Path) -> Result<PathBuf, PathError> {
     if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
         return Err(PathError::LeavesJobFolder);
     }
@@ -149,7 +149,7 @@ pub fn job_file(dir: &Path, job: &str, rel: &Path) -> Result<PathBuf, PathError>
 
 /// The LoRA file `name` (a bare file name, as `GET /v1/loras` lists them) of the
 /// LoRA folder `dir`, before it is resolved inside the roots.
-pub fn lora_in_folder(dir: &Path, name: &str) -> Result<PathBuf, PathError> {
+pub(crate) fn lora_in_folder(dir: &Path, name: &str) -> Result<PathBuf, PathError> {
     let name = Path::new(name);
     if name.components().count() != 1
         || !matches!(name.components().next(), Some(Component::Normal(_)))

@@ -17,15 +17,15 @@ use crate::engine::events::Event;
 use crate::engine::Engine;
 
 /// The key a URL is added under beside each file key of an event's `data`.
-pub const FILE_URL_KEYS: [(&str, &str); 2] = [("path", "url"), ("paths", "urls")];
+pub(crate) const FILE_URL_KEYS: [(&str, &str); 2] = [("path", "url"), ("paths", "urls")];
 
 /// `event` as clients receive it.
-pub fn event(engine: &Engine, event: &Event) -> Value {
+pub(crate) fn event(engine: &Engine, event: &Event) -> Value {
     in_folder(&engine.job_dir(&event.job), event)
 }
 
 /// `event` as clients receive it, its job's folder being `job_dir`.
-pub fn in_folder(job_dir: &Path, event: &Event) -> Value {
+pub(crate) fn in_folder(job_dir: &Path, event: &Event) -> Value {
     let mut json = event.to_json();
     add_file_urls(job_dir, &event.job, &mut json["data"]);
     json

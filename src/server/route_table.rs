@@ -8,13 +8,13 @@ use actix_web::http::Method;
 use actix_web::{web, FromRequest, Handler, Responder};
 
 /// Registers routes on an actix `ServiceConfig` and remembers them.
-pub struct RouteTable<'a> {
+pub(crate) struct RouteTable<'a> {
     cfg: &'a mut web::ServiceConfig,
     registered: Vec<(Method, String)>,
 }
 
 impl<'a> RouteTable<'a> {
-    pub fn new(cfg: &'a mut web::ServiceConfig) -> Self {
+    pub(crate) fn new(cfg: &'a mut web::ServiceConfig) -> Self {
         Self {
             cfg,
             registered: vec![],
@@ -22,7 +22,7 @@ impl<'a> RouteTable<'a> {
     }
 
     /// Serves `method path` (an actix pattern: `{name}`, `{name:regex}`) with `handler`.
-    pub fn add<F, Args>(&mut self, method: Method, path: &str, handler: F) -> &mut Self
+    pub(crate) fn add<F, Args>(&mut self, method: Method, path: &str, handler: F) -> &mut Self
     where
         F: Handler<Args>,
         Args: FromRequest + 'static,
@@ -35,7 +35,7 @@ impl<'a> RouteTable<'a> {
     }
 
     /// `(method, actix pattern)` of every route registered, in order.
-    pub fn registered(self) -> Vec<(Method, String)> {
+    pub(crate) fn registered(self) -> Vec<(Method, String)> {
         self.registered
     }
 }

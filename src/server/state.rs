@@ -54,7 +54,7 @@ impl AppState {
     }
 
     /// `path` resolved inside the configured roots.
-    pub fn resolve_path(&self, path: &Path) -> Result<PathBuf, PathError> {
+    pub(crate) fn resolve_path(&self, path: &Path) -> Result<PathBuf, PathError> {
         paths::resolve_in_roots(&self.roots, path)
     }
 }

@@ -58,9 +58,9 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Binary frame type of a preview image.
-pub const FRAME_PREVIEW: u32 = 1;
+pub(crate) const FRAME_PREVIEW: u32 = 1;
 /// Image format code of PNG (ComfyUI uses 1 for JPEG, 2 for PNG).
-pub const FORMAT_PNG: u32 = 2;
+pub(crate) const FORMAT_PNG: u32 = 2;
 
 pub(super) fn routes(table: &mut RouteTable) {
     table.add(Method::GET, "/v1/ws", connect);
@@ -68,7 +68,7 @@ pub(super) fn routes(table: &mut RouteTable) {
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct WsQuery {
+pub(crate) struct WsQuery {
     /// Comma-separated job ids to follow; all jobs when absent.
     #[serde(default)]
     #[param(example = "18f0c2a1b3d-0000,18f0c2a1b3d-0001")]
@@ -130,7 +130,7 @@ store, so text events arrive complete and in `seq` order.";
         (status = 404, response = NotFound),
     )
 )]
-pub async fn connect(
+pub(crate) async fn connect(
     req: HttpRequest,
     body: web::Payload,
     state: web::Data<AppState>,
@@ -310,7 +310,7 @@ async fn within(send: impl Future<Output = Result<(), Closed>>) -> Result<(), Go
 }
 
 /// A binary preview frame (layout in the module comment).
-pub fn preview_frame(job: &str, seq: u64, step: u64, png: &[u8]) -> Vec<u8> {
+pub(crate) fn preview_frame(job: &str, seq: u64, step: u64, png: &[u8]) -> Vec<u8> {
     let job = &job.as_bytes()[..job.len().min(u16::MAX as usize)];
     let mut frame = Vec::with_capacity(22 + job.len() + png.len());
     frame.extend_from_slice(&FRAME_PREVIEW.to_be_bytes());

@@ -17,7 +17,7 @@ use crate::atomic_file;
 
 /// Text-encoder outputs for one caption.
 #[derive(Clone, Debug)]
-pub struct TextCond {
+pub(crate) struct TextCond {
     /// (n_txt, t5_dim)
     pub t5: Tensor,
     /// (pooled_dim,)
@@ -25,7 +25,7 @@ pub struct TextCond {
 }
 
 /// Latents and text conditioning, in memory with an optional disk copy.
-pub struct Cache {
+pub(crate) struct Cache {
     dir: Option<PathBuf>,
     latents: HashMap<String, Tensor>,
     text: HashMap<String, TextCond>,
@@ -44,7 +44,7 @@ fn key_hash(key: &str) -> String {
 }
 
 impl Cache {
-    pub fn new(dir: Option<&Path>) -> Self {
+    pub(crate) fn new(dir: Option<&Path>) -> Self {
         Self {
             dir: dir.map(Path::to_path_buf),
             latents: HashMap::new(),
@@ -89,7 +89,7 @@ impl Cache {
     }
 
     /// The latents for `key` from memory or disk, if cached.
-    pub fn get_latents(&mut self, key: &str, device: &Device) -> Result<Option<Tensor>> {
+    pub(crate) fn get_latents(&mut self, key: &str, device: &Device) -> Result<Option<Tensor>> {
         if let Some(t) = self.latents.get(key) {
             self.hits += 1;
             return Ok(Some(t.clone()));
@@ -104,7 +104,7 @@ impl Cache {
     }
 
     /// Stores freshly computed latents in memory and on disk.
-    pub fn put_latents(&mut self, key: &str, t: &Tensor) -> Result<()> {
+    pub(crate) fn put_latents(&mut self, key: &str, t: &Tensor) -> Result<()> {
         self.misses += 1;
         self.write("latents", key, &[("latents", t)])?;
         self.latents.insert(key.to_string(), t.clone());
@@ -112,7 +112,7 @@ impl Cache {
     }
 
     /// The text conditioning for `key` from memory or disk, if cached.
-    pub fn get_text(&mut self, key: &str, device: &Device) -> Result<Option<TextCond>> {
+    pub(crate) fn get_text(&mut self, key: &str, device: &Device) -> Result<Option<TextCond>> {
         if let Some(c) = self.text.get(key) {
             self.hits += 1;
             return Ok(Some(c.clone()));
@@ -130,7 +130,7 @@ impl Cache {
     }
 
     /// Stores freshly computed text conditioning in memory and on disk.
-    pub fn put_text(&mut self, key: &str, c: &TextCond) -> Result<()> {
+    pub(crate) fn put_text(&mut self, key: &str, c: &TextCond) -> Result<()> {
         self.misses += 1;
         self.write("text", key, &[("t5", &c.t5), ("pooled", &c.pooled)])?;
         self.text.insert(key.to_string(), c.clone());

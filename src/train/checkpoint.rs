@@ -50,17 +50,17 @@ struct StateJson {
 const STATE_FORMAT: u32 = 1;
 
 /// `<name>-step000100.safetensors`
-pub fn step_lora_path(dir: &Path, name: &str, step: u64) -> PathBuf {
+pub(crate) fn step_lora_path(dir: &Path, name: &str, step: u64) -> PathBuf {
     dir.join(format!("{name}-step{step:06}.safetensors"))
 }
 
 /// `<name>-000002.safetensors` (kohya's epoch naming)
-pub fn epoch_lora_path(dir: &Path, name: &str, epoch: u64) -> PathBuf {
+pub(crate) fn epoch_lora_path(dir: &Path, name: &str, epoch: u64) -> PathBuf {
     dir.join(format!("{name}-{epoch:06}.safetensors"))
 }
 
 /// `<name>-step000100-state`
-pub fn state_dir(dir: &Path, name: &str, step: u64) -> PathBuf {
+pub(crate) fn state_dir(dir: &Path, name: &str, step: u64) -> PathBuf {
     dir.join(format!("{name}-step{step:06}-state"))
 }
 
@@ -69,7 +69,7 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> candle_core::Error {
 }
 
 /// Writes the full training state of `progress.step` atomically (whole folder).
-pub fn save_state(
+pub(crate) fn save_state(
     dir: &Path,
     name: &str,
     progress: &Progress,
@@ -113,14 +113,14 @@ pub fn save_state(
 }
 
 /// A loaded training state.
-pub struct SavedState {
+pub(crate) struct SavedState {
     pub progress: Progress,
     pub weights: HashMap<String, Tensor>,
     pub optimizer: OptimizerState,
 }
 
 /// Reads a state folder written by [`save_state`]; errors name the file.
-pub fn load_state(dir: &Path, device: &Device) -> Result<SavedState> {
+pub(crate) fn load_state(dir: &Path, device: &Device) -> Result<SavedState> {
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| io_err(&state_path, e))?;
     let json: StateJson = serde_json::from_str(&text).map_err(|e| io_err(&state_path, e))?;
@@ -185,7 +185,7 @@ fn step_saves(dir: &Path, name: &str) -> Vec<(u64, PathBuf, PathBuf)> {
 }
 
 /// Deletes all but the newest `keep` step saves (LoRA files and state folders).
-pub fn prune_step_saves(dir: &Path, name: &str, keep: usize) -> Result<Vec<u64>> {
+pub(crate) fn prune_step_saves(dir: &Path, name: &str, keep: usize) -> Result<Vec<u64>> {
     let saves = step_saves(dir, name);
     let n = saves.len().saturating_sub(keep);
     let mut removed = vec![];

@@ -94,30 +94,30 @@ impl TrainControl {
         self.cancel.store(true, Ordering::SeqCst);
     }
 
-    pub fn pause(&self) {
+    pub(crate) fn pause(&self) {
         self.pause.store(true, Ordering::SeqCst);
     }
 
-    pub fn resume(&self) {
+    pub(crate) fn resume(&self) {
         self.pause.store(false, Ordering::SeqCst);
     }
 
-    pub fn is_cancelled(&self) -> bool {
+    pub(crate) fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
     }
 
-    pub fn is_paused(&self) -> bool {
+    pub(crate) fn is_paused(&self) -> bool {
         self.pause.load(Ordering::SeqCst)
     }
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in bytes.
-pub fn peak_memory_bytes() -> Option<u64> {
+pub(crate) fn peak_memory_bytes() -> Option<u64> {
     proc_status_bytes("VmHWM:")
 }
 
 /// Resident memory of the process now, in bytes (Linux; `None` elsewhere).
-pub fn memory_bytes() -> Option<u64> {
+pub(crate) fn memory_bytes() -> Option<u64> {
     proc_status_bytes("VmRSS:")
 }
 

@@ -81,7 +81,7 @@ fn err(field: &'static str, message: impl Into<String>) -> ScheduleError {
 
 impl LrSchedule {
     /// A schedule of `kind` with every setting at its default.
-    pub fn new(kind: ScheduleKind) -> Self {
+    pub(crate) fn new(kind: ScheduleKind) -> Self {
         Self {
             kind,
             ..Self::default()
@@ -159,7 +159,7 @@ impl LrSchedule {
 
     /// [`LrSchedule::validate`] plus the run-time condition of transformers'
     /// polynomial schedule: `lr_end` must be below the reference lr.
-    pub fn check(&self, reference_lr: f64) -> Result<(), ScheduleError> {
+    pub(crate) fn check(&self, reference_lr: f64) -> Result<(), ScheduleError> {
         self.validate()?;
         let below = reference_lr > self.resolved_lr_end();
         if self.kind == ScheduleKind::Polynomial && !below {
@@ -175,7 +175,7 @@ impl LrSchedule {
     }
 
     /// The warmup length in steps for a run of `total_steps`.
-    pub fn warmup_steps(&self, total_steps: u64) -> u64 {
+    pub(crate) fn warmup_steps(&self, total_steps: u64) -> u64 {
         match (self.warmup_steps, self.warmup_ratio) {
             (Some(w), _) => w,
             (None, Some(r)) => (r * total_steps as f64).floor() as u64,
@@ -193,7 +193,7 @@ impl LrSchedule {
     /// from the optimizer's defaults (kohya: `--learning_rate`, the main/DiT
     /// lr); the factor is the same for every group, as one `LambdaLR` over all
     /// groups computes it. Other kinds ignore it.
-    pub fn multiplier(&self, step: u64, total_steps: u64, reference_lr: f64) -> f64 {
+    pub(crate) fn multiplier(&self, step: u64, total_steps: u64, reference_lr: f64) -> f64 {
         use ScheduleKind as S;
         let warmup = match self.kind {
             S::Constant => 0,

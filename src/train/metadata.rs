@@ -16,14 +16,14 @@ use serde::Serialize;
 /// Which Flux model a LoRA was trained on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum FluxVariant {
+pub(crate) enum FluxVariant {
     Dev,
     Schnell,
 }
 
 /// One dataset folder in `ss_dataset_dirs`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DatasetDir {
+pub(crate) struct DatasetDir {
     pub n_repeats: usize,
     pub img_count: usize,
 }
@@ -34,7 +34,7 @@ pub struct DatasetDir {
 /// `None`, `0.0001`, `1e-05`, `(1024, 1024)`), because tools parse them that way.
 /// The training module fills it; `extra` carries fluxlora's own keys.
 #[derive(Clone, Debug)]
-pub struct KohyaMetadata {
+pub(crate) struct KohyaMetadata {
     pub output_name: String,
     /// `modelspec.title`; defaults to `output_name`.
     pub title: Option<String>,
@@ -109,7 +109,7 @@ pub struct KohyaMetadata {
 
 impl KohyaMetadata {
     /// Metadata with kohya's defaults for a Flux LoRA of `network_dim` / `network_alpha`.
-    pub fn new(
+    pub(crate) fn new(
         output_name: impl Into<String>,
         variant: FluxVariant,
         network_dim: usize,
@@ -181,7 +181,7 @@ impl KohyaMetadata {
     }
 
     /// The `ss_*` and `modelspec.*` entries (plus `extra`) as safetensors metadata.
-    pub fn to_map(&self) -> BTreeMap<String, String> {
+    pub(crate) fn to_map(&self) -> BTreeMap<String, String> {
         let mut m = BTreeMap::new();
         let mut put = |k: &str, v: String| {
             m.insert(k.to_string(), v);
@@ -353,7 +353,9 @@ impl KohyaMetadata {
 
 /// kohya's tag counting for `ss_tag_frequency`: each caption is split at commas,
 /// tags are trimmed and lower-cased, empty tags skipped.
-pub fn tag_frequency<'a>(captions: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, usize> {
+pub(crate) fn tag_frequency<'a>(
+    captions: impl IntoIterator<Item = &'a str>,
+) -> BTreeMap<String, usize> {
     let mut freq = BTreeMap::new();
     for caption in captions {
         for tag in caption.split(',') {

@@ -5,19 +5,19 @@
 //!
 //! Must not: know about HTTP; the daemon and the CLI drive it through its API.
 
-pub mod cache;
+pub(crate) mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;
 pub mod events;
 pub mod lr_schedule;
-pub mod metadata;
+pub(crate) mod metadata;
 pub mod network;
-pub mod objective;
+pub(crate) mod objective;
 pub mod optim;
 pub mod pretrain_tiny;
-pub mod prompts;
-pub mod recompute;
-pub mod run;
+pub(crate) mod prompts;
+pub(crate) mod recompute;
+pub(crate) mod run;
 pub mod shapes;
 pub mod trainer;

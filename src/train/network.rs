@@ -113,7 +113,7 @@ impl NetworkConfig {
     }
 
     /// Whether the linear at `module` (a DiT or CLIP module path) trains under this config.
-    pub fn targets_module(&self, module: &str) -> bool {
+    pub(crate) fn targets_module(&self, module: &str) -> bool {
         let matches = |list: &[String]| {
             list.iter()
                 .any(|re| Regex::new(re).is_ok_and(|r| r.is_match(module)))
@@ -159,7 +159,7 @@ impl NetworkConfig {
 }
 
 /// The trainable LoRA: its `Var`s and the [`Lora`] view the model applies.
-pub struct TrainableLora {
+pub(crate) struct TrainableLora {
     pub lora: Arc<Lora>,
     /// (module, down, up) in module order.
     pub vars: Vec<(String, Var, Var)>,
@@ -167,7 +167,7 @@ pub struct TrainableLora {
 
 impl TrainableLora {
     /// Creates the network over the targeted modules of `shapes` ((out, in) per module).
-    pub fn new(
+    pub(crate) fn new(
         cfg: &NetworkConfig,
         shapes: &BTreeMap<String, (usize, usize)>,
         seed: u64,
@@ -204,7 +204,7 @@ impl TrainableLora {
     }
 
     /// Every trainable tensor, down then up per module.
-    pub fn params(&self) -> Vec<Var> {
+    pub(crate) fn params(&self) -> Vec<Var> {
         self.vars
             .iter()
             .flat_map(|(_, d, u)| [d.clone(), u.clone()])
@@ -212,7 +212,7 @@ impl TrainableLora {
     }
 
     /// The trainable tensors split into (DiT, CLIP text encoder), for separate learning rates.
-    pub fn param_groups(&self) -> (Vec<Var>, Vec<Var>) {
+    pub(crate) fn param_groups(&self) -> (Vec<Var>, Vec<Var>) {
         let (te, dit): (Vec<_>, Vec<_>) = self.vars.iter().partition(|(m, _, _)| is_clip_module(m));
         let flat = |v: Vec<&(String, Var, Var)>| -> Vec<Var> {
             v.into_iter()
@@ -223,7 +223,7 @@ impl TrainableLora {
     }
 
     /// Copies weights from a saved LoRA (resume); every module must be present with the same shapes.
-    pub fn load_from(&self, saved: &Lora) -> Result<()> {
+    pub(crate) fn load_from(&self, saved: &Lora) -> Result<()> {
         for (module, down, up) in &self.vars {
             let layer = saved.layers.get(module).ok_or_else(|| {
                 candle_core::Error::msg(format!("saved LoRA lacks module `{module}`"))
@@ -235,7 +235,7 @@ impl TrainableLora {
     }
 
     /// A snapshot (detached copies) of the current weights, safe to save while training goes on.
-    pub fn snapshot(&self, name: &str) -> Result<Lora> {
+    pub(crate) fn snapshot(&self, name: &str) -> Result<Lora> {
         let mut lora = Lora::new(name);
         for (module, down, up) in &self.vars {
             let alpha = self.lora.layers.get(module).map(|l| l.alpha).unwrap_or(1.0);
@@ -253,7 +253,7 @@ impl TrainableLora {
 }
 
 /// What a run trains: a LoRA on the frozen base, or every base weight.
-pub enum Trainable {
+pub(crate) enum Trainable {
     Lora(TrainableLora),
     /// Full fine-tuning: the model's own weights (built with `Flux::new_trainable`).
     Full(Vec<(String, Var)>),
@@ -261,14 +261,14 @@ pub enum Trainable {
 
 impl Trainable {
     /// Whether a CLIP text-encoder LoRA trains (its outputs then change every step).
-    pub fn trains_text_encoder(&self) -> bool {
+    pub(crate) fn trains_text_encoder(&self) -> bool {
         match self {
             Self::Lora(l) => l.vars.iter().any(|(m, _, _)| is_clip_module(m)),
             Self::Full(_) => false,
         }
     }
 
-    pub fn params(&self) -> Vec<Var> {
+    pub(crate) fn params(&self) -> Vec<Var> {
         match self {
             Self::Lora(l) => l.params(),
             Self::Full(w) => w.iter().map(|(_, v)| v.clone()).collect(),
@@ -276,7 +276,7 @@ impl Trainable {
     }
 
     /// The adapters the model applies while training (empty for full fine-tuning).
-    pub fn adapters(&self, dropout: f64) -> AdapterSet {
+    pub(crate) fn adapters(&self, dropout: f64) -> AdapterSet {
         match self {
             Self::Lora(l) => AdapterSet::none()
                 .with(l.lora.clone(), 1.0)
@@ -287,7 +287,7 @@ impl Trainable {
 
     /// The adapter being trained, as the sampler applies it (none for full fine-tuning,
     /// whose weights are the model itself).
-    pub fn live_lora(&self) -> Option<Arc<Lora>> {
+    pub(crate) fn live_lora(&self) -> Option<Arc<Lora>> {
         match self {
             Self::Lora(l) => Some(l.lora.clone()),
             Self::Full(_) => None,
@@ -296,7 +296,7 @@ impl Trainable {
 
     /// Detached f32 copies of the trainable weights under stable names (kohya keys
     /// for a LoRA, BFL keys for the full model): what a resumable state stores.
-    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+    pub(crate) fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         match self {
             Self::Lora(l) => {
                 let lora = l.snapshot("state")?;
@@ -310,7 +310,7 @@ impl Trainable {
     }
 
     /// Restores weights written by [`Trainable::state_tensors`].
-    pub fn load_state_tensors(&self, tensors: HashMap<String, Tensor>) -> Result<()> {
+    pub(crate) fn load_state_tensors(&self, tensors: HashMap<String, Tensor>) -> Result<()> {
         match self {
             Self::Lora(l) => {
                 let file = lora_io::parse(tensors, Default::default(), "state")

@@ -17,7 +17,7 @@ use crate::sample::schedule::{time_shift, Shift};
 /// How training timesteps t ∈ (0, 1) are drawn.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum TimestepSampling {
+pub(crate) enum TimestepSampling {
     Uniform,
     #[default]
     Sigmoid,
@@ -95,7 +95,7 @@ impl ObjectiveConfig {
     }
 
     /// One t per image for latents of `lh`×`lw` latent pixels.
-    pub fn sample_timesteps(
+    pub(crate) fn sample_timesteps(
         &self,
         rng: &mut SeededRng,
         batch: usize,
@@ -122,7 +122,7 @@ impl ObjectiveConfig {
 
     /// Noise like `latents` (b, c, h, w): standard normal, plus the offset and
     /// pyramid terms when enabled.
-    pub fn sample_noise(
+    pub(crate) fn sample_noise(
         &self,
         rng: &mut SeededRng,
         shape: (usize, usize, usize, usize),
@@ -176,7 +176,7 @@ fn pyramid_noise(
 }
 
 /// x_t = (1 − t)·x₀ + t·ε with t per image; x₀ and ε (b, …).
-pub fn noised(x0: &Tensor, noise: &Tensor, t: &[f64]) -> Result<Tensor> {
+pub(crate) fn noised(x0: &Tensor, noise: &Tensor, t: &[f64]) -> Result<Tensor> {
     let b = x0.dim(0)?;
     let rank = x0.rank();
     let mut shape = vec![b];
@@ -188,12 +188,12 @@ pub fn noised(x0: &Tensor, noise: &Tensor, t: &[f64]) -> Result<Tensor> {
 }
 
 /// The velocity the model must predict: ε − x₀.
-pub fn velocity_target(x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+pub(crate) fn velocity_target(x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
     noise - x0
 }
 
 /// Mean squared error over every element, computed in f32.
-pub fn mse(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+pub(crate) fn mse(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?
         .sqr()?
         .mean_all()

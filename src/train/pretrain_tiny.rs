@@ -101,14 +101,14 @@ fn batch_of_scenes(rng: &mut SeededRng, n: usize, size: u32, device: &Device) ->
 }
 
 /// A trained tiny autoencoder: its weights (BFL keys) and calibrated latent scale/shift.
-pub struct TrainedVae {
+pub(crate) struct TrainedVae {
     pub weights: Vec<(String, Tensor)>,
     pub scale: f64,
     pub shift: f64,
 }
 
 /// Stage 1: trains the tiny autoencoder. `log(step, loss)` reports progress.
-pub fn pretrain_vae(
+pub(crate) fn pretrain_vae(
     cfg: &PretrainConfig,
     device: &Device,
     log: &mut dyn FnMut(usize, f64),

@@ -13,7 +13,7 @@ use crate::sample::generate::SampleRequest;
 
 /// One preview prompt with its options.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct PromptSpec {
+pub(crate) struct PromptSpec {
     pub prompt: String,
     pub negative_prompt: String,
     pub width: Option<usize>,
@@ -62,7 +62,7 @@ impl PromptSpec {
     }
 
     /// The sample request for this prompt; `default_seed` when no `--d` was given.
-    pub fn request(&self, default_seed: u64) -> SampleRequest {
+    pub(crate) fn request(&self, default_seed: u64) -> SampleRequest {
         SampleRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),

@@ -23,7 +23,7 @@ use crate::model::flux::{Flux, FluxInputs};
 /// `params`, `scale`·loss being what is differentiated (1 / accumulation steps).
 /// The returned store holds only the parameters' gradients, detached, so no forward
 /// graph outlives this call.
-pub fn loss_and_grads(
+pub(crate) fn loss_and_grads(
     flux: &Flux,
     inputs: &FluxInputs,
     adapters: &AdapterSet,
@@ -122,7 +122,7 @@ fn take(grads: &mut GradStore, t: &Tensor) -> Result<Tensor> {
 }
 
 /// Adds the (detached) gradients of `params` found in `from` to `into`.
-pub fn keep_params(into: &mut GradStore, from: &GradStore, params: &[Var]) -> Result<()> {
+pub(crate) fn keep_params(into: &mut GradStore, from: &GradStore, params: &[Var]) -> Result<()> {
     for p in params {
         if let Some(g) = from.get(p.as_tensor()) {
             let g = g.detach();

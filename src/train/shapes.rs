@@ -12,7 +12,7 @@ use crate::atomic_file;
 use crate::model::seeded::SeededRng;
 
 /// Named colours and their RGB values.
-pub const COLOURS: [(&str, [u8; 3]); 8] = [
+pub(crate) const COLOURS: [(&str, [u8; 3]); 8] = [
     ("red", [220, 40, 40]),
     ("green", [40, 180, 60]),
     ("blue", [40, 70, 220]),
@@ -32,9 +32,9 @@ pub enum Shape {
 }
 
 impl Shape {
-    pub const ALL: [Shape; 3] = [Shape::Circle, Shape::Square, Shape::Triangle];
+    pub(crate) const ALL: [Shape; 3] = [Shape::Circle, Shape::Square, Shape::Triangle];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Shape::Circle => "circle",
             Shape::Square => "square",
@@ -43,7 +43,7 @@ impl Shape {
     }
 
     /// Whether pixel (x, y) lies inside the shape centred at (cx, cy) with half-size r.
-    pub fn contains(self, x: f64, y: f64, cx: f64, cy: f64, r: f64) -> bool {
+    pub(crate) fn contains(self, x: f64, y: f64, cx: f64, cy: f64, r: f64) -> bool {
         let (dx, dy) = (x - cx, y - cy);
         match self {
             Shape::Circle => dx * dx + dy * dy <= r * r,
@@ -76,7 +76,7 @@ pub struct ShapeScene {
 
 impl ShapeScene {
     /// A random scene (shape colour differs from the background).
-    pub fn random(rng: &mut SeededRng, size: u32) -> Self {
+    pub(crate) fn random(rng: &mut SeededRng, size: u32) -> Self {
         let pick = |rng: &mut SeededRng, n: usize| (rng.next_u64() % n as u64) as usize;
         let shape = Shape::ALL[pick(rng, Shape::ALL.len())];
         let colour = pick(rng, COLOURS.len());
@@ -97,7 +97,7 @@ impl ShapeScene {
         }
     }
 
-    pub fn caption(&self) -> String {
+    pub(crate) fn caption(&self) -> String {
         format!(
             "a {} {} on a {} background",
             COLOURS[self.colour].0,
@@ -108,7 +108,7 @@ impl ShapeScene {
 
     /// Renders with 4×4 supersampled edges; `fill` overrides the shape's colour
     /// per pixel (used for patterned concepts).
-    pub fn render(&self, size: u32, fill: Option<&dyn Fn(u32, u32) -> [u8; 3]>) -> RgbImage {
+    pub(crate) fn render(&self, size: u32, fill: Option<&dyn Fn(u32, u32) -> [u8; 3]>) -> RgbImage {
         let fg = COLOURS[self.colour].1;
         let bg = COLOURS[self.background].1;
         RgbImage::from_fn(size, size, |x, y| {
@@ -131,7 +131,7 @@ impl ShapeScene {
     }
 
     /// Mask of pixels well inside the shape (for measuring colours in tests).
-    pub fn inner_mask(&self, size: u32) -> Vec<bool> {
+    pub(crate) fn inner_mask(&self, size: u32) -> Vec<bool> {
         let mut mask = Vec::with_capacity((size * size) as usize);
         for y in 0..size {
             for x in 0..size {
@@ -183,7 +183,7 @@ impl Concept {
         }
     }
 
-    pub fn caption(&self, scene: &ShapeScene) -> String {
+    pub(crate) fn caption(&self, scene: &ShapeScene) -> String {
         format!(
             "a {} {} on a {} background",
             self.trigger,
@@ -194,7 +194,7 @@ impl Concept {
 }
 
 /// Writes `count` scenes of `concept` as `NNNN.png` + `NNNN.txt` into `dir`.
-pub fn write_concept_dataset(
+pub(crate) fn write_concept_dataset(
     dir: &Path,
     concept: &Concept,
     count: usize,

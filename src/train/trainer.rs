@@ -254,7 +254,7 @@ impl Trainer {
         })
     }
 
-    pub fn config(&self) -> &TrainConfig {
+    pub(crate) fn config(&self) -> &TrainConfig {
         &self.cfg
     }
 
@@ -262,7 +262,7 @@ impl Trainer {
         &self.bundle
     }
 
-    pub fn total_steps(&self) -> u64 {
+    pub(crate) fn total_steps(&self) -> u64 {
         self.total_steps
     }
 
@@ -270,7 +270,7 @@ impl Trainer {
         &self.progress
     }
 
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.progress.step >= self.total_steps
     }
 
@@ -282,7 +282,7 @@ impl Trainer {
     }
 
     /// The `Started` event of this run.
-    pub fn started_event(&self) -> TrainEvent {
+    pub(crate) fn started_event(&self) -> TrainEvent {
         let trainable_parameters = self.network.params().iter().map(|v| v.elem_count()).sum();
         TrainEvent::Started {
             total_steps: self.total_steps,
@@ -758,7 +758,7 @@ impl Trainer {
     }
 
     /// Preview images for every sample prompt with the adapter as it is now.
-    pub fn sample_previews(&self, step: u64) -> Result<Vec<PathBuf>> {
+    pub(crate) fn sample_previews(&self, step: u64) -> Result<Vec<PathBuf>> {
         let adapters = self.network.adapters(0.0);
         let dir = self.cfg.output_dir.join("sample");
         let mut paths = vec![];
@@ -855,7 +855,7 @@ impl Trainer {
     }
 
     /// Writes the final LoRA `<output_name>.safetensors`.
-    pub fn finish(&self) -> Result<PathBuf> {
+    pub(crate) fn finish(&self) -> Result<PathBuf> {
         let path = self
             .cfg
             .output_dir
@@ -870,7 +870,7 @@ impl Trainer {
     }
 
     /// The device the run computes on.
-    pub fn device(&self) -> &Device {
+    pub(crate) fn device(&self) -> &Device {
         self.bundle.device()
     }
 }

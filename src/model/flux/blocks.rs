@@ -28,14 +28,14 @@ fn rms_norm(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
 
 /// RoPE angles for position ids: cos and sin, each (b, seq, head_dim / 2), f32.
 #[derive(Clone, Debug)]
-pub struct Rope {
+pub(crate) struct Rope {
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Rope {
     /// ids (b, seq, n_axes) → per-axis frequencies θ^(−2j/dᵢ), concatenated over axes.
-    pub fn new(ids: &Tensor, axes_dim: &[usize], theta: f64) -> Result<Self> {
+    pub(crate) fn new(ids: &Tensor, axes_dim: &[usize], theta: f64) -> Result<Self> {
         let ids = ids.to_dtype(DType::F32)?;
         let (_b, _seq, n_axes) = ids.dims3()?;
         if n_axes != axes_dim.len() {
@@ -92,7 +92,7 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &Rope) -> Result<Tensor> {
 }
 
 /// Sinusoidal embedding of t ∈ [0, 1] (scaled by 1000), [cos | sin], (b, dim), f32.
-pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+pub(crate) fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     const TIME_FACTOR: f64 = 1000.0;
     const MAX_PERIOD: f64 = 10_000.0;
     let half = dim / 2;
@@ -260,7 +260,7 @@ impl DoubleBlock {
     }
 
     /// img (b, n_img, hidden), txt (b, n_txt, hidden) → updated (img, txt).
-    pub fn forward(
+    pub(crate) fn forward(
         &self,
         img: &Tensor,
         txt: &Tensor,
@@ -311,7 +311,13 @@ impl SingleBlock {
     }
 
     /// x (b, n_txt + n_img, hidden) → same shape.
-    pub fn forward(&self, x: &Tensor, vec: &Tensor, pe: &Rope, ad: &AdapterSet) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        vec: &Tensor,
+        pe: &Rope,
+        ad: &AdapterSet,
+    ) -> Result<Tensor> {
         let mods = modulation(&self.modulation, vec, 1, ad)?;
         let x_mod = mods[0].modulate(&layer_norm(x, None, 1e-6)?)?;
         let lin1 = self.linear1.forward(&x_mod, ad)?;

@@ -27,7 +27,7 @@ pub struct FluxConfig {
 
 impl FluxConfig {
     /// FLUX.1 \[dev\]: guidance-distilled.
-    pub fn dev() -> Self {
+    pub(crate) fn dev() -> Self {
         Self {
             in_channels: 64,
             vec_in_dim: 768,
@@ -45,18 +45,18 @@ impl FluxConfig {
     }
 
     /// FLUX.1 \[schnell\]: timestep-distilled, no guidance embedding.
-    pub fn schnell() -> Self {
+    pub(crate) fn schnell() -> Self {
         Self {
             guidance_embed: false,
             ..Self::dev()
         }
     }
 
-    pub fn head_dim(&self) -> usize {
+    pub(crate) fn head_dim(&self) -> usize {
         self.hidden_size / self.num_heads.max(1)
     }
 
-    pub fn mlp_hidden(&self) -> usize {
+    pub(crate) fn mlp_hidden(&self) -> usize {
         (self.hidden_size as f64 * self.mlp_ratio) as usize
     }
 
@@ -97,7 +97,7 @@ impl FluxConfig {
 
     /// Infers the config from the shapes of BFL-named weights. RoPE axes follow
     /// Flux's split of a 128-wide head ([16, 56, 56]) scaled to the head dim.
-    pub fn infer(weights: &WeightSource) -> Result<Self> {
+    pub(crate) fn infer(weights: &WeightSource) -> Result<Self> {
         let shape = |name: &str| weights.shape(name);
         let img_in = shape("img_in.weight")?;
         let (hidden_size, in_channels) = (img_in[0], img_in[1]);

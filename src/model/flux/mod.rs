@@ -35,7 +35,7 @@ mod config;
 mod packing;
 mod weights;
 
-pub use blocks::{timestep_embedding, DoubleBlock, Rope, SingleBlock};
+pub(crate) use blocks::{timestep_embedding, DoubleBlock, Rope, SingleBlock};
 pub use config::FluxConfig;
 pub use packing::{image_ids, pack_latents, text_ids, unpack_latents};
 pub use weights::{save_checkpoint, WeightSource, CONFIG_METADATA_KEY};
@@ -59,7 +59,7 @@ pub struct FluxInputs<'a> {
 }
 
 /// The embedded inputs every block sees.
-pub struct Embedded {
+pub(crate) struct Embedded {
     pub img: Tensor,
     pub txt: Tensor,
     pub vec: Tensor,
@@ -95,7 +95,11 @@ impl Flux {
 
     /// The model with every weight a trainable `Var` (f32 master weights for full
     /// fine-tuning); [`Flux::trainable_weights`] hands them to an optimizer.
-    pub fn new_trainable(cfg: &FluxConfig, source: &WeightSource, device: &Device) -> Result<Self> {
+    pub(crate) fn new_trainable(
+        cfg: &FluxConfig,
+        source: &WeightSource,
+        device: &Device,
+    ) -> Result<Self> {
         Self::build(cfg, source, DType::F32, device, true)
     }
 
@@ -165,7 +169,7 @@ impl Flux {
         &self.cfg
     }
 
-    pub fn dtype(&self) -> DType {
+    pub(crate) fn dtype(&self) -> DType {
         self.dtype
     }
 
@@ -197,7 +201,7 @@ impl Flux {
 
     /// Every weight under its BFL name, with `adapters` merged into the linears
     /// (W + Σ sᵢ·ΔWᵢ): the base for `lora merge` and for exporting a fine-tune.
-    pub fn merged_weights(&self, adapters: &AdapterSet) -> Result<Vec<(String, Tensor)>> {
+    pub(crate) fn merged_weights(&self, adapters: &AdapterSet) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![];
         for l in self.linears() {
             out.push((
@@ -235,7 +239,7 @@ impl Flux {
 
     /// Every weight as a `Var` with its BFL name, when the model was built with
     /// [`Flux::new_trainable`]; `None` otherwise.
-    pub fn trainable_weights(&self) -> Result<Option<Vec<(String, candle_core::Var)>>> {
+    pub(crate) fn trainable_weights(&self) -> Result<Option<Vec<(String, candle_core::Var)>>> {
         let weights = self.merged_weights(&AdapterSet::none())?;
         if !weights.iter().all(|(_, t)| t.is_variable()) {
             return Ok(None);
@@ -248,7 +252,7 @@ impl Flux {
     }
 
     /// Input embeddings and RoPE: the state before the first block.
-    pub fn embed(&self, inp: &FluxInputs, ad: &AdapterSet) -> Result<Embedded> {
+    pub(crate) fn embed(&self, inp: &FluxInputs, ad: &AdapterSet) -> Result<Embedded> {
         let dtype = self.dtype;
         let img = self.img_in.forward(&inp.img.to_dtype(dtype)?, ad)?;
         let txt = self.txt_in.forward(&inp.txt.to_dtype(dtype)?, ad)?;
@@ -270,7 +274,13 @@ impl Flux {
     }
 
     /// The final layer on the image tokens of the joint sequence.
-    pub fn head(&self, x: &Tensor, n_txt: usize, vec: &Tensor, ad: &AdapterSet) -> Result<Tensor> {
+    pub(crate) fn head(
+        &self,
+        x: &Tensor,
+        n_txt: usize,
+        vec: &Tensor,
+        ad: &AdapterSet,
+    ) -> Result<Tensor> {
         let n_img = x.dim(1)? - n_txt;
         let img = x.narrow(1, n_txt, n_img)?;
         self.final_layer.forward(&img, vec, ad)

@@ -64,7 +64,7 @@ impl WeightSource {
         )
     }
 
-    pub fn contains(&self, name: &str) -> bool {
+    pub(crate) fn contains(&self, name: &str) -> bool {
         match self {
             Self::Seeded(_) => true,
             Self::Tensors(t) => t.contains_key(name),

@@ -37,16 +37,18 @@ mod tokenizer;
 mod weights;
 mod words;
 
-pub use words::{word_ids, TINY_VOCAB_SIZE, WORD_BOS, WORD_EOS, WORD_HASH_BUCKETS, WORD_PAD};
+pub(crate) use words::{
+    word_ids, TINY_VOCAB_SIZE, WORD_BOS, WORD_EOS, WORD_HASH_BUCKETS, WORD_PAD,
+};
 
 /// CLIP's context length (and the position table of every CLIP text model).
-pub const CLIP_MAX_LEN: usize = 77;
+pub(crate) const CLIP_MAX_LEN: usize = 77;
 /// T5 sequence length of flux1-dev pipelines.
-pub const T5_MAX_LEN_DEV: usize = 512;
+pub(crate) const T5_MAX_LEN_DEV: usize = 512;
 /// T5 sequence length of flux1-schnell pipelines.
-pub const T5_MAX_LEN_SCHNELL: usize = 256;
+pub(crate) const T5_MAX_LEN_SCHNELL: usize = 256;
 /// T5 sequence length of the tiny built-in model.
-pub const TINY_T5_MAX_LEN: usize = 32;
+pub(crate) const TINY_T5_MAX_LEN: usize = 32;
 
 /// A tokenized batch (see [`TextEncoders::tokenize_batch`]).
 struct TokenBatch {
@@ -108,7 +110,7 @@ pub struct TextEncoders {
 
 impl TextEncoders {
     /// The tiny built-in encoders with weights made from `seed` (F32).
-    pub fn tiny(seed: u64, device: &Device) -> Result<Self> {
+    pub(crate) fn tiny(seed: u64, device: &Device) -> Result<Self> {
         let backend = TinyTextInit {
             inner: SeededInit { seed },
         };
@@ -119,7 +121,7 @@ impl TextEncoders {
     /// The tiny encoders with weights from `vb`: T5 under `t5.` (`shared.weight`,
     /// `encoder.block.N…` as in Hugging Face T5) and CLIP under
     /// `clip_l.text_model.` (as in Hugging Face CLIP).
-    pub fn tiny_from_varbuilder(vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn tiny_from_varbuilder(vb: VarBuilder) -> Result<Self> {
         let t5_cfg = tiny_t5_config();
         let clip_cfg = tiny_clip_config();
         let t5 = T5EncoderModel::load(vb.pp("t5"), &t5_cfg)?;
@@ -175,7 +177,7 @@ impl TextEncoders {
     }
 
     /// Changes the T5 sequence length (e.g. 256 for schnell).
-    pub fn set_t5_max_len(&mut self, t5_max_len: usize) -> Result<()> {
+    pub(crate) fn set_t5_max_len(&mut self, t5_max_len: usize) -> Result<()> {
         if t5_max_len == 0 {
             bail!("t5_max_len must be at least 1");
         }
@@ -183,37 +185,37 @@ impl TextEncoders {
     }
 
     /// Width of the per-token T5 embedding (4096 for T5-XXL).
-    pub fn t5_dim(&self) -> usize {
+    pub(crate) fn t5_dim(&self) -> usize {
         self.t5_dim
     }
 
     /// Width of the pooled CLIP vector (768 for CLIP-L).
-    pub fn pooled_dim(&self) -> usize {
+    pub(crate) fn pooled_dim(&self) -> usize {
         self.pooled_dim
     }
 
     /// Number of T5 tokens per prompt (every prompt is padded to it).
-    pub fn t5_max_len(&self) -> usize {
+    pub(crate) fn t5_max_len(&self) -> usize {
         self.t5_tokenizer.max_len
     }
 
     /// Number of CLIP tokens per prompt (77).
-    pub fn clip_max_len(&self) -> usize {
+    pub(crate) fn clip_max_len(&self) -> usize {
         self.clip_tokenizer.max_len
     }
 
-    pub fn device(&self) -> &Device {
+    pub(crate) fn device(&self) -> &Device {
         &self.device
     }
 
     /// The dtype the encoders compute in (outputs are always F32).
-    pub fn dtype(&self) -> DType {
+    pub(crate) fn dtype(&self) -> DType {
         self.dtype
     }
 
     /// Token ids as the encoders see them: `(t5_ids, clip_ids)`, each padded
     /// to its fixed length, plus what truncation dropped.
-    pub fn tokenize(&self, prompt: &str) -> Result<(Vec<u32>, Vec<u32>, Truncation)> {
+    pub(crate) fn tokenize(&self, prompt: &str) -> Result<(Vec<u32>, Vec<u32>, Truncation)> {
         let (t5_ids, t5_dropped) = self.t5_tokenizer.encode(prompt)?;
         let (clip_ids, clip_dropped) = self.clip_tokenizer.encode(prompt)?;
         Ok((
@@ -238,7 +240,7 @@ impl TextEncoders {
 
     /// The CLIP pooled vectors (b, pooled_dim) of `prompts` with text-encoder
     /// adapters applied (T5 is not run): what training a CLIP LoRA needs each step.
-    pub fn pooled_with(&self, prompts: &[&str], adapters: &AdapterSet) -> Result<Tensor> {
+    pub(crate) fn pooled_with(&self, prompts: &[&str], adapters: &AdapterSet) -> Result<Tensor> {
         let batch = self.tokenize_batch(prompts)?;
         self.pooled_of(batch.clip_ids, batch.eos_rows, prompts.len(), adapters)
     }
@@ -328,7 +330,7 @@ impl TextEncoders {
 }
 
 /// T5 v1.1 (gated-GELU) at toy size, sized to the tiny word vocabulary.
-pub fn tiny_t5_config() -> t5::Config {
+pub(crate) fn tiny_t5_config() -> t5::Config {
     t5::Config {
         vocab_size: TINY_VOCAB_SIZE,
         d_model: 32,
@@ -357,7 +359,7 @@ pub fn tiny_t5_config() -> t5::Config {
 }
 
 /// CLIP text model at toy size (77 positions, as the real one).
-pub fn tiny_clip_config() -> ClipTextConfig {
+pub(crate) fn tiny_clip_config() -> ClipTextConfig {
     ClipTextConfig {
         vocab_size: TINY_VOCAB_SIZE,
         embed_dim: 32,

@@ -4,16 +4,16 @@
 use std::collections::HashMap;
 
 /// Padding id of the tiny tokenizer.
-pub const WORD_PAD: u32 = 0;
+pub(crate) const WORD_PAD: u32 = 0;
 /// End-of-sequence id of the tiny tokenizer (also CLIP-style padding).
-pub const WORD_EOS: u32 = 1;
+pub(crate) const WORD_EOS: u32 = 1;
 /// Begin-of-sequence id of the tiny tokenizer (CLIP-style prompts only).
-pub const WORD_BOS: u32 = 2;
+pub(crate) const WORD_BOS: u32 = 2;
 const FIRST_WORD_ID: u32 = 3;
 /// Unknown words are hashed into this many ids after the fixed vocabulary.
-pub const WORD_HASH_BUCKETS: u32 = 64;
+pub(crate) const WORD_HASH_BUCKETS: u32 = 64;
 /// Vocabulary size of the tiny tokenizer (specials + words + hash buckets).
-pub const TINY_VOCAB_SIZE: usize =
+pub(crate) const TINY_VOCAB_SIZE: usize =
     FIRST_WORD_ID as usize + CAPTION_WORDS.len() + WORD_HASH_BUCKETS as usize;
 
 /// Words of procedurally generated captions. Order is part of the format of
@@ -103,7 +103,7 @@ impl WordStyle {
 
 /// Ids of the words of `text`: lowercased, split on anything that is not a
 /// letter or digit; unknown words hash (FNV-1a) into the bucket range.
-pub fn word_ids(text: &str) -> Vec<u32> {
+pub(crate) fn word_ids(text: &str) -> Vec<u32> {
     let vocab = word_vocab();
     text.split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())

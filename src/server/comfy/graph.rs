@@ -26,7 +26,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 /// A node's id in a prompt (ComfyUI's ids are strings: `"3"`, `"12:5"`).
-pub type NodeId = String;
+pub(crate) type NodeId = String;
 
 /// How deep links may nest before validation gives up (ComfyUI's Python
 /// stops at its recursion limit of about 1000 frames too).
@@ -42,7 +42,7 @@ const MAX_LISTED_OPTIONS: usize = 20;
 
 /// ComfyUI's error `type` strings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     /// The prompt (or a node's `inputs`) is not a JSON object.
     InvalidPrompt,
     /// A node without `class_type`, or with a class that has no definition.
@@ -72,7 +72,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// The `type` string ComfyUI uses.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ErrorKind::InvalidPrompt => "invalid_prompt",
             ErrorKind::MissingNodeType => "missing_node_type",
@@ -106,7 +106,7 @@ impl fmt::Display for ErrorKind {
 
 /// One error object: `{"type", "message", "details", "extra_info"}`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ErrorInfo {
+pub(crate) struct ErrorInfo {
     #[serde(rename = "type")]
     pub kind: ErrorKind,
     pub message: String,
@@ -132,7 +132,7 @@ impl ErrorInfo {
 
 /// A node's entry in `node_errors`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct NodeErrors {
+pub(crate) struct NodeErrors {
     pub errors: Vec<ErrorInfo>,
     /// The failed output nodes that depend on this node.
     pub dependent_outputs: Vec<NodeId>,
@@ -143,7 +143,7 @@ pub struct NodeErrors {
 /// `POST /prompt` (`{"error": {...}, "node_errors": {...}}`).
 #[derive(Clone, Debug, PartialEq, Serialize, thiserror::Error)]
 #[error("{}: {}", .error.message, .error.details)]
-pub struct PromptError {
+pub(crate) struct PromptError {
     pub error: ErrorInfo,
     pub node_errors: BTreeMap<NodeId, NodeErrors>,
 }
@@ -163,7 +163,7 @@ impl PromptError {
 
 /// The type of an input or output in a definition.
 #[derive(Clone, Debug, PartialEq)]
-pub enum TypeSpec {
+pub(crate) enum TypeSpec {
     /// `"INT"`, `"IMAGE"`, `"*"`, a union `"IMAGE,MASK"`, `"COMBO"`.
     Named(String),
     /// A combo written as its list of allowed values (also a list-typed output).
@@ -212,7 +212,7 @@ impl InputDef {
 /// One node class: its declared inputs (required then optional, in
 /// `input_order`), its output types and whether it is an output node.
 #[derive(Clone, Debug)]
-pub struct NodeDef {
+pub(crate) struct NodeDef {
     inputs: Vec<InputDef>,
     outputs: Vec<TypeSpec>,
     output_node: bool,
@@ -290,12 +290,12 @@ impl NodeDef {
     }
 
     /// Whether the class is an output node (ComfyUI's `OUTPUT_NODE`).
-    pub fn is_output_node(&self) -> bool {
+    pub(crate) fn is_output_node(&self) -> bool {
         self.output_node
     }
 
     /// The output types, by output index.
-    pub fn outputs(&self) -> &[TypeSpec] {
+    pub(crate) fn outputs(&self) -> &[TypeSpec] {
         &self.outputs
     }
 
@@ -306,13 +306,13 @@ impl NodeDef {
 
 /// Node definitions by class name, read from an `/object_info` map.
 #[derive(Clone, Debug, Default)]
-pub struct NodeDefs {
+pub(crate) struct NodeDefs {
     defs: BTreeMap<String, NodeDef>,
 }
 
 impl NodeDefs {
     /// Reads `{class: NodeDef, ...}`; entries that are not objects are left out.
-    pub fn from_object_info(object_info: &Value) -> Self {
+    pub(crate) fn from_object_info(object_info: &Value) -> Self {
         let defs = object_info
             .as_object()
             .map(|classes| {
@@ -325,7 +325,7 @@ impl NodeDefs {
         Self { defs }
     }
 
-    pub fn get(&self, class_type: &str) -> Option<&NodeDef> {
+    pub(crate) fn get(&self, class_type: &str) -> Option<&NodeDef> {
         self.defs.get(class_type)
     }
 }
@@ -336,14 +336,14 @@ impl NodeDefs {
 
 /// A link to another node's output.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Link {
+pub(crate) struct Link {
     pub node: NodeId,
     pub output: usize,
 }
 
 /// A node input: a constant or a link.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Input {
+pub(crate) enum Input {
     Value(Value),
     Link(Link),
 }
@@ -351,7 +351,7 @@ pub enum Input {
 /// A validated node: its declared inputs only (hidden and undeclared ones are
 /// dropped), constants converted to the input's type.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Node {
+pub(crate) struct Node {
     pub class_type: String,
     pub inputs: BTreeMap<String, Input>,
     /// `_meta.title`, when the client gave one.
@@ -362,7 +362,7 @@ pub struct Node {
 
 impl Node {
     /// The links of this node, by input name.
-    pub fn links(&self) -> impl Iterator<Item = (&str, &Link)> {
+    pub(crate) fn links(&self) -> impl Iterator<Item = (&str, &Link)> {
         self.inputs.iter().filter_map(|(name, input)| match input {
             Input::Link(link) => Some((name.as_str(), link)),
             Input::Value(_) => None,
@@ -373,30 +373,30 @@ impl Node {
 /// A validated prompt: the output nodes that passed validation and every node
 /// they depend on, with no cycles.
 #[derive(Clone, Debug, PartialEq)]
-pub struct PromptGraph {
+pub(crate) struct PromptGraph {
     nodes: BTreeMap<NodeId, Node>,
     outputs: Vec<NodeId>,
 }
 
 impl PromptGraph {
-    pub fn node(&self, id: &str) -> Option<&Node> {
+    pub(crate) fn node(&self, id: &str) -> Option<&Node> {
         self.nodes.get(id)
     }
 
     /// Every node, by id.
-    pub fn nodes(&self) -> impl Iterator<Item = (&NodeId, &Node)> {
+    pub(crate) fn nodes(&self) -> impl Iterator<Item = (&NodeId, &Node)> {
         self.nodes.iter()
     }
 
     /// The output nodes to execute (those that passed), in node-id order.
-    pub fn outputs(&self) -> &[NodeId] {
+    pub(crate) fn outputs(&self) -> &[NodeId] {
         &self.outputs
     }
 }
 
 /// The result of a prompt that passed (at least one output passed).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Validated {
+pub(crate) struct Validated {
     pub graph: PromptGraph,
     /// Errors of the outputs that failed (answered with 200 as `node_errors`).
     pub node_errors: BTreeMap<NodeId, NodeErrors>,
@@ -1341,7 +1341,7 @@ fn py_str(value: &Value) -> String {
 
 /// One node to visit when executing a prompt.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Step {
+pub(crate) struct Step {
     pub node: NodeId,
     /// The node's output comes from the cache: do not run it (an output node
     /// still reports its cached result, as ComfyUI re-sends `executed`).
@@ -1355,7 +1355,7 @@ pub struct Step {
 /// Among ready nodes the order prefers, as ComfyUI's `ux_friendly_pick_node`
 /// does, an output node, then a node feeding one, then a node two links from
 /// one; ties go by node id, so the order is the same for the same graph.
-pub fn execution_order(graph: &PromptGraph, is_cached: impl Fn(&str) -> bool) -> Vec<Step> {
+pub(crate) fn execution_order(graph: &PromptGraph, is_cached: impl Fn(&str) -> bool) -> Vec<Step> {
     // The needed nodes and whether each is cached.
     let mut needed: BTreeMap<NodeId, bool> = BTreeMap::new();
     let mut stack: Vec<NodeId> = graph.outputs.iter().rev().cloned().collect();
@@ -1448,10 +1448,10 @@ pub fn execution_order(graph: &PromptGraph, is_cached: impl Fn(&str) -> bool) ->
 
 /// A node's cache key: equal for equal subgraphs, whatever their node ids.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Signature([u8; 32]);
+pub(crate) struct Signature([u8; 32]);
 
 impl Signature {
-    pub fn as_bytes(&self) -> &[u8; 32] {
+    pub(crate) fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
 }
@@ -1475,7 +1475,7 @@ impl fmt::Debug for Signature {
 /// `IS_CHANGED`: what outside the graph the output depends on, such as a file's
 /// hash; `None` when nothing), its converted constants by input name, and for
 /// each link the input name, the output index and the source's signature.
-pub fn signatures(
+pub(crate) fn signatures(
     graph: &PromptGraph,
     salt: impl Fn(&str, &Node) -> Option<String>,
 ) -> BTreeMap<NodeId, Signature> {

@@ -11,5 +11,5 @@
 //! `webui`); what they share (AppState, errors, paths, the presentation of
 //! events) lives beside them in `server/`.
 
-pub mod graph;
-pub mod nodes;
+pub(crate) mod graph;
+pub(crate) mod nodes;

@@ -74,7 +74,7 @@ const NODE_FILES: &[(&str, &str)] = &[
 ];
 
 /// The type of a LoRA stack passed between nodes: a JSON list of [`LoraChoice`].
-pub const LORA_STACK_TYPE: &str = "FLUXLORA_LORAS";
+pub(crate) const LORA_STACK_TYPE: &str = "FLUXLORA_LORAS";
 
 /// The `/object_info` keys every definition has (`output_tooltips` is optional).
 const REQUIRED_KEYS: &[&str] = &[
@@ -93,7 +93,7 @@ const REQUIRED_KEYS: &[&str] = &[
 
 /// Errors of node definitions and of turning node inputs into a request.
 #[derive(Debug, thiserror::Error)]
-pub enum NodeError {
+pub(crate) enum NodeError {
     #[error("node_defs/{file}: {message}")]
     Definition { file: String, message: String },
     #[error("{node}: required input `{input}` is missing")]
@@ -123,7 +123,7 @@ pub enum JobKind {
 /// What a node's output carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum OutputSource {
+pub(crate) enum OutputSource {
     /// The id of the submitted job.
     JobId,
     /// The file name a training job writes to the LoRA folder when it finishes
@@ -144,7 +144,7 @@ enum Segment {
 
 /// A path into a request's JSON: `dataset.folders[0].path`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct JobPath {
+pub(crate) struct JobPath {
     text: String,
     segments: Vec<Segment>,
 }
@@ -176,7 +176,7 @@ impl JobPath {
         })
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.text
     }
 
@@ -186,7 +186,7 @@ impl JobPath {
     }
 
     /// The value at this path, if present.
-    pub fn get<'v>(&self, root: &'v Value) -> Option<&'v Value> {
+    pub(crate) fn get<'v>(&self, root: &'v Value) -> Option<&'v Value> {
         self.segments.iter().try_fold(root, |v, s| match s {
             Segment::Key(k) => v.get(k),
             Segment::Index(i) => v.get(i),
@@ -195,7 +195,7 @@ impl JobPath {
 
     /// Sets the value at this path, making missing objects and lists on the way;
     /// a list index may only append at the end.
-    pub fn set(&self, root: &mut Value, value: Value) -> Result<(), String> {
+    pub(crate) fn set(&self, root: &mut Value, value: Value) -> Result<(), String> {
         let mut here = root;
         for s in &self.segments {
             here = match s {
@@ -237,7 +237,7 @@ impl fmt::Display for JobPath {
 
 /// Where an input goes in the request.
 #[derive(Clone, Debug, PartialEq)]
-pub struct FieldTarget {
+pub(crate) struct FieldTarget {
     pub path: JobPath,
     /// The input value that means "leave the field out" (numbers compare by value).
     pub omit_if: Option<Value>,
@@ -288,7 +288,7 @@ impl<'de> Deserialize<'de> for FieldTarget {
 /// A node's `fluxlora` block: which job it becomes and how its inputs fill it.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JobMapping {
+pub(crate) struct JobMapping {
     pub job: JobKind,
     /// Input name → the request field it fills.
     pub fields: BTreeMap<String, FieldTarget>,
@@ -307,7 +307,7 @@ pub struct JobMapping {
 
 /// The type of an input.
 #[derive(Clone, Debug, PartialEq)]
-pub enum InputType {
+pub(crate) enum InputType {
     Int,
     Float,
     String,
@@ -320,7 +320,7 @@ pub enum InputType {
 
 /// One input of a node.
 #[derive(Clone, Debug, PartialEq)]
-pub struct InputDef {
+pub(crate) struct InputDef {
     pub name: String,
     pub required: bool,
     pub ty: InputType,
@@ -329,22 +329,22 @@ pub struct InputDef {
 }
 
 impl InputDef {
-    pub fn default_value(&self) -> Option<&Value> {
+    pub(crate) fn default_value(&self) -> Option<&Value> {
         self.options.get("default")
     }
 
-    pub fn min(&self) -> Option<f64> {
+    pub(crate) fn min(&self) -> Option<f64> {
         self.options.get("min").and_then(Value::as_f64)
     }
 
-    pub fn max(&self) -> Option<f64> {
+    pub(crate) fn max(&self) -> Option<f64> {
         self.options.get("max").and_then(Value::as_f64)
     }
 }
 
 /// One output of a node.
 #[derive(Clone, Debug, PartialEq)]
-pub struct OutputDef {
+pub(crate) struct OutputDef {
     pub name: String,
     /// `COMBO` for a list-typed output, as ComfyUI's front end names it.
     pub ty: String,
@@ -353,7 +353,7 @@ pub struct OutputDef {
 
 /// A request built from a node's inputs, ready for checking and submitting.
 #[derive(Clone, Debug)]
-pub enum NodeRequest {
+pub(crate) enum NodeRequest {
     Train(Box<TrainConfig>),
     Sample(SampleJob),
     /// The entry a stack node appends to its chain input's stack.
@@ -362,7 +362,7 @@ pub enum NodeRequest {
 
 /// One node: its typed inputs, outputs and job mapping, and its `/object_info` entry.
 #[derive(Clone, Debug)]
-pub struct NodeDef {
+pub(crate) struct NodeDef {
     pub name: String,
     pub output_node: bool,
     /// In `input_order`: required inputs first.
@@ -374,12 +374,12 @@ pub struct NodeDef {
 }
 
 impl NodeDef {
-    pub fn input(&self, name: &str) -> Option<&InputDef> {
+    pub(crate) fn input(&self, name: &str) -> Option<&InputDef> {
         self.inputs.iter().find(|i| i.name == name)
     }
 
     /// The `/object_info` entry, with the LoRA lists filled with `lora_names`.
-    pub fn info(&self, lora_names: &[String]) -> Value {
+    pub(crate) fn info(&self, lora_names: &[String]) -> Value {
         let names = Value::from(lora_names.to_vec());
         let mut info = self.info.clone();
         for name in &self.mapping.lora_list_inputs {
@@ -403,7 +403,7 @@ impl NodeDef {
 
     /// The input whose request field `path` (as serde_path_to_error or a
     /// validation error names it) lies in, to report an error at the input.
-    pub fn input_for_path(&self, path: &str) -> Option<&str> {
+    pub(crate) fn input_for_path(&self, path: &str) -> Option<&str> {
         let path = JobPath::parse(path).ok()?;
         self.mapping
             .fields
@@ -416,7 +416,7 @@ impl NodeDef {
     /// a stack is the JSON list of [`LoraChoice`]). Unknown inputs are ignored,
     /// missing optional ones left out. The request is parsed, not validated:
     /// the caller checks it as the native API does before submitting.
-    pub fn request(&self, inputs: &Map<String, Value>) -> Result<NodeRequest, NodeError> {
+    pub(crate) fn request(&self, inputs: &Map<String, Value>) -> Result<NodeRequest, NodeError> {
         let json = self.request_json(inputs)?;
         let bad = |e: serde_path_to_error::Error<serde_json::Error>| {
             let path = e.path().to_string();
@@ -506,7 +506,7 @@ fn same_value(a: &Value, b: &Value) -> bool {
 }
 
 /// Every node that passed its checks, parsed once.
-pub fn all() -> &'static [NodeDef] {
+pub(crate) fn all() -> &'static [NodeDef] {
     static DEFS: OnceLock<Vec<NodeDef>> = OnceLock::new();
     DEFS.get_or_init(|| {
         parse_all()
@@ -520,12 +520,12 @@ pub fn all() -> &'static [NodeDef] {
 }
 
 /// The node named `name` (its ComfyUI `class_type`).
-pub fn get(name: &str) -> Option<&'static NodeDef> {
+pub(crate) fn get(name: &str) -> Option<&'static NodeDef> {
     all().iter().find(|d| d.name == name)
 }
 
 /// ComfyUI's `/object_info`: node name → definition, LoRA lists filled with `lora_names`.
-pub fn object_info(lora_names: &[String]) -> Value {
+pub(crate) fn object_info(lora_names: &[String]) -> Value {
     Value::Object(
         all()
             .iter()
@@ -536,7 +536,7 @@ pub fn object_info(lora_names: &[String]) -> Value {
 
 /// The `.safetensors` file names directly in `dir`, sorted (none when it is missing),
 /// as `/v1/loras` lists them; the engine looks a bare name up in the LoRA folder.
-pub fn lora_names(dir: &Path) -> Vec<String> {
+pub(crate) fn lora_names(dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return vec![];
     };

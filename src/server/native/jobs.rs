@@ -33,7 +33,7 @@ pub(super) fn routes(table: &mut RouteTable) {
 
 /// The id of the queued job.
 #[derive(Serialize, ToSchema)]
-pub struct JobId {
+pub(crate) struct JobId {
     /// The job id.
     pub id: String,
 }
@@ -237,7 +237,7 @@ async fn submit_sample(
 /// What `POST /v1/jobs/{id}/{action}` asks of a job.
 #[derive(Clone, Copy, Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum ControlAction {
+pub(crate) enum ControlAction {
     Cancel,
     Pause,
     Resume,

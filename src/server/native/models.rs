@@ -17,7 +17,7 @@ pub(super) fn routes(table: &mut RouteTable) {
 
 /// The loaded model and the models the daemon can see.
 #[derive(Serialize, ToSchema)]
-pub struct Models {
+pub(crate) struct Models {
     pub loaded: LoadedModel,
     /// The built-in model first, then each model folder's entries sorted by name.
     pub available: Vec<AvailableModel>,
@@ -25,7 +25,7 @@ pub struct Models {
 
 /// The model every job samples and trains with.
 #[derive(Serialize, ToSchema)]
-pub struct LoadedModel {
+pub(crate) struct LoadedModel {
     /// The model's name (`tiny` for the built-in model).
     pub name: String,
     /// The model file or folder; null for the built-in model.
@@ -39,7 +39,7 @@ pub struct LoadedModel {
 
 /// A model the daemon can see.
 #[derive(Serialize, ToSchema)]
-pub struct AvailableModel {
+pub(crate) struct AvailableModel {
     /// File or folder name (`tiny` for the built-in model).
     pub name: String,
     pub kind: ModelKind,
@@ -52,7 +52,7 @@ pub struct AvailableModel {
 /// `file`: a `.safetensors`/`.sft` file; `folder`: a model folder.
 #[derive(Clone, Copy, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum ModelKind {
+pub(crate) enum ModelKind {
     Builtin,
     File,
     Folder,

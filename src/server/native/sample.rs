@@ -59,7 +59,7 @@ struct SampleQuery {
 
 /// `POST /v1/sample?format=json`'s answer.
 #[derive(Serialize, ToSchema)]
-pub struct SampleImages {
+pub(crate) struct SampleImages {
     /// The sampling job's id.
     pub id: String,
     /// Every image of the batch, base64 PNG.

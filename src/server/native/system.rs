@@ -20,7 +20,7 @@ pub(super) fn routes(table: &mut RouteTable) {
 
 /// The daemon's state.
 #[derive(Serialize, ToSchema)]
-pub struct System {
+pub(crate) struct System {
     /// The daemon's version.
     pub version: String,
     /// Name of the loaded model.
@@ -44,7 +44,7 @@ pub struct System {
 
 /// Jobs waiting and running.
 #[derive(Serialize, ToSchema)]
-pub struct QueueCounts {
+pub(crate) struct QueueCounts {
     /// Jobs waiting to run.
     pub queued: usize,
     /// Jobs running.

@@ -12,17 +12,17 @@ use crate::model::seeded::SeededRng;
 /// One bucket: every image in it is trained at exactly `width × height`.
 /// Ordered by (width, height) like kohya's sorted bucket list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct Bucket {
+pub(crate) struct Bucket {
     pub width: u32,
     pub height: u32,
 }
 
 impl Bucket {
-    pub fn new(width: u32, height: u32) -> Self {
+    pub(crate) fn new(width: u32, height: u32) -> Self {
         Self { width, height }
     }
 
-    pub fn aspect(&self) -> f64 {
+    pub(crate) fn aspect(&self) -> f64 {
         self.width as f64 / self.height as f64
     }
 }
@@ -30,7 +30,7 @@ impl Bucket {
 /// Where one image goes: its bucket, and the size it is resized to (covering
 /// the bucket) before the crop to the bucket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Placement {
+pub(crate) struct Placement {
     pub bucket: Bucket,
     /// `(width, height)` after the resize; both ≥ the bucket's sides.
     pub resized: (u32, u32),
@@ -38,7 +38,7 @@ pub struct Placement {
 
 impl Placement {
     /// `bucket aspect − image aspect` (kohya's `ar_error`).
-    pub fn aspect_error(&self, image: (u32, u32)) -> f64 {
+    pub(crate) fn aspect_error(&self, image: (u32, u32)) -> f64 {
         self.bucket.aspect() - image.0 as f64 / image.1 as f64
     }
 }
@@ -54,7 +54,7 @@ pub(crate) enum BucketGrid {
 }
 
 impl BucketGrid {
-    pub fn new(spec: &BucketSpec) -> Self {
+    pub(crate) fn new(spec: &BucketSpec) -> Self {
         let res = spec.resolution;
         if !spec.enabled {
             BucketGrid::Fixed(vec![Bucket::new(res.width, res.height)])
@@ -75,7 +75,7 @@ impl BucketGrid {
 
     /// The bucket and resize of a `width × height` image; `None` when the
     /// image is too small for any bucket (only with `bucket_no_upscale`).
-    pub fn place(&self, width: u32, height: u32) -> Option<Placement> {
+    pub(crate) fn place(&self, width: u32, height: u32) -> Option<Placement> {
         if width == 0 || height == 0 {
             return None;
         }
@@ -103,7 +103,7 @@ impl BucketGrid {
 /// then for each width from `min_reso` to `max_reso` in `steps` the tallest
 /// height (a multiple of `steps`, ≤ `max_reso`) keeping the area ≤ `max_area`,
 /// with its transpose. Sorted by (width, height), without duplicates.
-pub fn make_bucket_resolutions(
+pub(crate) fn make_bucket_resolutions(
     max_area: u64,
     min_reso: u32,
     max_reso: u32,
@@ -131,7 +131,7 @@ pub fn make_bucket_resolutions(
 
 /// kohya's `round_to_steps`: round to the nearest integer, then down to a
 /// multiple of `steps`.
-pub fn round_to_steps(x: f64, steps: u32) -> u32 {
+pub(crate) fn round_to_steps(x: f64, steps: u32) -> u32 {
     let x = (x + 0.5).max(0.0) as u32;
     x - x % steps.max(1)
 }
@@ -150,7 +150,7 @@ fn nearest_aspect(buckets: &[Bucket], aspect: f64) -> Option<Bucket> {
 
 /// The size that covers `bucket` with the image's aspect ratio: the side
 /// along which the bucket is relatively longer matches exactly.
-pub fn cover_size(image: (u32, u32), bucket: Bucket) -> (u32, u32) {
+pub(crate) fn cover_size(image: (u32, u32), bucket: Bucket) -> (u32, u32) {
     let (w, h) = (image.0 as f64, image.1 as f64);
     let scale = if w / h > bucket.aspect() {
         bucket.height as f64 / h
@@ -192,7 +192,11 @@ fn place_no_upscale(width: u32, height: u32, max_area: u64, steps: u32) -> Optio
 
 /// Top-left corner of the crop of a `resized` image to `bucket`: centred
 /// (kohya's `trim // 2`), or uniform in `0..=trim` per axis when `rng` is given.
-pub fn crop_offset(resized: (u32, u32), bucket: Bucket, rng: Option<&mut SeededRng>) -> (u32, u32) {
+pub(crate) fn crop_offset(
+    resized: (u32, u32),
+    bucket: Bucket,
+    rng: Option<&mut SeededRng>,
+) -> (u32, u32) {
     let trim_w = resized.0.saturating_sub(bucket.width);
     let trim_h = resized.1.saturating_sub(bucket.height);
     match rng {

@@ -13,7 +13,7 @@ use crate::model::seeded::SeededRng;
 
 /// How a raw caption becomes the caption of one training step.
 #[derive(Clone, Debug, PartialEq)]
-pub struct CaptionRules {
+pub(crate) struct CaptionRules {
     pub trigger_word: Option<String>,
     pub shuffle: bool,
     pub keep_tokens: usize,
@@ -23,7 +23,7 @@ pub struct CaptionRules {
 }
 
 impl CaptionRules {
-    pub fn from_config(cfg: &DatasetConfig) -> Self {
+    pub(crate) fn from_config(cfg: &DatasetConfig) -> Self {
         Self {
             trigger_word: cfg
                 .trigger_word
@@ -40,13 +40,13 @@ impl CaptionRules {
 
     /// True when every use of a raw caption gives the same text, so text
     /// embeddings can be computed once and cached.
-    pub fn is_static(&self) -> bool {
+    pub(crate) fn is_static(&self) -> bool {
         !self.shuffle && self.dropout_rate <= 0.0 && self.tag_dropout_rate <= 0.0
     }
 
     /// The raw caption with the trigger word, placeholders and no randomness:
     /// what a static caption always is.
-    pub fn fixed(&self, raw: &str) -> String {
+    pub(crate) fn fixed(&self, raw: &str) -> String {
         let caption = self.replace_placeholders(raw);
         self.with_trigger(caption)
     }
@@ -65,7 +65,7 @@ impl CaptionRules {
     ///
     /// Random draws: one uniform for dropout (only when its rate is > 0), the
     /// shuffle, then one uniform per flexible tag (only when its rate is > 0).
-    pub fn apply(&self, raw: &str, rng: &mut SeededRng) -> String {
+    pub(crate) fn apply(&self, raw: &str, rng: &mut SeededRng) -> String {
         let caption = self.replace_placeholders(raw);
         if self.dropout_rate > 0.0 && rng.uniform() < self.dropout_rate {
             return String::new();
@@ -123,7 +123,7 @@ impl CaptionRules {
 }
 
 /// `caption` split at `separator`, each tag trimmed, empty tags left out.
-pub fn split_tags<'a>(caption: &'a str, separator: &str) -> Vec<&'a str> {
+pub(crate) fn split_tags<'a>(caption: &'a str, separator: &str) -> Vec<&'a str> {
     caption
         .split(separator)
         .map(str::trim)
@@ -158,7 +158,7 @@ fn contains_word(text: &str, word: &str) -> bool {
 /// Tag counts of one folder's raw captions, as kohya records them for
 /// `ss_tag_frequency`: split at the separator, trimmed, lower-cased, empty
 /// tags skipped.
-pub fn count_tags<'a>(
+pub(crate) fn count_tags<'a>(
     captions: impl IntoIterator<Item = &'a str>,
     separator: &str,
     into: &mut BTreeMap<String, u64>,
@@ -172,7 +172,7 @@ pub fn count_tags<'a>(
 
 /// A piece of a weighted caption and its attention weight.
 #[derive(Clone, Debug, PartialEq)]
-pub struct WeightedChunk {
+pub(crate) struct WeightedChunk {
     pub text: String,
     pub weight: f32,
 }
@@ -188,7 +188,7 @@ const SQUARE_MULTIPLIER: f64 = 1.0 / 1.1;
 /// Adjacent chunks of equal weight are merged; an empty text gives one empty
 /// chunk of weight 1. Unlike A1111, a backslash before any other character is
 /// kept as a backslash, and `:x)` with an unparsable number is text.
-pub fn parse_weighted_caption(text: &str) -> Vec<WeightedChunk> {
+pub(crate) fn parse_weighted_caption(text: &str) -> Vec<WeightedChunk> {
     let mut out: Vec<(String, f64)> = Vec::new();
     let mut round: Vec<usize> = Vec::new();
     let mut square: Vec<usize> = Vec::new();

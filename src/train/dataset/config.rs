@@ -181,7 +181,7 @@ pub struct Resolution {
 }
 
 impl Resolution {
-    pub fn square(side: u32) -> Self {
+    pub(crate) fn square(side: u32) -> Self {
         Self {
             width: side,
             height: side,
@@ -189,7 +189,7 @@ impl Resolution {
     }
 
     /// `width × height`: kohya's `max_area` for buckets.
-    pub fn area(&self) -> u64 {
+    pub(crate) fn area(&self) -> u64 {
         self.width as u64 * self.height as u64
     }
 }

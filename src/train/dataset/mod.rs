@@ -25,10 +25,10 @@ use candle_core::{Device, Tensor};
 use image::imageops::{self, FilterType};
 use serde::Serialize;
 
-pub use bucket::{make_bucket_resolutions, Bucket, Placement};
-pub use caption::{parse_weighted_caption, CaptionRules, WeightedChunk};
+pub(crate) use bucket::{make_bucket_resolutions, Bucket, Placement};
+pub(crate) use caption::{parse_weighted_caption, CaptionRules, WeightedChunk};
 pub use config::{DatasetConfig, FolderConfig, Resolution, FLUX_PIXEL_MULTIPLE};
-pub use scan::{parse_repeat_folder, SkippedImage, IMAGE_EXTENSIONS};
+pub(crate) use scan::{parse_repeat_folder, SkippedImage, IMAGE_EXTENSIONS};
 
 use crate::model::seeded::SeededRng;
 use bucket::{cover_size, crop_offset, BucketGrid};
@@ -70,7 +70,7 @@ pub enum DatasetError {
 
 /// What scanning left out or had to guess; also logged, once per kind.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct ScanReport {
+pub(crate) struct ScanReport {
     /// Unreadable, corrupt, empty, or (with `bucket_no_upscale`) too small images.
     pub skipped: Vec<SkippedImage>,
     /// Images without a caption file (they use class tokens or "").
@@ -81,7 +81,7 @@ pub struct ScanReport {
 
 /// Where an image's raw caption came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum CaptionSource {
+pub(crate) enum CaptionSource {
     File,
     ClassTokens,
     Missing,
@@ -89,10 +89,10 @@ pub enum CaptionSource {
 
 /// A content hash of an image file's bytes (FNV-1a 64), for cache keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ContentHash(pub u64);
+pub(crate) struct ContentHash(pub u64);
 
 impl ContentHash {
-    pub fn of(bytes: &[u8]) -> Self {
+    pub(crate) fn of(bytes: &[u8]) -> Self {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for &b in bytes {
             h ^= b as u64;
@@ -110,7 +110,7 @@ impl fmt::Display for ContentHash {
 
 /// One image of the dataset (counted once, whatever its repeats).
 #[derive(Clone, Debug)]
-pub struct DatasetImage {
+pub(crate) struct DatasetImage {
     pub path: PathBuf,
     /// Base name of its image folder (the `ss_tag_frequency` key).
     pub folder: String,
@@ -127,7 +127,7 @@ pub struct DatasetImage {
 
 /// One sample of an epoch: which image, and the seed of its random choices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BatchItem {
+pub(crate) struct BatchItem {
     /// Index into `Dataset::images()`.
     pub image: usize,
     /// Seeds this use's flip, crop and caption (derived from seed, epoch, position).
@@ -136,14 +136,14 @@ pub struct BatchItem {
 
 /// Items of one bucket, trained together.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Batch {
+pub(crate) struct Batch {
     pub bucket: Bucket,
     pub items: Vec<BatchItem>,
 }
 
 /// The augmentation of one use of an image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Augment {
+pub(crate) struct Augment {
     pub flip: bool,
     /// Top-left of the crop window in the resized image, before any flip.
     pub crop_left_top: (u32, u32),
@@ -151,7 +151,7 @@ pub struct Augment {
 
 /// A caption ready for the text encoders.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Caption {
+pub(crate) struct Caption {
     /// Plain text; with `weighted_captions` the weighting syntax is removed.
     pub text: String,
     /// With `weighted_captions`: the chunks and their weights.
@@ -160,7 +160,7 @@ pub struct Caption {
 
 /// One loaded sample.
 #[derive(Clone, Debug)]
-pub struct LoadedItem {
+pub(crate) struct LoadedItem {
     pub image: usize,
     /// `(3, h, w)` f32 in [-1, 1] on the CPU; `(h, w)` is the bucket.
     pub pixels: Tensor,
@@ -174,7 +174,7 @@ pub struct LoadedItem {
 
 /// kohya's `ss_dataset_dirs` entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct DirInfo {
+pub(crate) struct DirInfo {
     pub n_repeats: u32,
     pub img_count: usize,
 }
@@ -182,20 +182,20 @@ pub struct DirInfo {
 /// kohya's `ss_bucket_info`: `{"buckets": {"0": {"resolution": [w, h],
 /// "count": n}}, "mean_img_ar_error": e}`, counts including repeats.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct BucketInfo {
+pub(crate) struct BucketInfo {
     pub buckets: BTreeMap<usize, BucketCount>,
     pub mean_img_ar_error: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct BucketCount {
+pub(crate) struct BucketCount {
     pub resolution: [u32; 2],
     pub count: usize,
 }
 
 /// A scanned, bucketed dataset. Cheap to query; pixels are read on `load`.
 #[derive(Clone, Debug)]
-pub struct Dataset {
+pub(crate) struct Dataset {
     config: DatasetConfig,
     rules: CaptionRules,
     images: Vec<DatasetImage>,
@@ -212,7 +212,7 @@ impl Dataset {
     /// Validates `config`, scans its folders (image headers only) and puts
     /// every image in a bucket. Skipped images and missing captions are
     /// logged (one warning each) and kept in `report()`.
-    pub fn scan(config: &DatasetConfig) -> Result<Self, DatasetError> {
+    pub(crate) fn scan(config: &DatasetConfig) -> Result<Self, DatasetError> {
         let spec = config.bucket_spec()?;
         let found = scan::scan(config)?;
         let grid = BucketGrid::new(&spec);
@@ -316,37 +316,37 @@ impl Dataset {
         Ok(dataset)
     }
 
-    pub fn config(&self) -> &DatasetConfig {
+    pub(crate) fn config(&self) -> &DatasetConfig {
         &self.config
     }
 
-    pub fn report(&self) -> &ScanReport {
+    pub(crate) fn report(&self) -> &ScanReport {
         &self.report
     }
 
     /// Every image once, in scan order (folders in config order, files sorted).
-    pub fn images(&self) -> &[DatasetImage] {
+    pub(crate) fn images(&self) -> &[DatasetImage] {
         &self.images
     }
 
     /// The buckets in use, sorted by (width, height).
-    pub fn buckets(&self) -> &[Bucket] {
+    pub(crate) fn buckets(&self) -> &[Bucket] {
         &self.buckets
     }
 
     /// Items per epoch: each image counted `num_repeats` times.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.images.iter().map(|i| i.num_repeats as usize).sum()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.images.is_empty()
     }
 
     /// Batches per epoch: per bucket, ⌈items / batch_size⌉ (a batch never
     /// mixes buckets, so the last batch of a bucket may be short). A
     /// `batch_size` of 0 counts as 1.
-    pub fn steps_per_epoch(&self, batch_size: usize) -> usize {
+    pub(crate) fn steps_per_epoch(&self, batch_size: usize) -> usize {
         let bs = batch_size.max(1);
         self.members
             .iter()
@@ -361,7 +361,7 @@ impl Dataset {
     /// `num_repeats` times) are shuffled and cut into batches of
     /// `batch_size` (0 counts as 1), then the order of all batches is
     /// shuffled. The same `(seed, epoch)` always gives the same batches.
-    pub fn epoch_batches(&self, epoch: u64, batch_size: usize, seed: u64) -> Vec<Batch> {
+    pub(crate) fn epoch_batches(&self, epoch: u64, batch_size: usize, seed: u64) -> Vec<Batch> {
         let bs = batch_size.max(1);
         let mut rng = SeededRng::for_name(seed, &format!("dataset/epoch/{epoch}"));
         let mut batches: Vec<(Bucket, Vec<usize>)> = Vec::new();
@@ -398,13 +398,13 @@ impl Dataset {
 
     /// True when every use of every caption is the same text (no shuffle,
     /// no dropout), so text embeddings can be cached once per image.
-    pub fn captions_are_static(&self) -> bool {
+    pub(crate) fn captions_are_static(&self) -> bool {
         self.rules.is_static()
     }
 
     /// True unless `random_crop`: latents can be cached per image (and per
     /// flip).
-    pub fn latents_are_cacheable(&self) -> bool {
+    pub(crate) fn latents_are_cacheable(&self) -> bool {
         !self.config.random_crop
     }
 
@@ -416,7 +416,7 @@ impl Dataset {
     }
 
     /// The caption of one use of an image (see `CaptionRules::apply`).
-    pub fn caption(&self, item: &BatchItem) -> Result<Caption, DatasetError> {
+    pub(crate) fn caption(&self, item: &BatchItem) -> Result<Caption, DatasetError> {
         let img = self.image(item.image)?;
         let mut rng = SeededRng::for_name(item.seed, "caption");
         Ok(self.finish_caption(self.rules.apply(&img.caption, &mut rng)))
@@ -424,7 +424,7 @@ impl Dataset {
 
     /// The caption of an image with no randomness applied (trigger word
     /// included): what every use gives when `captions_are_static()`.
-    pub fn fixed_caption(&self, image: usize) -> Result<Caption, DatasetError> {
+    pub(crate) fn fixed_caption(&self, image: usize) -> Result<Caption, DatasetError> {
         let img = self.image(image)?;
         Ok(self.finish_caption(self.rules.fixed(&img.caption)))
     }
@@ -445,7 +445,7 @@ impl Dataset {
     }
 
     /// The flip and crop of one use of an image.
-    pub fn augment(&self, item: &BatchItem) -> Result<Augment, DatasetError> {
+    pub(crate) fn augment(&self, item: &BatchItem) -> Result<Augment, DatasetError> {
         let img = self.image(item.image)?;
         let flip = self.config.flip_aug && SeededRng::for_name(item.seed, "flip").uniform() < 0.5;
         let mut crop_rng = SeededRng::for_name(item.seed, "crop");
@@ -458,7 +458,7 @@ impl Dataset {
     }
 
     /// The centre crop without flip: the augmentation of a cached latent.
-    pub fn plain_augment(&self, image: usize) -> Result<Augment, DatasetError> {
+    pub(crate) fn plain_augment(&self, image: usize) -> Result<Augment, DatasetError> {
         let img = self.image(image)?;
         Ok(Augment {
             flip: false,
@@ -488,7 +488,7 @@ impl Dataset {
     /// INTER_AREA), crops the bucket at `augment.crop_left_top`, flips if
     /// asked. Returns `(3, h, w)` f32 in [-1, 1] on the CPU, the decoded size
     /// and the content hash of the file (computed once per image).
-    pub fn load_pixels(
+    pub(crate) fn load_pixels(
         &self,
         image: usize,
         augment: &Augment,
@@ -530,7 +530,7 @@ impl Dataset {
     }
 
     /// The content hash of an image file (read once, then remembered).
-    pub fn content_hash(&self, image: usize) -> Result<ContentHash, DatasetError> {
+    pub(crate) fn content_hash(&self, image: usize) -> Result<ContentHash, DatasetError> {
         let img = self.image(image)?;
         if let Some(h) = img.hash.get() {
             return Ok(*h);
@@ -542,19 +542,19 @@ impl Dataset {
     /// kohya's `ss_tag_frequency`: `{folder name: {tag: count}}` over the raw
     /// captions (class tokens for images without a caption file), tags
     /// lower-cased; folders of the same name are merged.
-    pub fn tag_frequency(&self) -> &BTreeMap<String, BTreeMap<String, u64>> {
+    pub(crate) fn tag_frequency(&self) -> &BTreeMap<String, BTreeMap<String, u64>> {
         &self.tag_frequency
     }
 
     /// kohya's `ss_dataset_dirs`: `{folder name: {n_repeats, img_count}}`;
     /// a repeated name gets ` (2)`, ` (3)`… as kohya does.
-    pub fn dataset_dirs(&self) -> &BTreeMap<String, DirInfo> {
+    pub(crate) fn dataset_dirs(&self) -> &BTreeMap<String, DirInfo> {
         &self.dirs
     }
 
     /// kohya's `ss_bucket_info` (bucket ids are positions in `buckets()`);
     /// `None` without buckets, where kohya writes `null`.
-    pub fn bucket_info(&self) -> Option<BucketInfo> {
+    pub(crate) fn bucket_info(&self) -> Option<BucketInfo> {
         if !self.config.enable_bucket {
             return None;
         }

@@ -11,7 +11,7 @@ use super::config::{normalize_extension, DatasetConfig, FolderConfig};
 use super::DatasetError;
 
 /// Image file extensions read (case-insensitive), as in kohya minus BMP.
-pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+pub(crate) const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
 /// An image folder after the repeat convention has been applied.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,7 +36,7 @@ pub(crate) struct FoundImage {
 
 /// An image left out of the dataset, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SkippedImage {
+pub(crate) struct SkippedImage {
     pub path: PathBuf,
     pub reason: String,
 }
@@ -45,7 +45,7 @@ pub struct SkippedImage {
 /// allowed) repeats, and `name` (everything after the first `_`) as class
 /// tokens; `None` when the part before the first `_` is not an integer.
 /// `10_sks dog` → (10, "sks dog"), `3_a_b` → (3, "a_b"), `5` → (5, "").
-pub fn parse_repeat_folder(name: &str) -> Option<(u32, String)> {
+pub(crate) fn parse_repeat_folder(name: &str) -> Option<(u32, String)> {
     let (count, rest) = match name.split_once('_') {
         Some((c, r)) => (c, r),
         None => (name, ""),

@@ -64,7 +64,7 @@ pub enum OptimError {
     Candle(#[from] candle_core::Error),
 }
 
-pub type Result<T> = std::result::Result<T, OptimError>;
+pub(crate) type Result<T> = std::result::Result<T, OptimError>;
 
 /// The optimizer algorithms. Serde names are snake_case; kohya's
 /// `--optimizer_type` spellings are accepted as aliases.
@@ -96,7 +96,7 @@ pub enum OptimizerKind {
 
 impl OptimizerKind {
     /// The canonical (serde) name.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Adamw => "adamw",
             Self::Adamw8bit => "adamw8bit",
@@ -109,7 +109,7 @@ impl OptimizerKind {
         }
     }
 
-    pub fn is_8bit(self) -> bool {
+    pub(crate) fn is_8bit(self) -> bool {
         matches!(
             self,
             Self::Adamw8bit | Self::Lion8bit | Self::SgdNesterov8bit
@@ -205,14 +205,14 @@ impl OptimizerConfig {
         }
     }
 
-    pub fn resolved_weight_decay(&self) -> f64 {
+    pub(crate) fn resolved_weight_decay(&self) -> f64 {
         self.weight_decay.unwrap_or(match self.kind {
             K::Adamw | K::Adamw8bit => 0.01,
             _ => 0.0,
         })
     }
 
-    pub fn resolved_betas(&self) -> (f64, f64) {
+    pub(crate) fn resolved_betas(&self) -> (f64, f64) {
         let [b1, b2] = self.betas.unwrap_or(match self.kind {
             K::Lion | K::Lion8bit => [0.9, 0.99],
             _ => [0.9, 0.999],
@@ -220,22 +220,22 @@ impl OptimizerConfig {
         (b1, b2)
     }
 
-    pub fn resolved_eps(&self) -> f64 {
+    pub(crate) fn resolved_eps(&self) -> f64 {
         self.eps.unwrap_or(match self.kind {
             K::Adafactor => 1e-30,
             _ => 1e-8,
         })
     }
 
-    pub fn resolved_momentum(&self) -> f64 {
+    pub(crate) fn resolved_momentum(&self) -> f64 {
         self.momentum.unwrap_or(0.9)
     }
 
-    pub fn resolved_block_size(&self) -> usize {
+    pub(crate) fn resolved_block_size(&self) -> usize {
         self.block_size.unwrap_or(256)
     }
 
-    pub fn resolved_min_8bit_size(&self) -> usize {
+    pub(crate) fn resolved_min_8bit_size(&self) -> usize {
         self.min_8bit_size.unwrap_or(4096)
     }
 
@@ -364,7 +364,7 @@ fn bad(field: &'static str, message: String) -> OptimError {
 /// text-encoder adapter). `name` keys the group's entries in the saved state:
 /// it must be non-empty and use only ASCII letters, digits, `_` and `-`.
 #[derive(Clone, Debug)]
-pub struct ParamGroup {
+pub(crate) struct ParamGroup {
     pub name: String,
     pub params: Vec<Var>,
     pub lr: f64,
@@ -372,7 +372,7 @@ pub struct ParamGroup {
 
 /// An optimizer over one or more parameter groups. Object safe; `Send` so a
 /// training job can own it on its own thread.
-pub trait Optimizer: Send {
+pub(crate) trait Optimizer: Send {
     fn kind(&self) -> OptimizerKind;
 
     /// Updates every parameter that has a gradient in `grads`; the others
@@ -411,7 +411,7 @@ pub trait Optimizer: Send {
 /// `<group>.<index>.step` per parameter that has state, plus optimizer-wide
 /// values (Prodigy: `d`, `d_max`, `d_numerator`, `k`).
 #[derive(Clone, Debug, Default)]
-pub struct OptimizerState {
+pub(crate) struct OptimizerState {
     /// [`OptimizerKind::name`] of the optimizer that wrote it.
     pub kind: String,
     pub step: u64,
@@ -427,7 +427,7 @@ impl OptimizerState {
     /// the step included as (1,) f64 tensors: exact, unlike f64 through JSON
     /// (serde_json's default float parsing may be off by one ulp). The kind
     /// has to be stored beside it (e.g. in the checkpoint's JSON).
-    pub fn to_tensors(&self) -> Result<HashMap<String, Tensor>> {
+    pub(crate) fn to_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out: HashMap<String, Tensor> = self
             .tensors
             .iter()
@@ -447,7 +447,7 @@ impl OptimizerState {
     }
 
     /// Inverse of [`OptimizerState::to_tensors`].
-    pub fn from_tensors(kind: &str, tensors: HashMap<String, Tensor>) -> Result<Self> {
+    pub(crate) fn from_tensors(kind: &str, tensors: HashMap<String, Tensor>) -> Result<Self> {
         let mut st = OptimizerState {
             kind: kind.to_string(),
             ..Default::default()
@@ -474,7 +474,7 @@ impl OptimizerState {
 }
 
 /// Builds the optimizer `cfg` names over `groups`.
-pub fn build(cfg: &OptimizerConfig, groups: Vec<ParamGroup>) -> Result<Box<dyn Optimizer>> {
+pub(crate) fn build(cfg: &OptimizerConfig, groups: Vec<ParamGroup>) -> Result<Box<dyn Optimizer>> {
     cfg.validate()?;
     check_groups(&groups)?;
     let device = groups
@@ -563,7 +563,7 @@ fn check_lr(group: &str, lr: f64) -> Result<()> {
 /// before clipping. A non-finite norm is returned as is and the gradients are
 /// left untouched, so the caller can skip the step. Parameters without a
 /// gradient are ignored; a parameter listed twice counts once.
-pub fn clip_grad_norm<'a>(
+pub(crate) fn clip_grad_norm<'a>(
     grads: &mut GradStore,
     params: impl IntoIterator<Item = &'a Var>,
     max_norm: f64,

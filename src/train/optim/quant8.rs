@@ -46,7 +46,7 @@ use super::{OptimError, OptimizerState, Result};
 
 /// Which of the two dynamic maps a state uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MapKind {
+pub(crate) enum MapKind {
     /// Values of either sign (first moments, momenta).
     Signed,
     /// Non-negative values (second moments).
@@ -54,7 +54,7 @@ pub enum MapKind {
 }
 
 /// The 256 sorted code values of a dynamic map, built in f64 and rounded to f32.
-pub fn dynamic_map(kind: MapKind) -> [f32; 256] {
+pub(crate) fn dynamic_map(kind: MapKind) -> [f32; 256] {
     let signed = kind == MapKind::Signed;
     let mut values: Vec<f64> = Vec::with_capacity(256);
     for decade in 0..7i32 {
@@ -100,7 +100,7 @@ fn thresholds(kind: MapKind, values: &[f32; 256]) -> [f32; 256] {
 
 /// A code map resident on one device.
 #[derive(Clone, Debug)]
-pub struct Codebook {
+pub(crate) struct Codebook {
     /// (256,) f32 code values.
     values: Tensor,
     /// (256,) f32 decision thresholds.
@@ -108,7 +108,7 @@ pub struct Codebook {
 }
 
 impl Codebook {
-    pub fn new(kind: MapKind, device: &Device) -> Result<Self> {
+    pub(crate) fn new(kind: MapKind, device: &Device) -> Result<Self> {
         let values = dynamic_map(kind);
         let thr = thresholds(kind, &values);
         Ok(Self {
@@ -130,7 +130,7 @@ impl Codebook {
 
 /// One tensor quantised block-wise to 8 bits.
 #[derive(Clone, Debug)]
-pub struct Quantized {
+pub(crate) struct Quantized {
     /// (blocks * block_size,) u8 codes; the padding tail encodes zeros.
     codes: Tensor,
     /// (blocks,) f32 per-block absolute maxima.
@@ -141,7 +141,7 @@ pub struct Quantized {
 
 impl Quantized {
     /// Quantises `x` (any float dtype, any shape) with `book`.
-    pub fn quantize(x: &Tensor, book: &Codebook, block_size: usize) -> Result<Self> {
+    pub(crate) fn quantize(x: &Tensor, book: &Codebook, block_size: usize) -> Result<Self> {
         if block_size == 0 {
             return Err(OptimError::State("block size must be positive".into()));
         }
@@ -178,7 +178,7 @@ impl Quantized {
     }
 
     /// The f32 tensor these codes stand for, in the original shape.
-    pub fn dequantize(&self, book: &Codebook) -> Result<Tensor> {
+    pub(crate) fn dequantize(&self, book: &Codebook) -> Result<Tensor> {
         let book = book.on(self.codes.device())?;
         let blocks = self.absmax.elem_count();
         // u32 ids: candle's index_select maps the largest id of the id dtype
@@ -195,14 +195,14 @@ impl Quantized {
     }
 
     #[cfg(test)]
-    pub fn codes(&self) -> &Tensor {
+    pub(crate) fn codes(&self) -> &Tensor {
         &self.codes
     }
 }
 
 /// How an optimizer stores one kind of state tensor.
 #[derive(Clone, Debug)]
-pub enum Codec {
+pub(crate) enum Codec {
     /// Plain f32.
     Full,
     /// Block-wise 8-bit with the given map.
@@ -211,7 +211,7 @@ pub enum Codec {
 
 /// Settings of 8-bit optimizer state shared by the 8-bit optimizers.
 #[derive(Clone, Debug)]
-pub struct Quant8 {
+pub(crate) struct Quant8 {
     pub block_size: usize,
     /// Tensors with fewer elements keep f32 state (bitsandbytes' `min_8bit_size`).
     pub min_8bit_size: usize,
@@ -220,7 +220,7 @@ pub struct Quant8 {
 }
 
 impl Quant8 {
-    pub fn new(block_size: usize, min_8bit_size: usize, device: &Device) -> Result<Self> {
+    pub(crate) fn new(block_size: usize, min_8bit_size: usize, device: &Device) -> Result<Self> {
         Ok(Self {
             block_size,
             min_8bit_size,
@@ -230,7 +230,7 @@ impl Quant8 {
     }
 
     /// The codec for a state of a parameter of `numel` elements.
-    pub fn codec(q: Option<&Quant8>, kind: MapKind, numel: usize) -> Codec {
+    pub(crate) fn codec(q: Option<&Quant8>, kind: MapKind, numel: usize) -> Codec {
         match q {
             Some(q) if numel >= q.min_8bit_size => Codec::Blockwise {
                 book: match kind {
@@ -246,14 +246,14 @@ impl Quant8 {
 
 /// One state tensor in the storage its codec asks for.
 #[derive(Clone, Debug)]
-pub enum StateTensor {
+pub(crate) enum StateTensor {
     Full(Tensor),
     Quant(Quantized),
 }
 
 impl StateTensor {
     /// Encodes an f32 tensor.
-    pub fn encode(x: Tensor, codec: &Codec) -> Result<Self> {
+    pub(crate) fn encode(x: Tensor, codec: &Codec) -> Result<Self> {
         Ok(match codec {
             Codec::Full => Self::Full(x),
             Codec::Blockwise { book, block_size } => {
@@ -263,7 +263,7 @@ impl StateTensor {
     }
 
     /// The f32 value.
-    pub fn decode(&self, codec: &Codec) -> Result<Tensor> {
+    pub(crate) fn decode(&self, codec: &Codec) -> Result<Tensor> {
         match (self, codec) {
             (Self::Full(t), _) => Ok(t.clone()),
             (Self::Quant(q), Codec::Blockwise { book, .. }) => q.dequantize(book),
@@ -274,7 +274,7 @@ impl StateTensor {
     }
 
     /// Writes this tensor under `key` (8-bit: `key.codes` and `key.absmax`).
-    pub fn save(&self, key: &str, out: &mut OptimizerState) {
+    pub(crate) fn save(&self, key: &str, out: &mut OptimizerState) {
         match self {
             Self::Full(t) => {
                 out.tensors.insert(key.to_string(), t.clone());

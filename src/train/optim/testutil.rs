@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::{build, OptimizerConfig, ParamGroup, Result};
 
 /// Deterministic uniform values in [-1, 1).
-pub fn uniform(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn uniform(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
     (0..n)
         .map(|_| {
@@ -20,23 +20,23 @@ pub fn uniform(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// A gradient for step `step`, already rounded to f32 values.
-pub fn synthetic_grad(n: usize, step: u64) -> Vec<f64> {
+pub(crate) fn synthetic_grad(n: usize, step: u64) -> Vec<f64> {
     uniform(n, 1000 + step)
         .into_iter()
         .map(|v| (v * 0.7 + 0.1) as f64)
         .collect()
 }
 
-pub fn tensor(v: &[f64]) -> Tensor {
+pub(crate) fn tensor(v: &[f64]) -> Tensor {
     let v32: Vec<f32> = v.iter().map(|x| *x as f32).collect();
     Tensor::from_vec(v32, v.len(), &Device::Cpu).expect("cpu tensor")
 }
 
-pub fn var(v: &[f64]) -> Var {
+pub(crate) fn var(v: &[f64]) -> Var {
     Var::from_tensor(&tensor(v)).expect("cpu var")
 }
 
-pub fn group(name: &str, params: Vec<Var>, lr: f64) -> ParamGroup {
+pub(crate) fn group(name: &str, params: Vec<Var>, lr: f64) -> ParamGroup {
     ParamGroup {
         name: name.to_string(),
         params,
@@ -44,7 +44,7 @@ pub fn group(name: &str, params: Vec<Var>, lr: f64) -> ParamGroup {
     }
 }
 
-pub fn grads(pairs: &[(&Var, &[f64])]) -> GradStore {
+pub(crate) fn grads(pairs: &[(&Var, &[f64])]) -> GradStore {
     let mut g = GradStore::default();
     for (v, vals) in pairs {
         let t = tensor(vals).reshape(v.shape()).expect("grad shape");
@@ -53,7 +53,7 @@ pub fn grads(pairs: &[(&Var, &[f64])]) -> GradStore {
     g
 }
 
-pub fn values(v: &Var) -> Vec<f32> {
+pub(crate) fn values(v: &Var) -> Vec<f32> {
     v.as_tensor()
         .flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
@@ -61,7 +61,7 @@ pub fn values(v: &Var) -> Vec<f32> {
 }
 
 /// Asserts |got − want| ≤ tol·max(1, |want|) elementwise.
-pub fn assert_close(v: &Var, want: &[f64], tol: f64, what: &str) {
+pub(crate) fn assert_close(v: &Var, want: &[f64], tol: f64, what: &str) {
     let got = values(v);
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -73,21 +73,21 @@ pub fn assert_close(v: &Var, want: &[f64], tol: f64, what: &str) {
     }
 }
 
-pub fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+pub(crate) fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }
 
 /// min ‖X·W − Y‖² / n with X (rows, inp), a planted W* (inp, out), W from 0.
-pub struct LeastSquares {
+pub(crate) struct LeastSquares {
     x: Tensor,
     y: Tensor,
     pub w: Var,
 }
 
 impl LeastSquares {
-    pub fn new(rows: usize, inp: usize, out: usize, seed: u64) -> Self {
+    pub(crate) fn new(rows: usize, inp: usize, out: usize, seed: u64) -> Self {
         let dev = Device::Cpu;
         let x = Tensor::from_vec(uniform(rows * inp, seed), (rows, inp), &dev).expect("x");
         let w_star = Tensor::from_vec(uniform(inp * out, seed + 1), (inp, out), &dev).expect("w*");
@@ -96,7 +96,7 @@ impl LeastSquares {
         Self { x, y, w }
     }
 
-    pub fn loss(&self) -> Result<Tensor> {
+    pub(crate) fn loss(&self) -> Result<Tensor> {
         Ok(self
             .x
             .matmul(self.w.as_tensor())?
@@ -108,7 +108,11 @@ impl LeastSquares {
 
 /// Runs `steps` optimizer steps on a 32×6 → 4 problem; returns the first and
 /// last loss.
-pub fn least_squares_run(cfg: &OptimizerConfig, lr: f64, steps: usize) -> Result<(f64, f64)> {
+pub(crate) fn least_squares_run(
+    cfg: &OptimizerConfig,
+    lr: f64,
+    steps: usize,
+) -> Result<(f64, f64)> {
     let ls = LeastSquares::new(32, 6, 4, 3);
     let mut opt = build(cfg, vec![group("w", vec![ls.w.clone()], lr)])?;
     let first = ls.loss()?.to_scalar::<f32>()? as f64;
@@ -124,7 +128,7 @@ pub fn least_squares_run(cfg: &OptimizerConfig, lr: f64, steps: usize) -> Result
 
 /// As [`least_squares_run`] on a 128×64 → 64 problem (a 4096-element weight);
 /// returns the final weight and (first, last) loss.
-pub fn least_squares_big(
+pub(crate) fn least_squares_big(
     cfg: &OptimizerConfig,
     lr: f64,
     steps: usize,
