@@ -89,11 +89,6 @@ impl Lora {
             layers: BTreeMap::new(),
         }
     }
-
-    /// Largest rank over all layers (the `network_dim` of kohya metadata).
-    pub(crate) fn max_rank(&self) -> usize {
-        self.layers.values().map(LoraLayer::rank).max().unwrap_or(0)
-    }
 }
 
 /// Several LoRAs with strengths, applied unmerged. Cheap to clone and to edit.
@@ -124,25 +119,6 @@ impl AdapterSet {
     pub(crate) fn with_dropout(mut self, dropout: f64) -> Self {
         self.dropout = dropout;
         self
-    }
-
-    /// Changes the strength of every entry whose LoRA has `name`; returns how many changed.
-    pub(crate) fn set_strength(&mut self, name: &str, strength: f64) -> usize {
-        let mut n = 0;
-        for (lora, s) in self.entries.iter_mut() {
-            if lora.name == name {
-                *s = strength;
-                n += 1;
-            }
-        }
-        n
-    }
-
-    /// Removes every entry whose LoRA has `name`; returns how many were removed.
-    pub(crate) fn remove(&mut self, name: &str) -> usize {
-        let before = self.entries.len();
-        self.entries.retain(|(lora, _)| lora.name != name);
-        before - self.entries.len()
     }
 
     pub(crate) fn is_empty(&self) -> bool {

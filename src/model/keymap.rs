@@ -533,14 +533,6 @@ pub(crate) enum Recipe {
 }
 
 impl Recipe {
-    /// The source keys the recipe reads.
-    pub(crate) fn sources(&self) -> Vec<&str> {
-        match self {
-            Recipe::Rename(k) | Recipe::SwapHalves(k) => vec![k.as_str()],
-            Recipe::Concat(ks) => ks.iter().map(String::as_str).collect(),
-        }
-    }
-
     /// Builds the BFL tensor `target` from `src`.
     pub(crate) fn build<S: TensorSource + ?Sized>(
         &self,

@@ -20,9 +20,6 @@ use image::RgbImage;
 
 use super::seeded::{SeededInit, SeededRng};
 
-/// The autoencoder's architecture and latent scaling (candle's Flux config).
-pub(crate) type VaeConfig = Config;
-
 /// Flux's latent scale and shift (`ae.safetensors`, diffusers `vae/config.json`).
 const FLUX_SCALE_FACTOR: f64 = 0.3611;
 const FLUX_SHIFT_FACTOR: f64 = 0.1159;

@@ -37,16 +37,10 @@ mod tokenizer;
 mod weights;
 mod words;
 
-pub(crate) use words::{
-    word_ids, TINY_VOCAB_SIZE, WORD_BOS, WORD_EOS, WORD_HASH_BUCKETS, WORD_PAD,
-};
+pub(crate) use words::{TINY_VOCAB_SIZE, WORD_EOS, WORD_PAD};
 
 /// CLIP's context length (and the position table of every CLIP text model).
 pub(crate) const CLIP_MAX_LEN: usize = 77;
-/// T5 sequence length of flux1-dev pipelines.
-pub(crate) const T5_MAX_LEN_DEV: usize = 512;
-/// T5 sequence length of flux1-schnell pipelines.
-pub(crate) const T5_MAX_LEN_SCHNELL: usize = 256;
 /// T5 sequence length of the tiny built-in model.
 pub(crate) const TINY_T5_MAX_LEN: usize = 32;
 

@@ -25,10 +25,10 @@ use candle_core::{Device, Tensor};
 use image::imageops::{self, FilterType};
 use serde::Serialize;
 
-pub(crate) use bucket::{make_bucket_resolutions, Bucket, Placement};
+pub(crate) use bucket::{Bucket, Placement};
 pub(crate) use caption::{parse_weighted_caption, CaptionRules, WeightedChunk};
 pub use config::{DatasetConfig, FolderConfig, Resolution, FLUX_PIXEL_MULTIPLE};
-pub(crate) use scan::{parse_repeat_folder, SkippedImage, IMAGE_EXTENSIONS};
+pub(crate) use scan::SkippedImage;
 
 use crate::model::seeded::SeededRng;
 use bucket::{cover_size, crop_offset, BucketGrid};
