@@ -4,6 +4,8 @@
 //! (`docs/comfyui-protocol.md` is the reference for every shape).
 //!
 //! - `nodes`: the node definitions in `/object_info` format.
+//! - `routes`: the HTTP routes, bare and under `/api/`; `state`: what they
+//!   share; `folders`: ComfyUI's output/input/temp folders.
 //! - `graph`: parsing and validating prompts against node definitions, the
 //!   execution order and the output-cache signatures (pure logic).
 //!
@@ -11,5 +13,10 @@
 //! `webui`); what they share (AppState, errors, paths, the presentation of
 //! events) lives beside them in `server/`.
 
+mod folders;
 pub mod graph;
 pub mod nodes;
+mod routes;
+pub(crate) mod state;
+
+pub(crate) use self::routes::routes;
