@@ -5,7 +5,8 @@
 //!
 //! - `nodes`: the node definitions in `/object_info` format.
 //! - `routes`: the HTTP routes, bare and under `/api/`; `state`: what they
-//!   share; `folders`: ComfyUI's output/input/temp folders.
+//!   share; `folders`: ComfyUI's output/input/temp folders; `prompt`:
+//!   `POST /prompt` (validation; execution not yet).
 //! - `graph`: parsing and validating prompts against node definitions, the
 //!   execution order and the output-cache signatures (pure logic).
 //!
@@ -16,7 +17,12 @@
 mod folders;
 pub mod graph;
 pub mod nodes;
+mod prompt;
 mod routes;
 pub(crate) mod state;
 
-pub(crate) use self::routes::routes;
+/// Registers every ComfyUI route.
+pub(crate) fn routes(table: &mut crate::server::route_table::RouteTable) {
+    routes::routes(table);
+    prompt::routes(table);
+}

@@ -15,7 +15,7 @@ use super::nodes;
 use crate::server::route_table::RouteTable;
 use crate::server::state::AppState;
 
-/// Registers every ComfyUI route.
+/// Registers the discovery routes and `/view`.
 pub fn routes(table: &mut RouteTable) {
     both(table, Method::GET, "/object_info", object_info);
     both(table, Method::GET, "/object_info/{class}", object_info_of);
