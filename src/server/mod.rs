@@ -47,14 +47,17 @@ use self::route_table::RouteTable;
 pub use self::state::AppState;
 use crate::config::Settings;
 
-/// Registers every route of the app; returns `(method, actix pattern)` of each,
-/// in order (what the OpenAPI document must list).
+/// Registers every route of the app; returns `(method, actix pattern)` of each
+/// native one, in order (what the OpenAPI document must list).
 pub(crate) fn routes(cfg: &mut web::ServiceConfig) -> Vec<(Method, String)> {
     let mut table = RouteTable::new(cfg);
     native::routes(&mut table);
     ws::routes(&mut table);
     openapi::routes(&mut table);
-    table.registered()
+    let documented = table.registered();
+    // ComfyUI's dialect is not part of the /v1 document.
+    comfy::routes(&mut RouteTable::new(cfg));
+    documented
 }
 
 /// Checks the settings are safe to serve with; the message names the setting.

@@ -30,6 +30,8 @@ pub struct AppState {
     /// Set to `true` when the daemon stops: long-lived connections (WebSockets)
     /// close so they do not hold up the graceful stop.
     pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The ComfyUI dialect's folders and limits.
+    pub comfy: super::comfy::state::ComfyState,
 }
 
 impl AppState {
@@ -50,6 +52,7 @@ impl AppState {
             model_dirs: settings.model_dirs(),
             sampling: bundle.defaults.clone(),
             stopping: Arc::new(tokio::sync::watch::channel(false).0),
+            comfy: super::comfy::state::ComfyState::new(settings),
         }
     }
 

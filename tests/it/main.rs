@@ -8,6 +8,7 @@
 mod support;
 
 mod cli;
+mod comfy;
 mod demo;
 mod engine;
 mod model_formats;
