@@ -52,8 +52,10 @@ def input_types(definition):
 
 
 def always_reruns(definition):
-    """Whether the node's result depends on more than its inputs (a live adapter)."""
-    return bool((definition.get("fluxlora") or {}).get("live"))
+    """Whether the node's result depends on more than its inputs: it reads a running
+    job (the live adapter), so ComfyUI must not reuse an earlier result."""
+    fields = (definition.get("fluxlora") or {}).get("fields") or {}
+    return "live_job" in fields.values()
 
 
 def node_class(daemon, class_name, definition):

@@ -145,8 +145,7 @@ class DaemonProcess:
         self.log_path = os.path.join(data_dir, "daemon.log")
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [binary, "serve", "--port", str(port), "--data-dir", os.path.join(data_dir, "data"),
-             "--root", data_dir],
+            [binary, "serve", "--port", str(port), "--data-dir", os.path.join(data_dir, "data")],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -233,19 +232,6 @@ def output(instance, result, name):
     return result[type(instance).RETURN_NAMES.index(name)]
 
 
-def input_of_type(instance, kind):
-    inputs = type(instance).INPUT_TYPES()
-    for section in ("required", "optional"):
-        for name, spec in inputs.get(section, {}).items():
-            if spec[0] == kind:
-                return name
-    raise AssertionError(f"{type(instance).__name__} has no {kind} input")
-
-
-def output_of_type(instance, kind):
-    return type(instance).RETURN_NAMES[type(instance).RETURN_TYPES.index(kind)]
-
-
 # --- Tests ------------------------------------------------------------------
 
 class BridgeTest(unittest.TestCase):
@@ -266,6 +252,10 @@ class BridgeTest(unittest.TestCase):
             # Widgets appear in the definition's order, as ComfyUI lays them out.
             inputs = cls.INPUT_TYPES()
             self.assertEqual(list(inputs["required"]), definition["input_order"]["required"])
+        # The live adapter reads a running job: ComfyUI must run it every time.
+        live = type(node("Flux LoRA Live Adapter"))
+        self.assertTrue(math.isnan(live.IS_CHANGED(job_id="x", strength=1.0)))
+        self.assertFalse(hasattr(type(node("Apply LoRA")), "IS_CHANGED"))
         js = os.path.join(REPO, "js")
         self.assertEqual(BRIDGE.WEB_DIRECTORY, os.path.abspath(js) if os.path.isdir(js) else None)
 
@@ -287,15 +277,15 @@ class BridgeTest(unittest.TestCase):
         self.assertIn("5000", str(refused.exception))
 
     def test_train_then_apply_then_sample(self):
-        steps = 3
+        steps = 4
         pixels = np.zeros((2, 64, 64, 3), np.float32)
         pixels[0, 16:48, 16:48, 0] = 1.0
         pixels[1, 8:56, 24:40, 2] = 1.0
-        dataset_node = node("Flux LoRA Dataset")
         dataset = call(
-            dataset_node,
-            links={input_of_type(dataset_node, "IMAGE"): Tensor(pixels)},
-            caption_template="a photo of sks shape",
+            node("Flux LoRA Dataset"),
+            links={"images": Tensor(pixels)},
+            source="images",
+            caption_template="a photo of [trigger]",
             trigger_word="sks",
             resolution=64,
             enable_bucket=False,
@@ -305,13 +295,13 @@ class BridgeTest(unittest.TestCase):
         sent_before = len(SERVER.sent)
         trained = call(
             train,
-            links={input_of_type(train, "FLUXLORA_DATASET"): dataset[0]},
+            links={"dataset": dataset[0]},
             node_id="7",
             output_name="bridge",
             max_train_steps=steps,
             network_dim=2,
             network_alpha=2.0,
-            learning_rate=0.001,
+            learning_rate=0.01,
         )
         bars = ProgressBar.made[before:]
         self.assertTrue(bars, "training showed no progress")
@@ -325,13 +315,16 @@ class BridgeTest(unittest.TestCase):
         self.assertTrue(all(d["node"] == "7" and d["total"] == steps for d in relayed), relayed)
         self.assertTrue(all(math.isfinite(d["loss"]) for d in relayed), relayed)
 
-        apply = node("Apply LoRA")
-        lora_type = input_of_type(apply, "FLUXLORA_LORA")
-        (stack,) = call(apply, links={lora_type: output(train, trained, output_of_type(train, "FLUXLORA_LORA"))}, strength=1.0)
+        (stack,) = call(node("Apply LoRA"), links={"lora": output(train, trained, "lora")}, strength=1.0)
         sample = node("Flux Sample")
-        (images,) = call(sample, links={input_of_type(sample, "FLUXLORA_LORAS"): stack},
-                         prompt="a photo of sks shape", width=64, height=64, steps=2, seed=5)
+        with_lora = dict(prompt="a photo of sks", width=64, height=64, steps=2, seed=5)
+        (images,) = call(sample, links={"loras": stack}, **with_lora)
         self.assertEqual(images.shape, (1, 64, 64, 3))
+        (base,) = call(sample, **with_lora)
+        self.assertGreater(np.abs(images.array - base.array).max(), 0.0, "the LoRA changed nothing")
+
+        (graph,) = call(node("Flux LoRA Loss Graph"), job_id=output(train, trained, "job_id"), width=256, height=128)
+        self.assertEqual(graph.shape, (1, 128, 256, 3))
 
         jobs = get_json(DAEMON.url + "/v1/jobs")
         kinds = {job["kind"] for job in jobs}
