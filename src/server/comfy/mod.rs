@@ -16,6 +16,8 @@
 
 mod folders;
 pub(crate) mod graph;
+pub(crate) mod loss_graph;
+pub(crate) mod multipart;
 pub(crate) mod nodes;
 mod prompt;
 mod routes;
