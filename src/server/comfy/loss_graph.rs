@@ -261,8 +261,10 @@ mod tests {
         (mean(&|x| x < width / 3), mean(&|x| x >= 2 * width / 3))
     }
 
+    type Points = Vec<(u64, f64)>;
+
     /// A noisy loss falling (or rising) over 200 steps, and its EMA.
-    fn run(falling: bool) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
+    fn run(falling: bool) -> (Points, Points) {
         let mut ema = None;
         (0..200u64)
             .map(|i| {
