@@ -291,11 +291,16 @@ pub fn serve(settings: Settings) -> Result<()> {
     Ok(())
 }
 
-/// `fluxlora nodes`: the node definitions with the LoRA folder's files, as JSON.
+/// `fluxlora nodes`: the node definitions with the LoRA folder's files and the
+/// input folder's images, as JSON.
 pub fn nodes(settings: &Settings, compact: bool) -> Result<String> {
-    let info = crate::server::comfy::nodes::object_info(&crate::server::comfy::nodes::lora_names(
-        &settings.lora_dir(),
-    ));
+    use crate::server::comfy::nodes::{object_info, FolderLists};
+    let input = settings
+        .comfy_root
+        .as_ref()
+        .unwrap_or(&settings.data_dir)
+        .join("input");
+    let info = object_info(&FolderLists::read(Some(&settings.lora_dir()), Some(&input)));
     Ok(if compact {
         serde_json::to_string(&info)?
     } else {

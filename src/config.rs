@@ -109,6 +109,8 @@ pub struct Settings {
     pub precision: Precision,
     /// Largest JSON request body accepted.
     pub max_body_bytes: usize,
+    /// Largest upload accepted (`POST /upload/image`; ComfyUI's default is 100 MiB).
+    pub max_upload_bytes: usize,
     /// Further folders requests may read (datasets, LoRAs); the data dir is always one.
     pub roots: Vec<PathBuf>,
     /// Browser origins (`scheme://host[:port]`) allowed besides loopback ones.
@@ -127,6 +129,7 @@ impl Default for Settings {
             device: DeviceChoice::Cpu,
             precision: Precision::F32,
             max_body_bytes: 1 << 20,
+            max_upload_bytes: 100 << 20,
             roots: vec![],
             cors_origins: vec![],
         }
@@ -145,6 +148,7 @@ impl fmt::Debug for Settings {
             .field("device", &self.device)
             .field("precision", &self.precision)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_upload_bytes", &self.max_upload_bytes)
             .field("roots", &self.roots)
             .field("cors_origins", &self.cors_origins)
             .finish()
@@ -177,9 +181,13 @@ impl Settings {
         dirs
     }
 
-    /// Every folder a request may read from.
+    /// Every folder a request may read from: the data dir, the LoRA folder,
+    /// ComfyUI's input folder (datasets of the ComfyUI nodes) and `--root`s.
     pub(crate) fn read_roots(&self) -> Vec<PathBuf> {
         let mut roots = vec![self.data_dir.clone(), self.lora_dir()];
+        if let Some(root) = &self.comfy_root {
+            roots.push(root.join("input"));
+        }
         roots.extend(self.roots.iter().cloned());
         roots
     }

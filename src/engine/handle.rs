@@ -178,7 +178,10 @@ impl Engine {
                     .update_in(&mut jobs, id, |r| r.state = JobState::Cancelled);
                 return Ok(());
             }
-            (Control::Resume, JobState::Interrupted) => {
+            // A cancelled training run saved its state: resuming continues it.
+            (Control::Resume, JobState::Interrupted) | (Control::Resume, JobState::Cancelled)
+                if state == JobState::Interrupted || rec.kind == JobKind::Train =>
+            {
                 let request = match rec.kind {
                     JobKind::Train => serde_json::from_value(rec.request.clone())
                         .map(|c| JobRequest::Train(Box::new(c))),

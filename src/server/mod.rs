@@ -22,6 +22,7 @@
 //!
 //! Must not: touch tensors; handlers call the engine.
 
+mod admission;
 pub(crate) mod comfy;
 pub(crate) mod errors;
 pub(crate) mod guard;

@@ -4,11 +4,12 @@
 //!
 //! Must not: serve anything; it only holds.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::paths::{self, PathError};
-use crate::config::Settings;
+use super::admission::Admission;
+use super::comfy::state::ComfyState;
+use crate::config::{Precision, Settings};
 use crate::engine::Engine;
 
 /// What handlers share.
@@ -17,21 +18,17 @@ pub struct AppState {
     pub model_name: String,
     pub device: String,
     pub dtype: String,
-    /// Folders requests may read from (datasets, LoRAs).
-    pub roots: Vec<PathBuf>,
-    /// Where bare LoRA file names are looked up.
-    pub lora_dir: Option<PathBuf>,
+    /// The checks job requests pass (roots, LoRA folder, sampling defaults).
+    pub(crate) admission: Admission,
     /// The loaded model's file or folder; `None` for the built-in tiny model.
     pub model_path: Option<PathBuf>,
     /// Where other model files are looked for.
     pub model_dirs: Vec<PathBuf>,
-    /// The loaded model's sampling defaults, to check requests before queueing them.
-    pub sampling: crate::model::bundle::SamplingDefaults,
     /// Set to `true` when the daemon stops: long-lived connections (WebSockets)
     /// close so they do not hold up the graceful stop.
     pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
-    /// The ComfyUI dialect's folders and limits.
-    pub comfy: super::comfy::state::ComfyState,
+    /// The ComfyUI dialect: folders, prompt queue, executor.
+    pub comfy: ComfyState,
 }
 
 impl AppState {
@@ -41,23 +38,28 @@ impl AppState {
         bundle: &crate::model::bundle::ModelBundle,
         engine: Engine,
     ) -> Self {
+        let admission = Admission {
+            roots: settings.read_roots(),
+            lora_dir: Some(settings.lora_dir()),
+            sampling: bundle.defaults.clone(),
+            model_name: bundle.name.clone(),
+        };
+        let precision = match bundle.flux.dtype() {
+            candle_core::DType::BF16 => Precision::Bf16,
+            candle_core::DType::F16 => Precision::F16,
+            _ => Precision::F32,
+        };
+        let comfy = ComfyState::new(settings, engine.clone(), admission.clone(), precision);
         Self {
             engine,
             model_name: bundle.name.clone(),
             device: settings.device.to_string(),
             dtype: format!("{:?}", bundle.flux.dtype()).to_lowercase(),
-            roots: settings.read_roots(),
-            lora_dir: Some(settings.lora_dir()),
+            admission,
             model_path: settings.model.clone(),
             model_dirs: settings.model_dirs(),
-            sampling: bundle.defaults.clone(),
             stopping: Arc::new(tokio::sync::watch::channel(false).0),
-            comfy: super::comfy::state::ComfyState::new(settings),
+            comfy,
         }
-    }
-
-    /// `path` resolved inside the configured roots.
-    pub(crate) fn resolve_path(&self, path: &Path) -> Result<PathBuf, PathError> {
-        paths::resolve_in_roots(&self.roots, path)
     }
 }

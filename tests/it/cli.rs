@@ -354,14 +354,15 @@ fn nodes_lists_the_node_definitions_with_the_lora_folder() {
         serde_json::from_str(&commands::nodes(&settings, true).unwrap()).unwrap();
     for node in [
         "FluxLoraTrain",
-        "FluxLoraLoader",
+        "FluxLoraApply",
         "FluxLoraLiveAdapter",
-        "FluxLoraSampler",
+        "FluxLoraSample",
+        "SaveImage",
     ] {
         assert_eq!(info[node]["name"], node);
     }
     assert_eq!(
-        info["FluxLoraLoader"]["input"]["required"]["lora_name"][0],
+        info["FluxLoraApply"]["input"]["optional"]["lora_name"][0],
         serde_json::json!(["style.safetensors"])
     );
 }

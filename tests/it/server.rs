@@ -843,9 +843,9 @@ fn discovery_routes_describe_models_nodes_and_the_api() {
     assert_eq!(names, vec!["tiny", "flux-dev", "schnell.safetensors"]);
 
     let nodes = app.get("/v1/nodes").json();
-    let loader = &nodes["FluxLoraLoader"]["input"]["required"]["lora_name"][0];
+    let loader = &nodes["FluxLoraApply"]["input"]["optional"]["lora_name"][0];
     assert_eq!(loader, &json!(["mine.safetensors"]));
-    assert!(nodes["FluxLoraSampler"]["output"]
+    assert!(nodes["FluxLoraSample"]["output"]
         .as_array()
         .unwrap()
         .contains(&json!("IMAGE")));

@@ -419,7 +419,7 @@ struct RawNode {
 }
 
 /// Node ids in a stable, human order: numeric ids numerically, then the rest by text.
-fn id_order(a: &str, b: &str) -> Ordering {
+pub(crate) fn id_order(a: &str, b: &str) -> Ordering {
     match (a.parse::<u64>(), b.parse::<u64>()) {
         (Ok(x), Ok(y)) => x.cmp(&y).then_with(|| a.cmp(b)),
         (Ok(_), Err(_)) => Ordering::Less,

@@ -2,34 +2,40 @@
 //! binary, one per ComfyUI node.
 //!
 //! Each file is the node's ComfyUI `/object_info` entry (the shape ComfyUI's
-//! `server.py` `node_info` returns) plus a `fluxlora` block saying which job the
-//! node becomes and which field of that job's request each input fills:
+//! `server.py` `node_info` returns) plus a `fluxlora` block saying what the
+//! executor does with the node and which field of that job's request each input
+//! fills:
 //!
 //! ```json
 //! "fluxlora": {
-//!   "job": "train" | "sample" | "lora_stack",
-//!   "fields": { "seed": "seed", "width": {"path": "request.width", "omit_if": 0} },
-//!   "chain": "loras",
+//!   "job": "train" | "sample" | "lora_stack" | "options" | "dataset" | "loss_graph"
+//!          | "save_image" | "preview_image" | "load_image",
+//!   "fields": { "seed": "seed", "width": {"path": "request.width", "omit_if": 0},
+//!               "options": {"merge": true} },
+//!   "reads": ["folder"], "chain": "loras", "lora_input": "lora",
 //!   "outputs": { "job_id": "job_id" },
-//!   "lora_list_inputs": ["lora_name"], "lora_list_outputs": []
+//!   "lora_list_inputs": ["lora_name"], "input_list_inputs": ["image"]
 //! }
 //! ```
 //!
-//! - `fields` paths are JSON paths into the request of the job: a
-//!   [`TrainConfig`] for `train`, a [`SampleJob`] for `sample`, and one
+//! - `fields` paths are JSON paths into the request the node builds: a
+//!   [`TrainConfig`] for `train`, a [`SampleJob`] for `sample`, one
 //!   [`LoraChoice`] for `lora_stack` (a node that adds one entry to a stack of
-//!   type [`LORA_STACK_TYPE`], a JSON list of `LoraChoice`). A field given as an
-//!   object may set `omit_if` (the widget value meaning "unset": ComfyUI widgets
-//!   cannot be empty, the request's `Option`s can) and `split_lines` (a multiline
-//!   text becomes a list of its non-empty lines).
-//! - `chain` (stack nodes) names the input whose incoming stack the new entry is
-//!   appended to; `outputs` says what each output carries ([`OutputSource`]).
-//! - `lora_list_inputs` / `lora_list_outputs` are COMBO inputs and list-typed
-//!   outputs written as `[]` and filled at run time with the LoRA folder's file
-//!   names, as ComfyUI fills its loaders from `folder_paths`. A list-typed output
-//!   is ComfyUI's way to feed a COMBO input (the backend compares the lists, the
-//!   front end shows both as `COMBO`); so the trainer's `lora_name` output
-//!   connects to a loader's `lora_name`.
+//!   type [`LORA_STACK_TYPE`], a JSON list of `LoraChoice`), a part of a
+//!   `TrainConfig` for `options` and a part of its `dataset` for `dataset`. A
+//!   field given as an object may set `omit_if` (the widget value meaning "unset":
+//!   ComfyUI widgets cannot be empty, the request's `Option`s can),
+//!   `split_lines` (a multiline text becomes a list of its non-empty lines) or
+//!   `merge` (the input is a JSON object, such as the options node's output,
+//!   merged into the request).
+//! - `reads` names inputs the executor reads itself (a dataset's folder, the
+//!   images of Save Image); `chain` (stack nodes) names the input whose incoming
+//!   stack the new entry is appended to; `lora_input` an optional trained LoRA
+//!   that, when connected, replaces the file of `path`. Every input is exactly
+//!   one of these. `outputs` says what each output carries ([`OutputSource`]).
+//! - `lora_list_inputs` / `input_list_inputs` are COMBO inputs written as `[]`
+//!   and filled at run time with the LoRA folder's file names or the input
+//!   folder's images, as ComfyUI fills its loaders from `folder_paths`.
 //!
 //! [`object_info`] serves the entries with the `fluxlora` block kept: ComfyUI's
 //! front end ignores keys it does not know, and the bridge can read the mapping.
@@ -52,24 +58,49 @@ use serde_json::{Map, Value};
 
 use crate::engine::{LoraChoice, SampleJob};
 use crate::train::config::TrainConfig;
+use crate::train::dataset::DatasetConfig;
 
 /// Every node file: (file name, contents). A test checks `node_defs/` has no others.
 const NODE_FILES: &[(&str, &str)] = &[
+    (
+        "FluxLoraDataset.json",
+        include_str!("../../../node_defs/FluxLoraDataset.json"),
+    ),
+    (
+        "FluxLoraTrainingOptions.json",
+        include_str!("../../../node_defs/FluxLoraTrainingOptions.json"),
+    ),
     (
         "FluxLoraTrain.json",
         include_str!("../../../node_defs/FluxLoraTrain.json"),
     ),
     (
-        "FluxLoraLoader.json",
-        include_str!("../../../node_defs/FluxLoraLoader.json"),
+        "FluxLoraApply.json",
+        include_str!("../../../node_defs/FluxLoraApply.json"),
     ),
     (
         "FluxLoraLiveAdapter.json",
         include_str!("../../../node_defs/FluxLoraLiveAdapter.json"),
     ),
     (
-        "FluxLoraSampler.json",
-        include_str!("../../../node_defs/FluxLoraSampler.json"),
+        "FluxLoraSample.json",
+        include_str!("../../../node_defs/FluxLoraSample.json"),
+    ),
+    (
+        "FluxLoraLossGraph.json",
+        include_str!("../../../node_defs/FluxLoraLossGraph.json"),
+    ),
+    (
+        "LoadImage.json",
+        include_str!("../../../node_defs/LoadImage.json"),
+    ),
+    (
+        "SaveImage.json",
+        include_str!("../../../node_defs/SaveImage.json"),
+    ),
+    (
+        "PreviewImage.json",
+        include_str!("../../../node_defs/PreviewImage.json"),
     ),
 ];
 
@@ -108,16 +139,38 @@ pub(crate) enum NodeError {
     BadRequest { node: String, message: String },
 }
 
-/// Which job a node becomes.
+/// What the executor does with a node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum JobKind {
+pub(crate) enum JobKind {
     /// A training run: the request is a [`TrainConfig`].
     Train,
     /// A sampling job: the request is a [`SampleJob`].
     Sample,
     /// No job: one [`LoraChoice`] appended to the incoming stack.
     LoraStack,
+    /// No job: a part of a [`TrainConfig`], merged into a training request.
+    Options,
+    /// No job: the dataset part of a [`TrainConfig`] (the executor adds the folders).
+    Dataset,
+    /// No job: a training run's loss curve drawn as an image.
+    LossGraph,
+    /// ComfyUI's Save Image: images copied into the output folder.
+    SaveImage,
+    /// ComfyUI's Preview Image: images copied into the temp folder.
+    PreviewImage,
+    /// ComfyUI's Load Image: an image of the input folder.
+    LoadImage,
+}
+
+impl JobKind {
+    /// Whether the node's `fields` build a request (the others only read inputs).
+    fn builds_request(self) -> bool {
+        matches!(
+            self,
+            Self::Train | Self::Sample | Self::LoraStack | Self::Options | Self::Dataset
+        )
+    }
 }
 
 /// What a node's output carries.
@@ -126,13 +179,35 @@ pub enum JobKind {
 pub(crate) enum OutputSource {
     /// The id of the submitted job.
     JobId,
-    /// The file name a training job writes to the LoRA folder when it finishes
-    /// (`<output_name>.safetensors`).
-    LoraFile,
-    /// The images of a sampling job.
+    /// The LoRA a training job wrote when it finished (type `FLUXLORA_LORA`).
+    Lora,
+    /// Images (type `IMAGE`).
     Images,
+    /// The alpha channel of loaded images (type `MASK`).
+    Mask,
     /// The incoming stack with this node's [`LoraChoice`] appended.
     LoraStack,
+    /// The options node's part of a training request.
+    Options,
+    /// The dataset node's part of a training request.
+    Dataset,
+}
+
+impl OutputSource {
+    /// Whether a node of `kind` can produce this output.
+    fn comes_from(self, kind: JobKind) -> bool {
+        match self {
+            Self::JobId | Self::Lora => kind == JobKind::Train,
+            Self::Images => matches!(
+                kind,
+                JobKind::Sample | JobKind::LossGraph | JobKind::LoadImage
+            ),
+            Self::Mask => kind == JobKind::LoadImage,
+            Self::LoraStack => kind == JobKind::LoraStack,
+            Self::Options => kind == JobKind::Options,
+            Self::Dataset => kind == JobKind::Dataset,
+        }
+    }
 }
 
 /// One step of a [`JobPath`].
@@ -176,6 +251,14 @@ impl JobPath {
         })
     }
 
+    /// The request itself: what a root `merge` fills.
+    fn root() -> Self {
+        Self {
+            text: String::new(),
+            segments: vec![],
+        }
+    }
+
     pub(crate) fn as_str(&self) -> &str {
         &self.text
     }
@@ -196,6 +279,19 @@ impl JobPath {
     /// Sets the value at this path, making missing objects and lists on the way;
     /// a list index may only append at the end.
     pub(crate) fn set(&self, root: &mut Value, value: Value) -> Result<(), String> {
+        *self.slot(root)? = value;
+        Ok(())
+    }
+
+    /// Merges `value` into the value at this path: objects key by key (deeply),
+    /// anything else replaces what is there.
+    fn merge(&self, root: &mut Value, value: Value) -> Result<(), String> {
+        merge_into(self.slot(root)?, value);
+        Ok(())
+    }
+
+    /// The value at this path, made (as null) when missing.
+    fn slot<'v>(&self, root: &'v mut Value) -> Result<&'v mut Value, String> {
         let mut here = root;
         for s in &self.segments {
             here = match s {
@@ -224,8 +320,19 @@ impl JobPath {
                 }
             };
         }
-        *here = value;
-        Ok(())
+        Ok(here)
+    }
+}
+
+/// Deep merge: keys of `value` objects go into `into` objects, the rest replaces.
+fn merge_into(into: &mut Value, value: Value) {
+    match (into, value) {
+        (Value::Object(into), Value::Object(value)) => {
+            for (k, v) in value {
+                merge_into(into.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (into, value) => *into = value,
     }
 }
 
@@ -238,11 +345,15 @@ impl fmt::Display for JobPath {
 /// Where an input goes in the request.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct FieldTarget {
+    /// The field; the request itself (an empty path) for a root `merge`.
     pub path: JobPath,
     /// The input value that means "leave the field out" (numbers compare by value).
     pub omit_if: Option<Value>,
     /// A text input becomes the list of its non-empty, trimmed lines.
     pub split_lines: bool,
+    /// The input is a JSON object merged into the field (objects merge key by
+    /// key, everything else is replaced).
+    pub merge: bool,
 }
 
 #[derive(Deserialize)]
@@ -250,29 +361,42 @@ pub(crate) struct FieldTarget {
 enum FieldTargetRepr {
     Path(String),
     Full {
-        path: String,
+        #[serde(default)]
+        path: Option<String>,
         #[serde(default)]
         omit_if: Option<Value>,
         #[serde(default)]
         split_lines: bool,
+        #[serde(default)]
+        merge: bool,
     },
 }
 
 impl TryFrom<FieldTargetRepr> for FieldTarget {
     type Error = String;
     fn try_from(repr: FieldTargetRepr) -> Result<Self, String> {
-        let (path, omit_if, split_lines) = match repr {
-            FieldTargetRepr::Path(p) => (p, None, false),
+        let (path, omit_if, split_lines, merge) = match repr {
+            FieldTargetRepr::Path(p) => (Some(p), None, false, false),
             FieldTargetRepr::Full {
                 path,
                 omit_if,
                 split_lines,
-            } => (path, omit_if, split_lines),
+                merge,
+            } => (path, omit_if, split_lines, merge),
         };
+        let path = match path {
+            Some(p) => JobPath::parse(&p)?,
+            None if merge => JobPath::root(),
+            None => return Err("a field needs a `path` (or `merge`)".into()),
+        };
+        if merge && split_lines {
+            return Err("`merge` and `split_lines` exclude each other".into());
+        }
         Ok(Self {
-            path: JobPath::parse(&path)?,
+            path,
             omit_if,
             split_lines,
+            merge,
         })
     }
 }
@@ -285,25 +409,36 @@ impl<'de> Deserialize<'de> for FieldTarget {
     }
 }
 
-/// A node's `fluxlora` block: which job it becomes and how its inputs fill it.
+/// A node's `fluxlora` block: what the executor does with it and how its inputs
+/// fill the request.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct JobMapping {
     pub job: JobKind,
     /// Input name → the request field it fills.
     pub fields: BTreeMap<String, FieldTarget>,
+    /// Inputs the executor reads itself.
+    #[serde(default)]
+    pub reads: Vec<String>,
     /// Stack nodes: the input whose incoming stack this node's entry is appended to.
     #[serde(default)]
     pub chain: Option<String>,
+    /// Stack nodes: an optional trained LoRA (`FLUXLORA_LORA`) used instead of
+    /// the file named in `path` when connected.
+    #[serde(default)]
+    pub lora_input: Option<String>,
     /// Output name → what it carries.
     pub outputs: BTreeMap<String, OutputSource>,
     /// COMBO inputs filled with the LoRA folder's file names at run time.
     #[serde(default)]
     pub lora_list_inputs: Vec<String>,
-    /// Outputs whose type is the list of the LoRA folder's file names.
+    /// COMBO inputs filled with the input folder's image files at run time.
     #[serde(default)]
-    pub lora_list_outputs: Vec<String>,
+    pub input_list_inputs: Vec<String>,
 }
+
+/// The type passed from Train Flux LoRA to Apply LoRA: `{"path", "name", "job_id"}`.
+pub(crate) const LORA_TYPE: &str = "FLUXLORA_LORA";
 
 /// The type of an input.
 #[derive(Clone, Debug, PartialEq)]
@@ -358,6 +493,27 @@ pub(crate) enum NodeRequest {
     Sample(SampleJob),
     /// The entry a stack node appends to its chain input's stack.
     Lora(LoraChoice),
+    /// A part of a request (options, dataset), as JSON.
+    Part(Value),
+}
+
+/// The run-time contents of the COMBO lists written as `[]` in the files.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FolderLists {
+    /// The LoRA folder's `.safetensors` file names.
+    pub loras: Vec<String>,
+    /// The input folder's image file names.
+    pub input_images: Vec<String>,
+}
+
+impl FolderLists {
+    /// The lists as the folders hold them now (empty for a missing folder).
+    pub(crate) fn read(lora_dir: Option<&Path>, input_dir: Option<&Path>) -> Self {
+        Self {
+            loras: lora_dir.map(lora_names).unwrap_or_default(),
+            input_images: input_dir.map(image_names).unwrap_or_default(),
+        }
+    }
 }
 
 /// One node: its typed inputs, outputs and job mapping, and its `/object_info` entry.
@@ -378,24 +534,24 @@ impl NodeDef {
         self.inputs.iter().find(|i| i.name == name)
     }
 
-    /// The `/object_info` entry, with the LoRA lists filled with `lora_names`.
-    pub(crate) fn info(&self, lora_names: &[String]) -> Value {
-        let names = Value::from(lora_names.to_vec());
+    /// The `/object_info` entry, with the run-time lists filled from `lists`.
+    pub(crate) fn info(&self, lists: &FolderLists) -> Value {
         let mut info = self.info.clone();
-        for name in &self.mapping.lora_list_inputs {
-            for group in ["required", "optional"] {
-                if let Some(spec) = info
-                    .get_mut("input")
-                    .and_then(|i| i.get_mut(group))
-                    .and_then(|g| g.get_mut(name))
-                {
-                    spec[0] = names.clone();
+        let fills = [
+            (&self.mapping.lora_list_inputs, &lists.loras),
+            (&self.mapping.input_list_inputs, &lists.input_images),
+        ];
+        for (inputs, names) in fills {
+            for name in inputs {
+                for group in ["required", "optional"] {
+                    if let Some(spec) = info
+                        .get_mut("input")
+                        .and_then(|i| i.get_mut(group))
+                        .and_then(|g| g.get_mut(name))
+                    {
+                        spec[0] = Value::from(names.clone());
+                    }
                 }
-            }
-        }
-        for name in &self.mapping.lora_list_outputs {
-            if let Some(i) = self.outputs.iter().position(|o| &o.name == name) {
-                info["output"][i] = names.clone();
             }
         }
         Value::Object(info)
@@ -405,10 +561,12 @@ impl NodeDef {
     /// validation error names it) lies in, to report an error at the input.
     pub(crate) fn input_for_path(&self, path: &str) -> Option<&str> {
         let path = JobPath::parse(path).ok()?;
+        // The most specific field wins over a root merge.
         self.mapping
             .fields
             .iter()
-            .find(|(_, t)| path.within(&t.path))
+            .filter(|(_, t)| path.within(&t.path))
+            .max_by_key(|(_, t)| t.path.segments.len())
             .map(|(name, _)| name.as_str())
     }
 
@@ -417,7 +575,12 @@ impl NodeDef {
     /// missing optional ones left out. The request is parsed, not validated:
     /// the caller checks it as the native API does before submitting.
     pub(crate) fn request(&self, inputs: &Map<String, Value>) -> Result<NodeRequest, NodeError> {
-        let json = self.request_json(inputs)?;
+        self.parse_request(self.request_json(inputs)?)
+    }
+
+    /// Parses a request built by [`Self::request_json`] (and perhaps completed
+    /// by the executor) into the type this node's job takes.
+    pub(crate) fn parse_request(&self, json: Value) -> Result<NodeRequest, NodeError> {
         let bad = |e: serde_path_to_error::Error<serde_json::Error>| {
             let path = e.path().to_string();
             match self.input_for_path(&path) {
@@ -442,10 +605,29 @@ impl NodeDef {
             JobKind::LoraStack => {
                 NodeRequest::Lora(serde_path_to_error::deserialize(json).map_err(bad)?)
             }
+            JobKind::Options => {
+                // Parsed as a whole config so a misnamed field fails here.
+                serde_path_to_error::deserialize::<_, TrainConfig>(json.clone()).map_err(bad)?;
+                NodeRequest::Part(json)
+            }
+            JobKind::Dataset => {
+                serde_path_to_error::deserialize::<_, DatasetConfig>(json.clone()).map_err(bad)?;
+                NodeRequest::Part(json)
+            }
+            JobKind::LossGraph
+            | JobKind::SaveImage
+            | JobKind::PreviewImage
+            | JobKind::LoadImage => {
+                return Err(NodeError::BadRequest {
+                    node: self.name.clone(),
+                    message: "this node builds no request".into(),
+                })
+            }
         })
     }
 
-    fn request_json(&self, inputs: &Map<String, Value>) -> Result<Value, NodeError> {
+    /// The request's JSON as the inputs fill it, before parsing.
+    pub(crate) fn request_json(&self, inputs: &Map<String, Value>) -> Result<Value, NodeError> {
         let mut job = Value::Object(Map::new());
         for input in &self.inputs {
             let Some(target) = self.mapping.fields.get(&input.name) else {
@@ -490,7 +672,41 @@ impl NodeDef {
             } else {
                 value.clone()
             };
-            target.path.set(&mut job, value).map_err(bad)?;
+            if target.merge {
+                target.path.merge(&mut job, value).map_err(bad)?;
+            } else {
+                target.path.set(&mut job, value).map_err(bad)?;
+            }
+        }
+        if let Some(name) = &self.mapping.lora_input {
+            match inputs.get(name).filter(|v| !v.is_null()) {
+                Some(lora) => {
+                    let path = lora.get("path").filter(|p| p.is_string()).ok_or_else(|| {
+                        NodeError::BadInput {
+                            node: self.name.clone(),
+                            input: name.clone(),
+                            message: "expected a trained LoRA (Train Flux LoRA's lora output)"
+                                .into(),
+                        }
+                    })?;
+                    job["path"] = path.clone();
+                }
+                None if job.get("path").is_none() => {
+                    let file_input = self
+                        .mapping
+                        .fields
+                        .iter()
+                        .find(|(_, t)| t.path.as_str() == "path")
+                        .map_or("", |(n, _)| n.as_str());
+                    return Err(NodeError::BadRequest {
+                        node: self.name.clone(),
+                        message: format!(
+                            "connect a trained LoRA to `{name}` or choose a file in `{file_input}`"
+                        ),
+                    });
+                }
+                None => {}
+            }
         }
         Ok(job)
     }
@@ -524,12 +740,12 @@ pub(crate) fn get(name: &str) -> Option<&'static NodeDef> {
     all().iter().find(|d| d.name == name)
 }
 
-/// ComfyUI's `/object_info`: node name → definition, LoRA lists filled with `lora_names`.
-pub(crate) fn object_info(lora_names: &[String]) -> Value {
+/// ComfyUI's `/object_info`: node name → definition, run-time lists filled from `lists`.
+pub(crate) fn object_info(lists: &FolderLists) -> Value {
     Value::Object(
         all()
             .iter()
-            .map(|d| (d.name.clone(), d.info(lora_names)))
+            .map(|d| (d.name.clone(), d.info(lists)))
             .collect(),
     )
 }
@@ -537,12 +753,29 @@ pub(crate) fn object_info(lora_names: &[String]) -> Value {
 /// The `.safetensors` file names directly in `dir`, sorted (none when it is missing),
 /// as `/v1/loras` lists them; the engine looks a bare name up in the LoRA folder.
 pub(crate) fn lora_names(dir: &Path) -> Vec<String> {
+    files_with(dir, &["safetensors"])
+}
+
+/// The image file names directly in `dir` (ComfyUI's input folder), sorted.
+pub(crate) fn image_names(dir: &Path) -> Vec<String> {
+    files_with(dir, &["png", "jpg", "jpeg", "webp"])
+}
+
+/// The names of the files directly in `dir` with one of `extensions` (ASCII
+/// case-insensitive), sorted; none when `dir` is missing.
+fn files_with(dir: &Path, extensions: &[&str]) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return vec![];
     };
     let mut names: Vec<String> = entries
         .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter(|e| e.path().is_file())
+        .filter(|e| {
+            e.path()
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| extensions.iter().any(|w| x.eq_ignore_ascii_case(w)))
+        })
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
     names.sort();
@@ -778,8 +1011,13 @@ fn check_inputs(def: &NodeDef) -> Result<(), String> {
                         return bad(format!("default {d} is not one of its options"));
                     }
                 }
-                if options.is_empty() != def.mapping.lora_list_inputs.contains(&input.name) {
-                    return bad("options are `[]` exactly when it is in `lora_list_inputs`".into());
+                let filled = def.mapping.lora_list_inputs.contains(&input.name)
+                    || def.mapping.input_list_inputs.contains(&input.name);
+                if options.is_empty() != filled {
+                    return bad(
+                        "options are `[]` exactly when it is in `lora_list_inputs` or `input_list_inputs`"
+                            .into(),
+                    );
                 }
             }
             _ => {}
@@ -792,77 +1030,82 @@ fn check_inputs(def: &NodeDef) -> Result<(), String> {
 fn check_mapping(def: &NodeDef) -> Result<(), String> {
     let m = &def.mapping;
     for input in &def.inputs {
-        let mapped = m.fields.contains_key(&input.name);
-        let chained = m.chain.as_deref() == Some(input.name.as_str());
-        if mapped == chained {
+        let roles = [
+            m.fields.contains_key(&input.name),
+            m.reads.contains(&input.name),
+            m.chain.as_deref() == Some(input.name.as_str()),
+            m.lora_input.as_deref() == Some(input.name.as_str()),
+        ];
+        if roles.iter().filter(|r| **r).count() != 1 {
             return Err(format!(
-                "input `{}` must be in `fluxlora.fields` or be its `chain`, not both",
+                "input `{}` must be exactly one of `fields`, `reads`, `chain` and `lora_input`",
                 input.name
             ));
         }
     }
-    for name in m.fields.keys().chain(&m.lora_list_inputs) {
+    for name in m
+        .fields
+        .keys()
+        .chain(&m.reads)
+        .chain(&m.lora_list_inputs)
+        .chain(&m.input_list_inputs)
+    {
         if def.input(name).is_none() {
             return Err(format!("`fluxlora` names `{name}`, which is no input"));
         }
     }
-    let paths: Vec<(&String, &FieldTarget)> = m.fields.iter().collect();
+    if !m.fields.is_empty() && !m.job.builds_request() {
+        return Err(format!("a {:?} node builds no request: use `reads`", m.job));
+    }
+    let paths: Vec<(&String, &FieldTarget)> = m.fields.iter().filter(|(_, t)| !t.merge).collect();
     for (i, (a, ta)) in paths.iter().enumerate() {
         for (b, tb) in &paths[i + 1..] {
             if ta.path.within(&tb.path) || tb.path.within(&ta.path) {
                 return Err(format!("inputs `{a}` and `{b}` fill overlapping fields"));
             }
         }
-        let is_text = def.input(a).is_some_and(|d| d.ty == InputType::String);
-        if ta.split_lines && !is_text {
-            return Err(format!("`split_lines` on `{a}`, which is not a text input"));
+    }
+    for (name, target) in &m.fields {
+        let ty = def.input(name).map(|d| &d.ty);
+        if target.split_lines && ty != Some(&InputType::String) {
+            return Err(format!(
+                "`split_lines` on `{name}`, which is not a text input"
+            ));
+        }
+        if target.merge && !matches!(ty, Some(InputType::Other(_))) {
+            return Err(format!("`merge` on `{name}`, which is not a linked input"));
         }
     }
-    match (&m.chain, m.job) {
-        (Some(chain), JobKind::LoraStack) => {
-            let input = def
-                .input(chain)
-                .ok_or(format!("`chain` `{chain}` is no input"))?;
-            if input.required || input.ty != InputType::Other(LORA_STACK_TYPE.into()) {
-                return Err(format!(
-                    "`chain` must be an optional {LORA_STACK_TYPE} input"
-                ));
-            }
+    let optional_of = |name: &str, ty: &str| {
+        def.input(name)
+            .is_some_and(|i| !i.required && i.ty == InputType::Other(ty.into()))
+    };
+    if let Some(chain) = &m.chain {
+        if m.job != JobKind::LoraStack {
+            return Err("only `lora_stack` nodes have a `chain`".into());
         }
-        (Some(_), _) => return Err("only `lora_stack` nodes have a `chain`".into()),
-        (None, _) => {}
+        if !optional_of(chain, LORA_STACK_TYPE) {
+            return Err(format!(
+                "`chain` must be an optional {LORA_STACK_TYPE} input"
+            ));
+        }
+    }
+    if let Some(lora) = &m.lora_input {
+        if m.job != JobKind::LoraStack || !optional_of(lora, LORA_TYPE) {
+            return Err(format!(
+                "`lora_input` must be an optional {LORA_TYPE} input of a `lora_stack` node"
+            ));
+        }
     }
     let names: BTreeSet<&String> = def.outputs.iter().map(|o| &o.name).collect();
     if names.len() != def.outputs.len() || names != m.outputs.keys().collect() {
         return Err("`fluxlora.outputs` must name each output once".into());
     }
     for (name, source) in &m.outputs {
-        let fits = match source {
-            OutputSource::JobId => m.job != JobKind::LoraStack,
-            OutputSource::LoraFile => m.job == JobKind::Train,
-            OutputSource::Images => m.job == JobKind::Sample,
-            OutputSource::LoraStack => m.job == JobKind::LoraStack,
-        };
-        if !fits {
+        if !source.comes_from(m.job) {
             return Err(format!(
                 "output `{name}`: {source:?} does not come from a {:?} node",
                 m.job
-            ));
-        }
-        let lora_list = def
-            .outputs
-            .iter()
-            .any(|o| &o.name == name && o.ty == "COMBO");
-        if lora_list != m.lora_list_outputs.contains(name) {
-            return Err(format!(
-                "output `{name}`: list-typed exactly when it is in `lora_list_outputs`"
-            ));
-        }
-    }
-    for name in &m.lora_list_outputs {
-        if !names.contains(name) {
-            return Err(format!(
-                "`lora_list_outputs` names `{name}`, which is no output"
             ));
         }
     }
@@ -889,6 +1132,9 @@ mod tests {
         defs().into_iter().find(|d| d.name == name).unwrap()
     }
 
+    /// ComfyUI's own nodes, which we implement under their names.
+    const COMFY_BUILTINS: [&str; 3] = ["LoadImage", "SaveImage", "PreviewImage"];
+
     #[test]
     fn every_node_file_is_embedded_and_passes_its_checks() {
         let defs = defs();
@@ -902,37 +1148,64 @@ mod tests {
         on_disk.sort();
         embedded.sort();
         assert_eq!(on_disk, embedded, "node_defs/ and NODE_FILES differ");
-        let names: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "FluxLoraTrain",
-                "FluxLoraLoader",
-                "FluxLoraLiveAdapter",
-                "FluxLoraSampler"
-            ]
-        );
+        let displayed: BTreeMap<&str, &str> = defs
+            .iter()
+            .map(|d| (d.name.as_str(), d.info["display_name"].as_str().unwrap()))
+            .collect();
+        // The display names the issue asks for, exactly.
+        for (class, display) in [
+            ("FluxLoraTrain", "Train Flux LoRA"),
+            ("FluxLoraTrainingOptions", "Flux LoRA Training Options"),
+            ("FluxLoraDataset", "Flux LoRA Dataset"),
+            ("FluxLoraApply", "Apply LoRA"),
+            ("FluxLoraLiveAdapter", "Flux LoRA Live Adapter"),
+            ("FluxLoraSample", "Flux Sample"),
+            ("FluxLoraLossGraph", "Flux LoRA Loss Graph"),
+            ("SaveImage", "Save Image"),
+            ("PreviewImage", "Preview Image"),
+            ("LoadImage", "Load Image"),
+        ] {
+            assert_eq!(displayed.get(class), Some(&display), "{class}");
+        }
+        assert_eq!(displayed.len(), 10);
         for d in &defs {
-            assert_eq!(d.info["category"], "fluxlora");
-            assert_eq!(d.info["python_module"], "custom_nodes.fluxlora");
+            let ours = !COMFY_BUILTINS.contains(&d.name.as_str());
+            let (category, module) = if ours {
+                ("fluxlora", "custom_nodes.fluxlora")
+            } else {
+                ("image", "nodes")
+            };
+            assert_eq!(d.info["category"], category, "{}", d.name);
+            assert_eq!(d.info["python_module"], module, "{}", d.name);
             assert!(get(&d.name).is_some());
+            for input in &d.inputs {
+                assert!(
+                    input.options.get("tooltip").is_some_and(Value::is_string),
+                    "{}.{} has no tooltip",
+                    d.name,
+                    input.name
+                );
+            }
         }
         assert!(get("KSampler").is_none());
     }
 
     #[test]
     fn object_info_entries_have_comfyui_shape() {
-        let info = object_info(&[]);
+        let info = object_info(&FolderLists::default());
         let info = info.as_object().unwrap();
-        assert_eq!(info.len(), 4);
+        assert_eq!(info.len(), 10);
         for (name, entry) in info {
             assert_eq!(entry["name"], name.as_str());
             for key in REQUIRED_KEYS {
                 assert!(entry.get(key).is_some(), "{name}: no `{key}`");
             }
             let n = entry["output"].as_array().unwrap().len();
-            for key in ["output_is_list", "output_name", "output_tooltips"] {
+            for key in ["output_is_list", "output_name"] {
                 assert_eq!(entry[key].as_array().unwrap().len(), n, "{name}.{key}");
+            }
+            if let Some(tips) = entry.get("output_tooltips") {
+                assert_eq!(tips.as_array().unwrap().len(), n, "{name}.output_tooltips");
             }
             for (group, specs) in entry["input"].as_object().unwrap() {
                 let order: BTreeSet<&str> = entry["input_order"][group]
@@ -951,13 +1224,22 @@ mod tests {
             }
         }
         assert_eq!(info["FluxLoraTrain"]["output_node"], true);
-        assert_eq!(info["FluxLoraSampler"]["output_node"], true);
-        assert_eq!(info["FluxLoraLoader"]["output_node"], false);
-        assert_eq!(info["FluxLoraSampler"]["output"], json!(["IMAGE"]));
-        assert_eq!(info["FluxLoraLoader"]["output"], json!([LORA_STACK_TYPE]));
         assert_eq!(
-            info["FluxLoraSampler"]["input"]["required"]["seed"][1]["max"],
+            info["FluxLoraTrain"]["output"],
+            json!([LORA_TYPE, "STRING"])
+        );
+        assert_eq!(info["FluxLoraSample"]["output_node"], false);
+        assert_eq!(info["SaveImage"]["output_node"], true);
+        assert_eq!(info["FluxLoraApply"]["output"], json!([LORA_STACK_TYPE]));
+        assert_eq!(info["FluxLoraSample"]["output"], json!(["IMAGE"]));
+        assert_eq!(info["LoadImage"]["output"], json!(["IMAGE", "MASK"]));
+        assert_eq!(
+            info["FluxLoraSample"]["input"]["required"]["seed"][1]["max"],
             json!(u64::MAX)
+        );
+        assert_eq!(
+            info["FluxLoraSample"]["input"]["required"]["seed"][1]["control_after_generate"],
+            true
         );
     }
 
@@ -983,6 +1265,28 @@ mod tests {
         }
     }
 
+    /// A value of a type passed between nodes, as the node making it would.
+    fn linked_probe(ty: &str) -> Value {
+        match ty {
+            LORA_STACK_TYPE => {
+                json!([{"path": "probe.safetensors", "live_job": null, "strength": 0.5}])
+            }
+            LORA_TYPE => {
+                json!({"path": "trained.safetensors", "name": "t.safetensors", "job_id": "j"})
+            }
+            "FLUXLORA_DATASET" => json!({
+                "folders": [{"path": "data/10_dog", "num_repeats": 2}],
+                "resolution": 64,
+                "enable_bucket": false,
+            }),
+            "FLUXLORA_TRAIN_OPTIONS" => {
+                json!({"optimizer": {"kind": "lion"}, "dataset": {"flip_aug": true}})
+            }
+            "IMAGE" => json!([{"filename": "x.png", "subfolder": "", "type": "input"}]),
+            other => panic!("no probe value for {other}"),
+        }
+    }
+
     /// A value for `input` that the mapping does not omit.
     fn probe(input: &InputDef, target: Option<&FieldTarget>) -> Value {
         let omitted = |v: &Value| {
@@ -998,13 +1302,15 @@ mod tests {
                 default.unwrap_or_else(|| input.options.get("step").cloned().unwrap_or(json!(1)))
             }
             InputType::Combo(options) => default
-                .or_else(|| options.first().map(|o| json!(o)))
+                .or_else(|| {
+                    options
+                        .iter()
+                        .find(|o| !omitted(&json!(o)))
+                        .map(|o| json!(o))
+                })
                 .unwrap_or(json!("probe.safetensors")),
             InputType::Boolean => default.unwrap(),
-            InputType::Other(t) if t == LORA_STACK_TYPE => {
-                json!([{"path": "probe.safetensors", "live_job": null, "strength": 0.5}])
-            }
-            InputType::Other(t) => panic!("no probe value for {t}"),
+            InputType::Other(t) => linked_probe(t),
         }
     }
 
@@ -1013,8 +1319,32 @@ mod tests {
             NodeRequest::Train(c) => serde_json::to_value(c.as_ref()),
             NodeRequest::Sample(s) => serde_json::to_value(s),
             NodeRequest::Lora(l) => serde_json::to_value(l),
+            NodeRequest::Part(p) => Ok(p.clone()),
         }
         .unwrap()
+    }
+
+    /// Whether `got` holds everything of `sent` (objects key by key, numbers by value).
+    fn holds(got: Option<&Value>, sent: &Value) -> bool {
+        match (got, sent) {
+            (Some(Value::Object(g)), Value::Object(s)) => {
+                s.iter().all(|(k, v)| holds(g.get(k), v) || v.is_null())
+            }
+            (Some(Value::Array(g)), Value::Array(s)) => {
+                g.len() == s.len() && g.iter().zip(s).all(|(g, s)| holds(Some(g), s))
+            }
+            (Some(g), s) => match (g.as_f64(), s.as_f64()) {
+                (Some(a), Some(b)) => (a - b).abs() <= 1e-6 * b.abs(),
+                _ => g == s,
+            },
+            (None, _) => false,
+        }
+    }
+
+    fn requesting() -> impl Iterator<Item = NodeDef> {
+        defs()
+            .into_iter()
+            .filter(|d| d.mapping.job.builds_request())
     }
 
     /// Every mapped path names a field of the Rust request type: the request types
@@ -1022,13 +1352,17 @@ mod tests {
     /// parsed request is serialized again (so a renamed or aliased field fails too).
     #[test]
     fn field_mappings_name_real_request_fields() {
-        for d in defs() {
+        for d in requesting() {
+            // A connected trained LoRA replaces `path`: probed in its own test.
             let inputs: Map<String, Value> = d
                 .inputs
                 .iter()
+                .filter(|i| d.mapping.lora_input.as_ref() != Some(&i.name))
                 .map(|i| (i.name.clone(), probe(i, d.mapping.fields.get(&i.name))))
                 .collect();
-            let request = d.request(&inputs).unwrap_or_else(|e| panic!("{e}"));
+            let request = d
+                .request(&inputs)
+                .unwrap_or_else(|e| panic!("{}: {e}", d.name));
             let back = request_value(&request);
             for (name, target) in &d.mapping.fields {
                 let sent = if target.split_lines {
@@ -1036,15 +1370,16 @@ mod tests {
                 } else {
                     inputs[name].clone()
                 };
-                let got = target.path.get(&back);
-                let same = match (got.and_then(Value::as_f64), sent.as_f64()) {
-                    (Some(a), Some(b)) => (a - b).abs() <= 1e-6 * b.abs(),
-                    _ => got == Some(&sent),
+                let got = if target.merge {
+                    Some(&back)
+                } else {
+                    target.path.get(&back)
                 };
                 assert!(
-                    same,
+                    holds(got, &sent),
                     "{}.{name} → {}: sent {sent}, read back {got:?}",
-                    d.name, target.path
+                    d.name,
+                    target.path
                 );
             }
         }
@@ -1073,10 +1408,12 @@ mod tests {
         let mut inputs: Map<String, Value> = d
             .inputs
             .iter()
-            .filter_map(|i| Some((i.name.clone(), i.default_value()?.clone())))
+            .filter_map(|i| match &i.ty {
+                InputType::Other(t) if i.required => Some((i.name.clone(), linked_probe(t))),
+                _ => Some((i.name.clone(), i.default_value()?.clone())),
+            })
             .collect();
         for (k, v) in [
-            ("dataset_path", json!("data/10_dog")),
             ("prompt", json!("a photo of a dog")),
             ("lora_name", json!("dog.safetensors")),
             ("job_id", json!("abc-0001")),
@@ -1086,6 +1423,20 @@ mod tests {
             }
         }
         inputs
+    }
+
+    /// A whole training config with this part merged in (the options node's part
+    /// goes in at the root, the dataset node's under `dataset`).
+    fn with_part(d: &NodeDef, part: &Value) -> TrainConfig {
+        let mut cfg = json!({"dataset": linked_probe("FLUXLORA_DATASET"), "max_train_steps": 10});
+        match d.mapping.job {
+            JobKind::Options => JobPath::root().merge(&mut cfg, part.clone()).unwrap(),
+            _ => JobPath::parse("dataset")
+                .unwrap()
+                .merge(&mut cfg, part.clone())
+                .unwrap(),
+        }
+        serde_json::from_value(cfg).unwrap()
     }
 
     fn assert_valid(d: &NodeDef, inputs: &Map<String, Value>, what: &str) {
@@ -1098,6 +1449,9 @@ mod tests {
                 assert!(job.loras.iter().all(|l| l.strength.is_finite()));
             }
             NodeRequest::Lora(l) => assert!(l.path.is_some() != l.live_job.is_some(), "{what}"),
+            NodeRequest::Part(part) => with_part(d, &part)
+                .validate()
+                .unwrap_or_else(|e| panic!("{what}: {e}")),
         }
     }
 
@@ -1106,13 +1460,18 @@ mod tests {
     /// needs a schedule that has one).
     #[test]
     fn widget_defaults_and_limits_make_valid_requests() {
-        for d in defs() {
+        for d in requesting() {
             let inputs = default_inputs(&d);
             assert_valid(&d, &inputs, &format!("{} defaults", d.name));
             let mut base = inputs.clone();
-            if d.name == "FluxLoraTrain" {
-                base.insert("enable_bucket".into(), json!(false));
-                base.insert("lr_scheduler".into(), json!("constant_with_warmup"));
+            match d.name.as_str() {
+                "FluxLoraDataset" => {
+                    base.insert("enable_bucket".into(), json!(false));
+                }
+                "FluxLoraTrainingOptions" => {
+                    base.insert("lr_scheduler".into(), json!("constant_with_warmup"));
+                }
+                _ => {}
             }
             for input in &d.inputs {
                 if !matches!(input.ty, InputType::Int | InputType::Float) {
@@ -1127,13 +1486,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn combos_offer_exactly_the_names_the_config_accepts() {
-        let d = def("FluxLoraTrain");
-        let options = |name: &str| match &d.input(name).unwrap().ty {
+    fn options_of(d: &NodeDef, name: &str) -> Vec<String> {
+        match &d.input(name).unwrap().ty {
             InputType::Combo(o) => o.clone(),
             other => panic!("{name} is {other:?}"),
-        };
+        }
+    }
+
+    #[test]
+    fn combos_offer_exactly_the_names_the_config_accepts() {
+        let d = def("FluxLoraTrainingOptions");
         use OptimizerKind as O;
         // Exhaustive: a new optimizer does not compile here until the node offers it.
         let kinds = [
@@ -1159,7 +1521,7 @@ mod tests {
             }
         }
         let names: Vec<String> = kinds.iter().map(|k| k.name().to_string()).collect();
-        assert_eq!(options("optimizer"), names);
+        assert_eq!(options_of(&d, "optimizer"), names);
         use ScheduleKind as S;
         let kinds = [
             S::Constant,
@@ -1183,26 +1545,65 @@ mod tests {
             .iter()
             .map(|k| serde_json::to_value(k).unwrap())
             .collect();
-        assert_eq!(Value::from(options("lr_scheduler")), Value::Array(names));
+        assert_eq!(
+            Value::from(options_of(&d, "lr_scheduler")),
+            Value::Array(names)
+        );
+        // Every other combo value parses as its field (the default-free ones).
+        for (input, field) in [
+            ("timestep_sampling", "objective.timestep_sampling"),
+            ("network_targets", "network.targets"),
+            ("train_blocks", "network.train_blocks"),
+            ("mixed_precision", "mixed_precision"),
+        ] {
+            for option in options_of(&d, input) {
+                if option == "model" {
+                    continue;
+                }
+                let mut cfg = json!({});
+                JobPath::parse(field)
+                    .unwrap()
+                    .set(&mut cfg, json!(option))
+                    .unwrap();
+                serde_json::from_value::<TrainConfig>(cfg)
+                    .unwrap_or_else(|e| panic!("{input} = {option}: {e}"));
+            }
+        }
     }
 
     #[test]
-    fn lora_names_fill_the_loader_and_the_trainer_output() {
+    fn folder_lists_fill_the_loaders() {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["b.safetensors", "a.safetensors", "notes.txt", "c.ckpt"] {
+        for f in [
+            "b.safetensors",
+            "a.safetensors",
+            "notes.txt",
+            "c.ckpt",
+            "x.PNG",
+            "y.jpg",
+        ] {
             std::fs::write(dir.path().join(f), b"x").unwrap();
         }
-        let names = lora_names(dir.path());
-        assert_eq!(names, ["a.safetensors", "b.safetensors"]);
+        std::fs::create_dir(dir.path().join("sub.png")).unwrap();
+        let lists = FolderLists::read(Some(dir.path()), Some(dir.path()));
+        assert_eq!(lists.loras, ["a.safetensors", "b.safetensors"]);
+        assert_eq!(lists.input_images, ["x.PNG", "y.jpg"]);
         assert!(lora_names(&dir.path().join("missing")).is_empty());
-        let info = object_info(&names);
-        let loader = &info["FluxLoraLoader"]["input"]["required"]["lora_name"];
-        assert_eq!(loader[0], json!(names));
-        assert_eq!(info["FluxLoraTrain"]["output"][0], json!(names));
-        assert_eq!(info["FluxLoraTrain"]["output"][1], "STRING");
+        let info = object_info(&lists);
+        let apply = &info["FluxLoraApply"]["input"]["optional"]["lora_name"];
+        assert_eq!(apply[0], json!(lists.loras));
+        assert_eq!(
+            info["LoadImage"]["input"]["required"]["image"][0],
+            json!(lists.input_images)
+        );
+        assert_eq!(
+            info["LoadImage"]["input"]["required"]["image"][1]["image_upload"],
+            true
+        );
         // The embedded definitions stay unfilled.
         assert_eq!(
-            object_info(&[])["FluxLoraLoader"]["input"]["required"]["lora_name"][0],
+            object_info(&FolderLists::default())["FluxLoraApply"]["input"]["optional"]["lora_name"]
+                [0],
             json!([])
         );
     }
@@ -1211,23 +1612,55 @@ mod tests {
     fn requests_follow_the_mapping() {
         let train = def("FluxLoraTrain");
         let mut inputs = default_inputs(&train);
-        inputs.insert("trigger_word".into(), json!("sks"));
         inputs.insert("network_dim".into(), json!(8));
         inputs.insert(
             "sample_prompt".into(),
             json!("a sks dog --d 1\n\na sks cat"),
         );
+        inputs.insert("options".into(), linked_probe("FLUXLORA_TRAIN_OPTIONS"));
         let NodeRequest::Train(cfg) = train.request(&inputs).unwrap() else {
             panic!()
         };
         assert_eq!(cfg.dataset.folders[0].path, Path::new("data/10_dog"));
-        assert_eq!(cfg.dataset.trigger_word.as_deref(), Some("sks"));
+        assert_eq!(cfg.dataset.folders[0].num_repeats, Some(2));
+        assert!(cfg.dataset.flip_aug, "the options merge into the dataset");
+        assert_eq!(cfg.optimizer.kind, OptimizerKind::Lion);
         assert_eq!(cfg.network.rank, 8);
         assert_eq!(cfg.sample_prompts, ["a sks dog --d 1", "a sks cat"]);
-        assert_eq!(cfg.save_every_n_steps, None, "0 leaves it unset");
         assert_eq!(cfg.max_train_steps, Some(1000));
+        assert_eq!(train.input_for_path("optimizer.kind"), Some("options"));
+        assert_eq!(train.input_for_path("network.rank"), Some("network_dim"));
+        assert_eq!(
+            train.input_for_path("dataset.folders[0].path"),
+            Some("dataset")
+        );
 
-        let sampler = def("FluxLoraSampler");
+        let options = def("FluxLoraTrainingOptions");
+        let mut inputs = default_inputs(&options);
+        inputs.insert("lr_warmup_steps".into(), json!(0));
+        let NodeRequest::Part(part) = options.request(&inputs).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            part["optimizer"],
+            json!({"kind": "adamw"}),
+            "-1 leaves weight decay unset"
+        );
+        assert!(
+            part.get("mixed_precision").is_none(),
+            "`model` leaves it to the executor"
+        );
+        assert!(
+            part.get("save_every_n_steps").is_none(),
+            "0 leaves it unset"
+        );
+        inputs.insert("optimizer".into(), json!("sgd"));
+        assert!(matches!(
+            options.request(&inputs),
+            Err(NodeError::BadInput { input, .. }) if input == "optimizer"
+        ));
+
+        let sampler = def("FluxLoraSample");
         let mut inputs = default_inputs(&sampler);
         inputs.insert("guidance".into(), json!(0)); // a browser's 0.0
         inputs.insert("width".into(), json!(512));
@@ -1237,7 +1670,6 @@ mod tests {
         assert_eq!((job.request.width, job.request.height), (Some(512), None));
         assert_eq!(job.request.guidance, None);
         assert!(job.loras.is_empty());
-
         inputs.remove("prompt");
         assert!(matches!(
             sampler.request(&inputs),
@@ -1250,38 +1682,55 @@ mod tests {
             Err(NodeError::BadInput { input, .. }) if input == "steps"
         ));
 
-        let loader = def("FluxLoraLoader");
+        let apply = def("FluxLoraApply");
         let inputs = json!({"lora_name": "dog.safetensors", "strength": -0.5});
-        let NodeRequest::Lora(choice) = loader.request(inputs.as_object().unwrap()).unwrap() else {
+        let NodeRequest::Lora(choice) = apply.request(inputs.as_object().unwrap()).unwrap() else {
             panic!()
         };
         assert_eq!(choice.path.as_deref(), Some(Path::new("dog.safetensors")));
         assert_eq!((choice.live_job, choice.strength), (None, -0.5));
-        assert_eq!(loader.mapping.chain.as_deref(), Some("loras"));
+        assert_eq!(apply.mapping.chain.as_deref(), Some("loras"));
+        // A connected trained LoRA wins over the file name.
+        let inputs = json!({"lora_name": "dog.safetensors", "strength": 1.0, "lora": linked_probe(LORA_TYPE)});
+        let NodeRequest::Lora(choice) = apply.request(inputs.as_object().unwrap()).unwrap() else {
+            panic!()
+        };
         assert_eq!(
-            train.input_for_path("dataset.folders[0].path"),
-            Some("dataset_path")
+            choice.path.as_deref(),
+            Some(Path::new("trained.safetensors"))
         );
-        assert_eq!(train.input_for_path("network.alpha"), Some("network_alpha"));
-        assert_eq!(train.input_for_path("network"), None);
+        let neither = json!({"strength": 1.0});
+        let err = apply
+            .request(neither.as_object().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lora") && err.contains("lora_name"), "{err}");
+        let bad = json!({"strength": 1.0, "lora": "x.safetensors"});
+        assert!(matches!(
+            apply.request(bad.as_object().unwrap()),
+            Err(NodeError::BadInput { input, .. }) if input == "lora"
+        ));
+        assert!(def("SaveImage").request(&Map::new()).is_err());
     }
 
     #[test]
     fn broken_definitions_are_refused() {
-        let good: Value = serde_json::from_str(NODE_FILES[1].1).unwrap();
+        let (_, text) = NODE_FILES
+            .iter()
+            .find(|(f, _)| *f == "FluxLoraApply.json")
+            .unwrap();
+        let good: Value = serde_json::from_str(text).unwrap();
         let broken = |edit: &dyn Fn(&mut Value)| {
             let mut v = good.clone();
             edit(&mut v);
-            parse("FluxLoraLoader.json", &v.to_string()).unwrap_err()
+            parse("FluxLoraApply.json", &v.to_string()).unwrap_err()
         };
         assert!(broken(&|v| {
             v.as_object_mut().unwrap().remove("category");
         })
         .contains("category"));
         assert!(broken(&|v| v["output_is_list"] = json!([false, false])).contains("same length"));
-        assert!(
-            broken(&|v| v["input_order"]["required"] = json!(["strength"])).contains("input_order")
-        );
+        assert!(broken(&|v| v["input_order"]["required"] = json!([])).contains("input_order"));
         assert!(
             broken(&|v| v["input"]["required"]["strength"][1]["default"] = json!(11.0))
                 .contains("outside")
@@ -1290,23 +1739,34 @@ mod tests {
             broken(&|v| v["fluxlora"]["fields"]["strength"] = json!("strength[x]"))
                 .contains("path")
         );
-        assert!(broken(&|v| v["fluxlora"]["fields"]["loras"] = json!("x")).contains("not both"));
+        assert!(broken(&|v| v["fluxlora"]["fields"]["loras"] = json!("x")).contains("exactly one"));
+        assert!(broken(&|v| v["fluxlora"]["reads"] = json!(["strength"])).contains("exactly one"));
         assert!(
             broken(&|v| v["fluxlora"]["outputs"] = json!({"stack": "lora_stack"}))
                 .contains("outputs")
         );
         assert!(
+            broken(&|v| v["fluxlora"]["outputs"] = json!({"loras": "images"}))
+                .contains("does not come")
+        );
+        assert!(
             broken(&|v| v["fluxlora"]["lora_list_inputs"] = json!([])).contains("lora_list_inputs")
         );
+        assert!(broken(
+            &|v| v["fluxlora"]["fields"]["strength"] = json!({"path": "strength", "merge": true})
+        )
+        .contains("merge"));
+        assert!(broken(&|v| v["fluxlora"]["job"] = json!("save_image")).contains("no request"));
         assert!(broken(&|v| v["name"] = json!("Other")).contains("file name"));
         let combo = broken(&|v| {
-            v["input"]["required"]["strength"] = json!([["a", "b"], {"default": "c"}]);
+            v["input"]["required"]["strength"] =
+                json!([["a", "b"], {"default": "c", "tooltip": "t"}]);
         });
         assert!(combo.contains("not one of its options"), "{combo}");
     }
 
     #[test]
-    fn job_paths_set_nested_fields() {
+    fn job_paths_set_and_merge_nested_fields() {
         let mut v = json!({});
         JobPath::parse("a.b[0].c")
             .unwrap()
@@ -1317,6 +1777,13 @@ mod tests {
             .set(&mut v, json!("x"))
             .unwrap();
         assert_eq!(v, json!({"a": {"b": [{"c": 1}], "d": "x"}}));
+        JobPath::root()
+            .merge(&mut v, json!({"a": {"d": "y", "e": 2}, "f": [1]}))
+            .unwrap();
+        assert_eq!(
+            v,
+            json!({"a": {"b": [{"c": 1}], "d": "y", "e": 2}, "f": [1]})
+        );
         assert!(JobPath::parse("a.b[2]")
             .unwrap()
             .set(&mut v, json!(0))

@@ -26,6 +26,7 @@ pub fn routes(table: &mut RouteTable) {
     both(table, Method::GET, "/models", model_folders);
     both(table, Method::GET, "/models/{folder}", models_in);
     both(table, Method::GET, "/view", view);
+    both(table, Method::GET, "/ws", super::socket::connect);
 }
 
 /// `path` and `/api{path}`, as ComfyUI registers its table twice.
@@ -39,24 +40,22 @@ where
     table.add(method, &format!("/api{path}"), handler);
 }
 
-/// The LoRA folder's file names, read now (a new file shows without a restart).
-pub(super) fn lora_names(state: &AppState) -> Vec<String> {
-    state
-        .lora_dir
-        .as_deref()
-        .map(nodes::lora_names)
-        .unwrap_or_default()
+/// The run-time lists, read now (a new file shows without a restart): the LoRA
+/// folder's files and the input folder's images.
+pub(crate) fn folder_lists(state: &AppState) -> nodes::FolderLists {
+    let input = state.comfy.folders.dir("input").ok();
+    nodes::FolderLists::read(state.admission.lora_dir.as_deref(), input.as_deref())
 }
 
 async fn object_info(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(nodes::object_info(&lora_names(&state)))
+    HttpResponse::Ok().json(nodes::object_info(&folder_lists(&state)))
 }
 
 /// One class, or `{}` for an unknown one (ComfyUI answers 200, not 404).
 async fn object_info_of(state: web::Data<AppState>, class: web::Path<String>) -> HttpResponse {
     let mut one = Map::new();
     if let Some(def) = nodes::get(&class) {
-        one.insert(def.name.clone(), def.info(&lora_names(&state)));
+        one.insert(def.name.clone(), def.info(&folder_lists(&state)));
     }
     HttpResponse::Ok().json(Value::Object(one))
 }
@@ -116,8 +115,8 @@ async fn empty_list() -> HttpResponse {
 /// The server's feature flags (also the answer to a client's `feature_flags`).
 pub(super) fn server_features(state: &AppState) -> Value {
     json!({
-        // Previews go out as type 1 frames only.
-        "supports_preview_metadata": false,
+        // Previews go out as type 4 frames to clients that ask, else type 1.
+        "supports_preview_metadata": true,
         "supports_model_type_tags": false,
         "max_upload_size": state.comfy.max_upload,
         "extension": {"manager": {"supports_v4": false}},
@@ -140,7 +139,7 @@ async fn model_folders() -> HttpResponse {
 /// The files of one model folder; 404 (empty) for a folder we do not have.
 async fn models_in(state: web::Data<AppState>, folder: web::Path<String>) -> HttpResponse {
     match folder.as_str() {
-        "loras" => HttpResponse::Ok().json(lora_names(&state)),
+        "loras" => HttpResponse::Ok().json(folder_lists(&state).loras),
         "diffusion_models" => {
             let mut names: Vec<String> = state
                 .model_dirs

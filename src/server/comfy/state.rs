@@ -1,24 +1,68 @@
 //! [`ComfyState`]: what the ComfyUI routes share beside [`AppState`](crate::server::AppState):
-//! its folders and limits (and, as it lands, the prompt queue, history and
-//! output cache of the executor).
+//! its folders and limits, the prompt queue and history, the hub of WebSocket
+//! messages, and the executor, which runs on its own thread for the daemon's
+//! life (it stops when this state is dropped).
 //!
 //! Must not: serve anything; it only holds.
 
+use std::sync::Arc;
+
+use super::executor::Executor;
 use super::folders::Folders;
-use crate::config::Settings;
+use super::hub::Hub;
+use super::queue::PromptQueue;
+use crate::config::{Precision, Settings};
+use crate::engine::Engine;
+use crate::server::admission::Admission;
 
 /// The ComfyUI dialect's shared state.
 pub struct ComfyState {
-    pub folders: Folders,
-    /// The largest request body accepted (`/features`' `max_upload_size`).
+    pub(crate) folders: Folders,
+    /// The largest upload accepted (`/features`' `max_upload_size`).
     pub max_upload: usize,
+    pub(crate) queue: Arc<PromptQueue>,
+    pub(crate) hub: Hub,
+    pub(crate) executor: Arc<Executor>,
 }
 
 impl ComfyState {
-    pub fn new(settings: &Settings) -> Self {
-        Self {
-            folders: Folders::new(settings),
-            max_upload: settings.max_body_bytes,
+    pub(crate) fn new(
+        settings: &Settings,
+        engine: Engine,
+        admission: Admission,
+        model_precision: Precision,
+    ) -> Self {
+        let folders = Folders::new(settings);
+        let hub = Hub::default();
+        let queue = PromptQueue::new(hub.clone());
+        let executor = Arc::new(Executor::new(
+            engine,
+            admission,
+            folders.clone(),
+            hub.clone(),
+            queue.clone(),
+            settings.data_dir.join("comfy"),
+            model_precision,
+        ));
+        let serving = executor.clone();
+        let started = std::thread::Builder::new()
+            .name("fluxlora-comfy".into())
+            .spawn(move || serving.serve());
+        if let Err(e) = started {
+            tracing::error!(error = %e, "the ComfyUI executor could not start; prompts will wait");
         }
+        Self {
+            folders,
+            max_upload: settings.max_upload_bytes,
+            queue,
+            hub,
+            executor,
+        }
+    }
+}
+
+impl Drop for ComfyState {
+    fn drop(&mut self) {
+        self.queue.stop();
     }
 }

@@ -9,7 +9,6 @@ use serde::de::IntoDeserializer;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::sample::check_sample;
 use crate::engine::events::{Event, JobState};
 use crate::engine::store::{JobKind, JobRecord};
 use crate::engine::{Control, JobRequest, SampleJob};
@@ -138,39 +137,6 @@ async fn delete_job(
     Ok(HttpResponse::NoContent().finish())
 }
 
-/// Resolves every path of a training config inside the allowed roots, replacing it
-/// by its canonical path (so the job reads exactly what was checked), and refuses
-/// settings the daemon decides itself.
-fn check_train_paths(state: &AppState, cfg: &mut TrainConfig) -> Result<(), ApiError> {
-    if let Some(model) = &cfg.model {
-        return Err(ApiError::bad(format!(
-            "the daemon trains on its loaded model ({}); leave out `model` (here {}), or start `fluxlora serve --model` with it",
-            state.model_name,
-            model.display()
-        ))
-        .at("model"));
-    }
-    for (i, folder) in cfg.dataset.folders.iter_mut().enumerate() {
-        folder.path = state
-            .resolve_path(&folder.path)
-            .map_err(|e| ApiError::from(e).at(format!("dataset.folders[{i}]")))?;
-    }
-    if let Some(validation) = &mut cfg.validation_dataset {
-        for (i, folder) in validation.folders.iter_mut().enumerate() {
-            folder.path = state
-                .resolve_path(&folder.path)
-                .map_err(|e| ApiError::from(e).at(format!("validation_dataset.folders[{i}]")))?;
-        }
-    }
-    if let Some(dir) = &cfg.cache_dir {
-        cfg.cache_dir = Some(
-            paths::resolve_for_writing(&state.roots, dir)
-                .map_err(|e| ApiError::from(e).at("cache_dir"))?,
-        );
-    }
-    Ok(())
-}
-
 /// Queue a training run.
 ///
 /// The config is parsed and validated before anything is queued; a 400 names the
@@ -198,8 +164,7 @@ async fn submit_train(
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let mut cfg: TrainConfig = parse(body.into_inner())?;
-    cfg.validate()?;
-    check_train_paths(&state, &mut cfg)?;
+    state.admission.check_train(&mut cfg)?;
     let id = state.engine.submit(JobRequest::Train(Box::new(cfg)))?;
     Ok(HttpResponse::Accepted().json(JobId { id }))
 }
@@ -229,7 +194,7 @@ async fn submit_sample(
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let mut job: SampleJob = parse(body.into_inner())?;
-    check_sample(&state, &mut job)?;
+    state.admission.check_sample(&mut job)?;
     let id = state.engine.submit(JobRequest::Sample(job))?;
     Ok(HttpResponse::Accepted().json(JobId { id }))
 }

@@ -46,7 +46,7 @@ pub struct LoraFile {
     responses((status = 200, description = "The LoRA files.", body = Vec<LoraFile>))
 )]
 async fn list_loras(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let Some(dir) = &state.lora_dir else {
+    let Some(dir) = &state.admission.lora_dir else {
         return Ok(HttpResponse::Ok().json(Vec::<LoraFile>::new()));
     };
     let mut loras = vec![];
@@ -107,12 +107,13 @@ async fn get_lora(
     name: web::Path<LoraName>,
 ) -> Result<HttpResponse, ApiError> {
     let dir = state
+        .admission
         .lora_dir
         .as_ref()
         .ok_or_else(|| ApiError::NotFound("no LoRA folder".into()))?;
     let path = paths::lora_in_folder(dir, &name.name)?;
     // A link in the LoRA folder may not lead out of the roots.
-    let path = state.resolve_path(&path)?;
+    let path = state.admission.resolve_path(&path)?;
     let file = crate::model::lora_io::load(&path, &candle_core::Device::Cpu)
         .map_err(|e| ApiError::bad(e.to_string()))?;
     Ok(HttpResponse::Ok().json(crate::model::lora_io::describe(&file)))

@@ -1,5 +1,4 @@
-//! `/v1/sample`: sample and wait for the images; and the check every sampling
-//! job passes before it is queued (here or through `POST /v1/jobs/sample`).
+//! `/v1/sample`: sample and wait for the images.
 
 use actix_web::http::Method;
 use actix_web::{web, HttpResponse};
@@ -8,44 +7,12 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::engine::events::JobState;
 use crate::engine::{JobRequest, SampleJob};
-use crate::sample::generate::ResolvedRequest;
 use crate::server::errors::{parse, ApiError, BadRequest, TooLarge};
 use crate::server::route_table::RouteTable;
 use crate::server::state::AppState;
 
 pub(super) fn routes(table: &mut RouteTable) {
     table.add(Method::POST, "/v1/sample", sample_now);
-}
-
-/// Checks a sampling job before it is queued, and resolves every LoRA path inside
-/// the allowed roots (a bare file name is looked up in the LoRA folder, as ComfyUI
-/// and A1111 name LoRAs).
-pub(super) fn check_sample(state: &AppState, job: &mut SampleJob) -> Result<(), ApiError> {
-    ResolvedRequest::with_defaults(&job.request, &state.sampling)
-        .map_err(|e| ApiError::bad(e.to_string()).at(format!("request.{}", e.field)))?;
-    for (i, lora) in job.loras.iter_mut().enumerate() {
-        if lora.path.is_some() == lora.live_job.is_some() {
-            return Err(ApiError::bad(
-                "give a LoRA either a `path` or the `live_job` of a running training job",
-            )
-            .at(format!("loras[{i}]")));
-        }
-        if !lora.strength.is_finite() {
-            return Err(ApiError::bad("strength must be a finite number")
-                .at(format!("loras[{i}].strength")));
-        }
-        if let Some(p) = &lora.path {
-            let candidate = match (p.components().count(), &state.lora_dir) {
-                (1, Some(dir)) if dir.join(p).is_file() => dir.join(p),
-                _ => p.clone(),
-            };
-            let resolved = state
-                .resolve_path(&candidate)
-                .map_err(|e| ApiError::from(e).at(format!("loras[{i}].path")))?;
-            lora.path = Some(resolved);
-        }
-    }
-    Ok(())
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -96,7 +63,7 @@ async fn sample_now(
     query: web::Query<SampleQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let mut job: SampleJob = parse(body.into_inner())?;
-    check_sample(&state, &mut job)?;
+    state.admission.check_sample(&mut job)?;
     let engine = state.engine.clone();
     let id = engine.submit(JobRequest::Sample(job))?;
     let record = web::block(move || engine.wait(&id))

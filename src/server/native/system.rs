@@ -90,10 +90,7 @@ async fn system(state: web::Data<AppState>) -> HttpResponse {
     responses((status = 200, description = "The node definitions: node class name → node definition.", body = HashMap<String, Object>))
 )]
 async fn object_info(state: web::Data<AppState>) -> HttpResponse {
-    let loras = state
-        .lora_dir
-        .as_deref()
-        .map(nodes::lora_names)
-        .unwrap_or_default();
-    HttpResponse::Ok().json(nodes::object_info(&loras))
+    HttpResponse::Ok().json(nodes::object_info(&crate::server::comfy::folder_lists(
+        &state,
+    )))
 }

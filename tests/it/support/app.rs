@@ -122,10 +122,13 @@ impl App {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         if let Some(b) = body {
-            head.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                b.len()
-            ));
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            {
+                head.push_str("Content-Type: application/json\r\n");
+            }
+            head.push_str(&format!("Content-Length: {}\r\n", b.len()));
         }
         head.push_str("\r\n");
         stream.write_all(head.as_bytes()).unwrap();
@@ -166,10 +169,28 @@ impl App {
         self.ws_on(TcpStream::connect(self.addr).unwrap(), query, headers)
     }
 
-    /// A WebSocket client over a connection the test prepared.
+    /// A WebSocket client of `/v1/ws` over a connection the test prepared.
     pub fn ws_on(
         &self,
         stream: TcpStream,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, String> {
+        self.ws_at(stream, "/v1/ws", query, headers)
+    }
+
+    /// A WebSocket client of ComfyUI's `/ws?clientId=`.
+    pub fn comfy_ws(&self, client_id: &str) -> Ws {
+        let stream = TcpStream::connect(self.addr).unwrap();
+        self.ws_at(stream, "/ws", &format!("clientId={client_id}"), &[])
+            .expect("WebSocket handshake")
+    }
+
+    /// A WebSocket client of `path` over a connection the test prepared.
+    pub fn ws_at(
+        &self,
+        stream: TcpStream,
+        path: &str,
         query: &str,
         headers: &[(&str, &str)],
     ) -> Result<Ws, String> {
@@ -177,7 +198,7 @@ impl App {
         stream
             .set_read_timeout(Some(Duration::from_secs(120)))
             .unwrap();
-        let mut url = format!("ws://{}/v1/ws?{query}", self.addr);
+        let mut url = format!("ws://{}{path}?{query}", self.addr);
         if let Some(t) = &self.token {
             url.push_str(&format!("&token={t}"));
         }

@@ -824,33 +824,47 @@ fn the_embedded_node_definitions_validate_a_train_and_sample_graph() {
             }
         }
     }
-    // Train → Loader (the run's LoRA file into the loader's file list) → Sampler.
+    // Dataset → Train → Apply LoRA → Flux Sample → Save Image.
     let mut train = Map::new();
     for (name, spec) in object_info["FluxLoraTrain"]["input"]["required"]
         .as_object()
         .unwrap()
     {
-        let value = match &spec[0] {
-            Value::Array(options) => options[0].clone(),
-            _ => spec[1]["default"].clone(),
-        };
-        train.insert(name.clone(), value);
+        if spec[0].is_string() && spec[1].get("default").is_some() {
+            train.insert(name.clone(), spec[1]["default"].clone());
+        }
     }
+    train.insert("dataset".into(), json!(["5", 0]));
     let prompt = json!({
+        "5": {"class_type": "FluxLoraDataset", "inputs": {
+            "source": "demo", "folder": "", "trigger_word": "zorbly", "caption_template": "",
+            "num_repeats": 1, "resolution": 64, "enable_bucket": false,
+        }},
         "1": {"class_type": "FluxLoraTrain", "inputs": train},
-        "2": {"class_type": "FluxLoraLoader", "inputs": {"lora_name": ["1", 0], "strength": 0.8}},
-        "3": {"class_type": "FluxLoraSampler", "inputs": {
+        "2": {"class_type": "FluxLoraApply", "inputs": {"lora": ["1", 0], "strength": 0.8}},
+        "3": {"class_type": "FluxLoraSample", "inputs": {
             "prompt": "a cat", "width": 512, "height": 512, "steps": 4, "guidance": 3.5, "seed": 1,
             "batch_size": 1, "loras": ["2", 0]
-        }}
+        }},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}},
     });
     let graph = validate(&prompt, &defs, None).unwrap().graph;
-    assert_eq!(graph.outputs(), ["1".to_string(), "3".to_string()]);
+    assert_eq!(graph.outputs(), ["1".to_string(), "4".to_string()]);
     let steps: Vec<NodeId> = execution_order(&graph, |_| false)
         .into_iter()
         .map(|s| s.node)
         .collect();
-    assert_eq!(steps, ["1", "2", "3"]);
+    assert_eq!(steps, ["5", "1", "2", "3", "4"]);
+    // A trained LoRA does not fit a stack input.
+    let mut wrong = prompt.clone();
+    wrong["3"]["inputs"]["loras"] = json!(["1", 0]);
+    // Train still runs (an output itself); the sampler's branch fails.
+    let partly = validate(&wrong, &defs, None).unwrap();
+    assert_eq!(partly.graph.outputs(), ["1".to_string()]);
+    assert_eq!(
+        partly.node_errors["3"].errors[0].kind,
+        ErrorKind::ReturnTypeMismatch
+    );
 }
 
 // --- execution order ---------------------------------------------------------
