@@ -141,15 +141,15 @@ def run(daemon, class_type, inputs, node_id=None):
     ended, outcome, deadline, interrupted = set(), None, None, False
     try:
         while True:
+            if outcome is None and not interrupted and comfy.interrupted():
+                interrupted = True  # the user stopped the prompt: stop the daemon's job
+                _interrupt(daemon)
             wait = 0.25 if deadline is None else deadline - time.monotonic()
             try:
                 kind, value = events.get(timeout=max(wait, 0))
             except queue.Empty:
                 if deadline is not None:
                     break  # answered; the end message did not come in time
-                if not interrupted and comfy.interrupted():
-                    interrupted = True
-                    _interrupt(daemon)
                 continue
             if kind == "text":
                 ended.add(display.text(value))

@@ -61,6 +61,7 @@ class ProgressBar:
     """comfy.utils.ProgressBar, recording every update."""
 
     made = []
+    on_update = None  # a test's hook: called with each update
 
     def __init__(self, total, node_id=None):
         self.total = total
@@ -72,6 +73,8 @@ class ProgressBar:
         if total is not None:
             self.total = total
         self.updates.append((value, self.total, preview))
+        if ProgressBar.on_update is not None:
+            ProgressBar.on_update(value, self.total, preview)
 
 
 class PromptServer:
@@ -84,18 +87,37 @@ class PromptServer:
         self.sent.append((event, data))
 
 
+class InterruptProcessingException(Exception):
+    pass
+
+
+class Interrupt:
+    """comfy.model_management's interrupt flag (ComfyUI's Cancel button sets it)."""
+
+    def __init__(self):
+        self.flag = False
+
+    def requested(self):
+        return self.flag
+
+    def throw(self):
+        if self.flag:
+            self.flag = False
+            raise InterruptProcessingException()
+
+
 def install_stand_ins():
     torch = types.ModuleType("torch")
-    torch.Tensor = Tensor
     torch.from_numpy = Tensor
-    torch.stack = lambda tensors, dim=0: Tensor(np.stack([t.array for t in tensors], dim))
     comfy = types.ModuleType("comfy")
     comfy.__path__ = []
     utils = types.ModuleType("comfy.utils")
     utils.ProgressBar = ProgressBar
     model_management = types.ModuleType("comfy.model_management")
-    model_management.processing_interrupted = lambda: False
-    model_management.throw_exception_if_processing_interrupted = lambda: None
+    model_management.InterruptProcessingException = InterruptProcessingException
+    model_management.interrupt = Interrupt()
+    model_management.processing_interrupted = model_management.interrupt.requested
+    model_management.throw_exception_if_processing_interrupted = model_management.interrupt.throw
     comfy.utils, comfy.model_management = utils, model_management
     server = types.ModuleType("server")
     server.PromptServer = types.SimpleNamespace(instance=PromptServer())
@@ -108,7 +130,7 @@ def install_stand_ins():
             "server": server,
         }
     )
-    return server.PromptServer.instance
+    return server.PromptServer.instance, model_management.interrupt
 
 
 def load_package(name="fluxlora"):
@@ -178,12 +200,12 @@ class DaemonProcess:
 
 
 def setUpModule():
-    global TMP, DAEMON, SERVER, BRIDGE
+    global TMP, DAEMON, SERVER, INTERRUPT, BRIDGE
     TMP = tempfile.TemporaryDirectory(prefix="fluxlora-bridge-")
     DAEMON = DaemonProcess(TMP.name)
     os.environ["FLUXLORA_URL"] = DAEMON.url
     os.environ.pop("FLUXLORA_TOKEN", None)
-    SERVER = install_stand_ins()
+    SERVER, INTERRUPT = install_stand_ins()
     BRIDGE = load_package()
 
 
@@ -232,6 +254,23 @@ def output(instance, result, name):
     return result[type(instance).RETURN_NAMES.index(name)]
 
 
+def two_image_dataset():
+    """A Flux LoRA Dataset of two drawn images, passed in from the graph (uploaded)."""
+    pixels = np.zeros((2, 64, 64, 3), np.float32)
+    pixels[0, 16:48, 16:48, 0] = 1.0
+    pixels[1, 8:56, 24:40, 2] = 1.0
+    (dataset,) = call(
+        node("Flux LoRA Dataset"),
+        links={"images": Tensor(pixels)},
+        source="images",
+        caption_template="a photo of [trigger]",
+        trigger_word="sks",
+        resolution=64,
+        enable_bucket=False,
+    )
+    return dataset
+
+
 # --- Tests ------------------------------------------------------------------
 
 class BridgeTest(unittest.TestCase):
@@ -276,26 +315,23 @@ class BridgeTest(unittest.TestCase):
             call(sample, prompt="x", width=5000, height=64, steps=1)
         self.assertIn("5000", str(refused.exception))
 
+    def test_without_a_daemon_nothing_is_registered_and_the_import_succeeds(self):
+        os.environ["FLUXLORA_URL"] = f"http://127.0.0.1:{free_port()}"
+        self.addCleanup(os.environ.__setitem__, "FLUXLORA_URL", DAEMON.url)
+        with self.assertLogs(level="WARNING") as logged:
+            alone = load_package("fluxlora_without_daemon")
+        self.assertEqual((alone.NODE_CLASS_MAPPINGS, alone.NODE_DISPLAY_NAME_MAPPINGS), ({}, {}))
+        self.assertEqual(len(logged.records), 1, logged.output)
+        self.assertIn("fluxlora serve", logged.output[0])
+
     def test_train_then_apply_then_sample(self):
         steps = 4
-        pixels = np.zeros((2, 64, 64, 3), np.float32)
-        pixels[0, 16:48, 16:48, 0] = 1.0
-        pixels[1, 8:56, 24:40, 2] = 1.0
-        dataset = call(
-            node("Flux LoRA Dataset"),
-            links={"images": Tensor(pixels)},
-            source="images",
-            caption_template="a photo of [trigger]",
-            trigger_word="sks",
-            resolution=64,
-            enable_bucket=False,
-        )
         train = node("Train Flux LoRA")
         before = len(ProgressBar.made)
         sent_before = len(SERVER.sent)
         trained = call(
             train,
-            links={"dataset": dataset[0]},
+            links={"dataset": two_image_dataset()},
             node_id="7",
             output_name="bridge",
             max_train_steps=steps,
@@ -305,10 +341,13 @@ class BridgeTest(unittest.TestCase):
         )
         bars = ProgressBar.made[before:]
         self.assertTrue(bars, "training showed no progress")
-        values = [value for value, _, _ in bars[0].updates]
-        self.assertEqual(values, sorted(values))
-        self.assertEqual(values[-1], steps)
-        self.assertEqual(bars[0].updates[-1][1], steps)
+        # The daemon shows caching the images first (max = the image count), then
+        # the optimizer steps (max = the total steps).
+        updates = bars[0].updates
+        self.assertEqual(updates[-1][:2], (steps, steps), updates)
+        values = [value for value, total, _ in updates if total == steps]
+        self.assertEqual(values, sorted(values), updates)
+        self.assertGreaterEqual(len(values), steps, updates)
         self.assertEqual(bars[0].node_id, "7")
         relayed = [data for event, data in SERVER.sent[sent_before:] if event == "fluxlora.train"]
         self.assertEqual([d["step"] for d in relayed], list(range(1, steps + 1)))
@@ -326,10 +365,38 @@ class BridgeTest(unittest.TestCase):
         (graph,) = call(node("Flux LoRA Loss Graph"), job_id=output(train, trained, "job_id"), width=256, height=128)
         self.assertEqual(graph.shape, (1, 128, 256, 3))
 
-        jobs = get_json(DAEMON.url + "/v1/jobs")
-        kinds = {job["kind"] for job in jobs}
-        self.assertLessEqual({"train", "sample"}, kinds, jobs)
-        self.assertTrue(all(job["state"] == "finished" for job in jobs), jobs)
+        # The daemon ran the jobs.
+        jobs = {job["id"]: job for job in get_json(DAEMON.url + "/v1/jobs")}
+        job = jobs[output(train, trained, "job_id")]
+        self.assertEqual((job["kind"], job["state"]), ("train", "finished"), job)
+        samples = [j for j in jobs.values() if j["kind"] == "sample" and j["created"] > job["updated"]]
+        self.assertEqual(len(samples), 2, jobs)
+        self.assertTrue(all(j["state"] == "finished" for j in samples), samples)
+
+    def test_stopping_the_prompt_stops_the_training_job(self):
+        train = node("Train Flux LoRA")
+
+        def stop_at_step_2(value, total, preview):
+            if total == 1000 and value >= 2:
+                INTERRUPT.flag = True
+
+        ProgressBar.on_update = stop_at_step_2
+        self.addCleanup(setattr, ProgressBar, "on_update", None)
+        started = time.time()
+        with self.assertRaises(InterruptProcessingException):
+            call(
+                train,
+                links={"dataset": two_image_dataset()},
+                output_name="stopped",
+                max_train_steps=1000,
+                network_dim=2,
+                network_alpha=2.0,
+            )
+        self.assertFalse(INTERRUPT.flag)
+        jobs = [j for j in get_json(DAEMON.url + "/v1/jobs?kind=train") if j["created"] >= started - 1]
+        self.assertEqual(len(jobs), 1, jobs)
+        self.assertNotEqual(jobs[0]["state"], "finished", jobs)
+        self.assertNotEqual(jobs[0]["state"], "running", jobs)
 
 
 if __name__ == "__main__":
