@@ -161,7 +161,7 @@ class DaemonProcess:
     def __init__(self, data_dir):
         binary = os.environ.get("FLUXLORA_BIN") or os.path.join(REPO, "target", "debug", "fluxlora")
         if not os.path.exists(binary):
-            raise unittest.SkipTest(f"no daemon binary at {binary} (cargo build --bin fluxlora)")
+            raise RuntimeError(f"no daemon binary at {binary} (cargo build --bin fluxlora, or set FLUXLORA_BIN)")
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = os.path.join(data_dir, "daemon.log")
