@@ -362,6 +362,12 @@ class BridgeTest(unittest.TestCase):
         (base,) = call(sample, **with_lora)
         self.assertGreater(np.abs(images.array - base.array).max(), 0.0, "the LoRA changed nothing")
 
+        # Apply LoRA's file list shows the new LoRA without a restart (ComfyUI asks
+        # INPUT_TYPES again; the bridge asks the daemon at most every 2 s).
+        time.sleep(2.1)
+        files = type(node("Apply LoRA")).INPUT_TYPES()["optional"]["lora_name"][0]
+        self.assertIn("bridge.safetensors", files)
+
         (graph,) = call(node("Flux LoRA Loss Graph"), job_id=output(train, trained, "job_id"), width=256, height=128)
         self.assertEqual(graph.shape, (1, 128, 256, 3))
 
