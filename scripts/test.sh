@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The project's test command (README "Run the tests"; CI's .ci/run calls it):
+# the Rust tests, then the ComfyUI bridge's Python tests against the daemon the
+# Rust build just made. Installs Python when the machine has none (Debian).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo test --locked
+
+need_python() {
+    if command -v apt-get >/dev/null; then
+        echo "installing python3 and python3-venv (the bridge tests need them)" >&2
+        apt-get update -qq && apt-get install -y -qq python3 python3-venv >/dev/null
+    else
+        echo "the bridge tests need python3 with venv; install them" >&2
+        exit 1
+    fi
+}
+command -v python3 >/dev/null || need_python
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_python
+bash scripts/bridge-test.sh
