@@ -121,14 +121,6 @@ impl AdapterSet {
         self
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    pub(crate) fn entries(&self) -> impl Iterator<Item = (&Arc<Lora>, f64)> {
-        self.entries.iter().map(|(l, s)| (l, *s))
-    }
-
     /// The updates that apply to the layer at `module` with their strengths;
     /// strength-zero entries are skipped so they cost nothing.
     pub(crate) fn layers_for<'a>(

@@ -366,7 +366,9 @@ pub(crate) fn module_group(bfl: &str) -> ModuleGroup {
     }
 }
 
-/// Every linear module path of a Flux transformer with the given depth.
+/// Every linear module path of a Flux transformer with the given depth, from the
+/// tables above (for the tests of the tables and of the trainer's module selection).
+#[cfg(test)]
 pub(crate) fn bfl_linear_modules(n_double: usize, n_single: usize, guidance: bool) -> Vec<String> {
     let mut out = Vec::new();
     for (b, _, _) in TOP_LEVEL {

@@ -1,6 +1,6 @@
 //! The Flux autoencoder: images to scaled latents (for caching and img2img)
 //! and back (for samples), a cheap latent→RGB preview, and the conversions
-//! between image files / `image::RgbImage` and `(b, 3, h, w)` tensors.
+//! between `image::RgbImage` and `(b, 3, h, w)` tensors.
 //!
 //! Owns: loading `ae.safetensors` (BFL/ComfyUI keys) and diffusers `vae/`
 //! folders (keys renamed on load), the tiny built-in VAE, the latent scale and
@@ -18,7 +18,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::flux::autoencoder::{Config, Decoder, Encoder};
 use image::RgbImage;
 
-use super::seeded::{SeededInit, SeededRng};
+use super::seeded::SeededInit;
 
 /// Flux's latent scale and shift (`ae.safetensors`, diffusers `vae/config.json`).
 const FLUX_SCALE_FACTOR: f64 = 0.3611;
@@ -142,10 +142,6 @@ impl Vae {
         1 << self.cfg.ch_mult.len().saturating_sub(1)
     }
 
-    pub(crate) fn device(&self) -> &Device {
-        &self.device
-    }
-
     pub(crate) fn dtype(&self) -> DType {
         self.dtype
     }
@@ -154,17 +150,7 @@ impl Vae {
     /// F32: the mean of the encoder's distribution (deterministic), then
     /// `(mean - shift) * scale`.
     pub(crate) fn encode(&self, images: &Tensor) -> Result<Tensor> {
-        let (mean, _) = self.moments(images)?;
-        self.scale(&mean)
-    }
-
-    /// Like [`Vae::encode`] but draws from the encoder's distribution with
-    /// noise from `rng` (as BFL's `AutoEncoder.encode`, reproducibly).
-    pub(crate) fn encode_sampled(&self, images: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
-        let (mean, logvar) = self.moments(images)?;
-        let std = (logvar.clamp(-30f32, 20f32)? * 0.5)?.exp()?;
-        let noise = rng.randn(mean.shape(), mean.device())?;
-        self.scale(&(mean + (std * noise)?)?)
+        self.scale(&self.mean(images)?)
     }
 
     /// Scaled latents `(b, z, h/8, w/8)` → images `(b, 3, h, w)`, F32, roughly
@@ -189,8 +175,9 @@ impl Vae {
             .to_dtype(DType::F32)
     }
 
-    /// Encoder output split into (mean, log-variance), F32.
-    fn moments(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The mean of the encoder's distribution (the first half of its output
+    /// channels; the second half, the log-variance, is not used), F32.
+    fn mean(&self, images: &Tensor) -> Result<Tensor> {
         let (_, c, h, w) = images.dims4().map_err(|_| {
             candle_core::Error::Msg(format!(
                 "VAE encode: images must be (b, 3, h, w), got {:?}",
@@ -207,8 +194,7 @@ impl Vae {
         }
         let x = images.to_device(&self.device)?.to_dtype(self.dtype)?;
         let moments = self.encoder.forward(&x)?.to_dtype(DType::F32)?; // (b, 2z, h/f, w/f)
-        let z = self.cfg.z_channels;
-        Ok((moments.narrow(1, 0, z)?, moments.narrow(1, z, z)?))
+        moments.narrow(1, 0, self.cfg.z_channels)
     }
 
     fn scale(&self, z: &Tensor) -> Result<Tensor> {
@@ -288,13 +274,6 @@ pub(crate) fn preview_factors(channels: usize) -> (Vec<[f32; 3]>, [f32; 3]) {
 
 // ---------------------------------------------------------------------------
 // Images ↔ tensors
-
-/// Reads an image file (PNG, JPEG, WebP) as 8-bit RGB.
-pub(crate) fn open_rgb_image(path: &Path) -> Result<RgbImage> {
-    let img = image::open(path)
-        .map_err(|e| candle_core::Error::Msg(format!("image {}: {e}", path.display())))?;
-    Ok(img.to_rgb8())
-}
 
 /// An RGB image → `(1, 3, h, w)` F32 in [-1, 1] (`v / 127.5 - 1`).
 pub(crate) fn image_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
@@ -670,13 +649,6 @@ mod tests {
         let z0 = vae.encode(&img.narrow(0, 0, 1)?)?;
         assert!(max_abs_diff(&z.narrow(0, 0, 1)?, &z0) < 1e-4);
 
-        let mut rng = SeededRng::new(3);
-        let zs = vae.encode_sampled(&img, &mut rng)?;
-        assert_eq!(zs.dims(), z.dims());
-        assert!(max_abs_diff(&zs, &z) > 0.0);
-        let zs_again = vae.encode_sampled(&img, &mut SeededRng::new(3))?;
-        assert_eq!(max_abs_diff(&zs, &zs_again), 0.0);
-
         assert!(vae.encode(&img.narrow(2, 0, 60)?).is_err());
         assert!(vae
             .decode(&Tensor::zeros((1, 16, 8, 8), DType::F32, &dev)?)
@@ -740,12 +712,6 @@ mod tests {
         let loud = (t * 3.0)?;
         let clamped = tensor_to_images(&loud)?;
         assert_eq!(clamped[0].get_pixel(0, 0), &image::Rgb([0, 255, 129]));
-
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("x.png");
-        img.save(&path).expect("save png");
-        assert_eq!(open_rgb_image(&path)?, img);
-        assert!(open_rgb_image(&dir.path().join("missing.png")).is_err());
         Ok(())
     }
 

@@ -54,13 +54,6 @@ impl GenerationParams {
     }
 }
 
-/// Encodes `image` as PNG bytes with the parameter chunks.
-pub(crate) fn encode_png(image: &RgbImage, params: &GenerationParams) -> io::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    write_png(&mut bytes, image, params)?;
-    Ok(bytes)
-}
-
 fn write_png(w: &mut dyn Write, image: &RgbImage, params: &GenerationParams) -> io::Result<()> {
     let mut encoder = png::Encoder::new(w, image.width(), image.height());
     encoder.set_color(png::ColorType::Rgb);
@@ -120,7 +113,8 @@ mod tests {
             model: "tiny".into(),
             loras: vec![("style".into(), 0.8)],
         };
-        let bytes = encode_png(&img, &params)?;
+        let mut bytes = Vec::new();
+        write_png(&mut bytes, &img, &params)?;
         let chunks = read_text_chunks(&bytes)?;
         let text = &chunks
             .iter()

@@ -7,6 +7,7 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
+use utoipa::openapi::{Content, Ref, RefOr, Response, ResponseBuilder};
 
 use super::paths::PathError;
 use crate::engine::EngineError;
@@ -208,34 +209,56 @@ pub(crate) fn json_error(
 
 // The error answers as OpenAPI response components, named in each handler's
 // `#[utoipa::path]`; the guard's 401 and 403 and the 500 apply to every route.
+// Each is a marker type whose doc comment is the response's description and whose
+// content is an `ErrorBody`.
 
-/// The request is malformed or does not validate (`bad_request`); `field` names
-/// the offending field where one is known.
-#[derive(utoipa::ToResponse)]
-pub(crate) struct BadRequest(pub ErrorBody);
+/// The OpenAPI response `name`: `doc` (the lines of a doc comment) as its
+/// description, an [`ErrorBody`] as its JSON content.
+fn error_answer<'s>(name: &'s str, doc: &[&str]) -> (&'s str, RefOr<Response>) {
+    let description: Vec<&str> = doc.iter().map(|line| line.trim()).collect();
+    let body = Ref::from_schema_name(<ErrorBody as utoipa::ToSchema>::name());
+    let response = ResponseBuilder::new()
+        .description(description.join("\n"))
+        .content("application/json", Content::new(Some(body)))
+        .build();
+    (name, response.into())
+}
 
-/// The daemon has a token and the request did not carry it (`unauthorized`).
-#[derive(utoipa::ToResponse)]
-pub(crate) struct Unauthorized(pub ErrorBody);
+macro_rules! error_answers {
+    ($($(#[doc = $doc:literal])+ $name:ident;)+) => {$(
+        $(#[doc = $doc])+
+        pub(crate) struct $name;
 
-/// The request came from a browser origin the daemon does not serve, or (without
-/// a token) named a host that is not this machine (`forbidden`): only loopback
-/// origins and those given with `--cors-origin` are served.
-#[derive(utoipa::ToResponse)]
-pub(crate) struct Forbidden(pub ErrorBody);
+        impl<'s> utoipa::ToResponse<'s> for $name {
+            fn response() -> (&'s str, RefOr<Response>) {
+                error_answer(stringify!($name), &[$($doc),+])
+            }
+        }
+    )+};
+}
 
-/// No such job, file, LoRA or route (`not_found`).
-#[derive(utoipa::ToResponse)]
-pub(crate) struct NotFound(pub ErrorBody);
+error_answers! {
+    /// The request is malformed or does not validate (`bad_request`); `field` names
+    /// the offending field where one is known.
+    BadRequest;
 
-/// The job's state does not allow this (`conflict`); the message names the state.
-#[derive(utoipa::ToResponse)]
-pub(crate) struct Conflict(pub ErrorBody);
+    /// The daemon has a token and the request did not carry it (`unauthorized`).
+    Unauthorized;
 
-/// The request body is over the daemon's limit (`payload_too_large`).
-#[derive(utoipa::ToResponse)]
-pub(crate) struct TooLarge(pub ErrorBody);
+    /// The request came from a browser origin the daemon does not serve, or (without
+    /// a token) named a host that is not this machine (`forbidden`): only loopback
+    /// origins and those given with `--cors-origin` are served.
+    Forbidden;
 
-/// The daemon failed (`internal`).
-#[derive(utoipa::ToResponse)]
-pub(crate) struct Internal(pub ErrorBody);
+    /// No such job, file, LoRA or route (`not_found`).
+    NotFound;
+
+    /// The job's state does not allow this (`conflict`); the message names the state.
+    Conflict;
+
+    /// The request body is over the daemon's limit (`payload_too_large`).
+    TooLarge;
+
+    /// The daemon failed (`internal`).
+    Internal;
+}

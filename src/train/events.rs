@@ -1,5 +1,6 @@
 //! What a training run reports ([`TrainEvent`]) and how it is steered from outside
-//! ([`TrainControl`]: cancel, pause, resume between optimizer steps).
+//! ([`TrainControl`]: cancel between optimizer steps; the daemon's engine pauses
+//! and resumes its jobs with hooks of its own).
 //!
 //! Events are plain serialisable data so the daemon can forward them unchanged
 //! (WebSocket, events.jsonl), read them back from its job store, and the CLI can
@@ -82,11 +83,10 @@ pub enum TrainEvent {
     },
 }
 
-/// Shared switches a running trainer checks between optimizer steps.
+/// A shared switch a running trainer checks between optimizer steps.
 #[derive(Debug, Default)]
 pub struct TrainControl {
     cancel: AtomicBool,
-    pause: AtomicBool,
 }
 
 impl TrainControl {
@@ -94,20 +94,8 @@ impl TrainControl {
         self.cancel.store(true, Ordering::SeqCst);
     }
 
-    pub(crate) fn pause(&self) {
-        self.pause.store(true, Ordering::SeqCst);
-    }
-
-    pub(crate) fn resume(&self) {
-        self.pause.store(false, Ordering::SeqCst);
-    }
-
     pub(crate) fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn is_paused(&self) -> bool {
-        self.pause.load(Ordering::SeqCst)
     }
 }
 
@@ -147,10 +135,7 @@ mod tests {
     #[test]
     fn control_flags_toggle() {
         let c = TrainControl::default();
-        c.pause();
-        assert!(c.is_paused());
-        c.resume();
-        assert!(!c.is_paused());
+        assert!(!c.is_cancelled());
         c.cancel();
         assert!(c.is_cancelled());
     }

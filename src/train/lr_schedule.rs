@@ -80,14 +80,6 @@ fn err(field: &'static str, message: impl Into<String>) -> ScheduleError {
 }
 
 impl LrSchedule {
-    /// A schedule of `kind` with every setting at its default.
-    pub(crate) fn new(kind: ScheduleKind) -> Self {
-        Self {
-            kind,
-            ..Self::default()
-        }
-    }
-
     /// Checks ranges and applicability of the fields.
     pub fn validate(&self) -> Result<(), ScheduleError> {
         use ScheduleKind as S;
@@ -252,6 +244,14 @@ mod tests {
         assert!((a - b).abs() < 1e-12, "{a} != {b}");
     }
 
+    /// A schedule of `kind` with every setting at its default.
+    fn of_kind(kind: ScheduleKind) -> LrSchedule {
+        LrSchedule {
+            kind,
+            ..LrSchedule::default()
+        }
+    }
+
     fn sched(kind: ScheduleKind, warmup: u64) -> LrSchedule {
         LrSchedule {
             kind,
@@ -262,7 +262,7 @@ mod tests {
 
     #[test]
     fn constant_and_warmup_ramp() {
-        let c = LrSchedule::new(ScheduleKind::Constant);
+        let c = of_kind(ScheduleKind::Constant);
         for s in [0, 1, 50, 1000] {
             close(c.multiplier(s, 100, 1e-4), 1.0);
         }
@@ -286,7 +286,7 @@ mod tests {
 
     #[test]
     fn cosine_half_way_is_one_half() {
-        let c = LrSchedule::new(ScheduleKind::Cosine);
+        let c = of_kind(ScheduleKind::Cosine);
         close(c.multiplier(0, 100, 1e-4), 1.0);
         close(c.multiplier(50, 100, 1e-4), 0.5);
         close(
@@ -299,7 +299,7 @@ mod tests {
         close(w.multiplier(5, 110, 1e-4), 0.5);
         close(w.multiplier(60, 110, 1e-4), 0.5);
         // Floor.
-        let mut m = LrSchedule::new(ScheduleKind::Cosine);
+        let mut m = of_kind(ScheduleKind::Cosine);
         m.min_lr_ratio = Some(0.1);
         close(m.multiplier(100, 100, 1e-4), 0.1);
         close(m.multiplier(50, 100, 1e-4), 0.55);
@@ -307,7 +307,7 @@ mod tests {
 
     #[test]
     fn cosine_with_restarts_restarts() {
-        let mut r = LrSchedule::new(ScheduleKind::CosineWithRestarts);
+        let mut r = of_kind(ScheduleKind::CosineWithRestarts);
         r.num_cycles = Some(2.0);
         close(r.multiplier(0, 100, 1e-4), 1.0);
         close(r.multiplier(25, 100, 1e-4), 0.5);
@@ -315,8 +315,8 @@ mod tests {
         close(r.multiplier(75, 100, 1e-4), 0.5);
         close(r.multiplier(100, 100, 1e-4), 0.0);
         // Default one cycle: a plain half cosine.
-        let one = LrSchedule::new(ScheduleKind::CosineWithRestarts);
-        let cos = LrSchedule::new(ScheduleKind::Cosine);
+        let one = of_kind(ScheduleKind::CosineWithRestarts);
+        let cos = of_kind(ScheduleKind::Cosine);
         for s in 0..100 {
             close(one.multiplier(s, 100, 1e-4), cos.multiplier(s, 100, 1e-4));
         }
@@ -325,7 +325,7 @@ mod tests {
     #[test]
     fn polynomial_ends_at_lr_end() {
         let lr = 1e-4;
-        let p = LrSchedule::new(ScheduleKind::Polynomial);
+        let p = of_kind(ScheduleKind::Polynomial);
         close(p.multiplier(0, 100, lr), 1.0);
         close(p.multiplier(50, 100, lr), ((lr - 1e-7) * 0.5 + 1e-7) / lr);
         close(p.multiplier(100, 100, lr), 1e-7 / lr);
@@ -376,13 +376,13 @@ mod tests {
             field(sched(ScheduleKind::Constant, 10)),
             Some("warmup_steps")
         );
-        let mut p = LrSchedule::new(ScheduleKind::Linear);
+        let mut p = of_kind(ScheduleKind::Linear);
         p.power = Some(2.0);
         assert_eq!(field(p), Some("power"));
-        let mut c = LrSchedule::new(ScheduleKind::Linear);
+        let mut c = of_kind(ScheduleKind::Linear);
         c.num_cycles = Some(2.0);
         assert_eq!(field(c), Some("num_cycles"));
-        let mut r = LrSchedule::new(ScheduleKind::Cosine);
+        let mut r = of_kind(ScheduleKind::Cosine);
         r.warmup_ratio = Some(1.5);
         assert_eq!(field(r), Some("warmup_ratio"));
         assert_eq!(field(sched(ScheduleKind::Constant, 0)), None);

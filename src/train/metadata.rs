@@ -3,9 +3,9 @@
 //! `library/sai_model_spec.py`, and fluxlora's own keys, rendered as the string map
 //! `lora_io`'s writers take.
 //!
-//! Owns: [`KohyaMetadata`] with kohya's defaults, Python-style rendering of values
-//! (`True`, `None`, `1e-05`, `(1024, 1024)`, `json.dumps` spacing) and kohya's tag
-//! counting.
+//! Owns: [`KohyaMetadata`] with kohya's defaults and Python-style rendering of
+//! values (`True`, `None`, `1e-05`, `(1024, 1024)`, `json.dumps` spacing). The tag
+//! counts come from the dataset scan (`train::dataset`).
 //!
 //! Must not: write files or compute the `sshs_*` hashes (that is `model::lora_io`).
 
@@ -91,7 +91,8 @@ pub(crate) struct KohyaMetadata {
     pub session_id: u32,
     pub steps: Option<usize>,
     pub epoch: Option<usize>,
-    /// `ss_tag_frequency`: dataset folder → tag → count (see [`tag_frequency`]).
+    /// `ss_tag_frequency`: dataset folder → tag → count (as the dataset scan counts
+    /// them).
     pub tag_frequency: BTreeMap<String, BTreeMap<String, usize>>,
     pub dataset_dirs: BTreeMap<String, DatasetDir>,
     pub training_comment: Option<String>,
@@ -351,23 +352,6 @@ impl KohyaMetadata {
     }
 }
 
-/// kohya's tag counting for `ss_tag_frequency`: each caption is split at commas,
-/// tags are trimmed and lower-cased, empty tags skipped.
-pub(crate) fn tag_frequency<'a>(
-    captions: impl IntoIterator<Item = &'a str>,
-) -> BTreeMap<String, usize> {
-    let mut freq = BTreeMap::new();
-    for caption in captions {
-        for tag in caption.split(',') {
-            let tag = tag.trim();
-            if !tag.is_empty() {
-                *freq.entry(tag.to_lowercase()).or_insert(0) += 1;
-            }
-        }
-    }
-    freq
-}
-
 /// Python's `repr(float)`: shortest round-trip digits, `.0` on integers, exponent
 /// form below 1e-4 and from 1e16 (`1e-05`, `1e+16`).
 fn py_float(x: f64) -> String {
@@ -471,7 +455,10 @@ mod tests {
         meta.sd_model_name = Some("flux1-dev.safetensors".into());
         meta.tag_frequency.insert(
             "10_dog".into(),
-            tag_frequency(["A dog, grass", "dog,  sky ,"]),
+            [("a dog", 1), ("dog", 1), ("grass", 1), ("sky", 1)]
+                .into_iter()
+                .map(|(tag, n)| (tag.to_string(), n))
+                .collect(),
         );
         meta.extra.insert("fluxlora_job".into(), "abc".into());
         let map = meta.to_map();

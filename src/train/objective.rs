@@ -17,7 +17,7 @@ use crate::sample::schedule::{time_shift, Shift};
 /// How training timesteps t ∈ (0, 1) are drawn.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub(crate) enum TimestepSampling {
+pub enum TimestepSampling {
     Uniform,
     #[default]
     Sigmoid,

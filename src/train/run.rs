@@ -10,7 +10,6 @@
 //! Must not: know who drives it; a behaviour only one driver has lives in its hooks.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use super::checkpoint;
 use super::events::{TrainControl, TrainEvent};
@@ -95,9 +94,9 @@ impl Trainer {
         Ok(RunEnd::Finished(path))
     }
 
-    /// Runs to the end under `control` (pause and cancel between steps, cancel
-    /// while caching), sending every event to `emit`. Returns the final LoRA, or
-    /// `None` when cancelled (after saving a resumable state).
+    /// Runs to the end under `control` (cancel between steps and while caching),
+    /// sending every event to `emit`. Returns the final LoRA, or `None` when
+    /// cancelled (after saving a resumable state).
     pub fn run(
         &mut self,
         control: &TrainControl,
@@ -130,8 +129,8 @@ impl Trainer {
 }
 
 /// The hooks of a run steered by a [`TrainControl`] (the CLI, tests, the tiny
-/// model's pretraining): `Paused` and `Resumed` around a pause, a cancel seen
-/// after every cached image and before every step.
+/// model's pretraining): a cancel seen after every cached image and before every
+/// step.
 struct ControlHooks<'a> {
     control: &'a TrainControl,
     emit: &'a mut dyn FnMut(TrainEvent),
@@ -156,15 +155,7 @@ impl TrainHooks for ControlHooks<'_> {
         self.verdict()
     }
 
-    fn between_steps(&mut self, trainer: &Trainer) -> Verdict {
-        let step = trainer.progress().step;
-        if self.control.is_paused() {
-            (self.emit)(TrainEvent::Paused { step });
-            while self.control.is_paused() && !self.control.is_cancelled() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            (self.emit)(TrainEvent::Resumed { step });
-        }
+    fn between_steps(&mut self, _trainer: &Trainer) -> Verdict {
         self.verdict()
     }
 }

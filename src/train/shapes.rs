@@ -129,23 +129,6 @@ impl ShapeScene {
             }))
         })
     }
-
-    /// Mask of pixels well inside the shape (for measuring colours in tests).
-    pub(crate) fn inner_mask(&self, size: u32) -> Vec<bool> {
-        let mut mask = Vec::with_capacity((size * size) as usize);
-        for y in 0..size {
-            for x in 0..size {
-                mask.push(self.shape.contains(
-                    x as f64 + 0.5,
-                    y as f64 + 0.5,
-                    self.cx,
-                    self.cy,
-                    self.r * 0.7,
-                ));
-            }
-        }
-        mask
-    }
 }
 
 /// Writes `count` random scenes as `NNNN.png` + `NNNN.txt` into `dir`; returns them.

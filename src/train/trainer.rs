@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::cache::{Cache, TextCond};
 use super::checkpoint::{self, Progress};
@@ -867,10 +867,5 @@ impl Trainer {
     /// Time since the run was set up.
     pub(super) fn elapsed(&self) -> std::time::Duration {
         self.started.elapsed()
-    }
-
-    /// The device the run computes on.
-    pub(crate) fn device(&self) -> &Device {
-        self.bundle.device()
     }
 }

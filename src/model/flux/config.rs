@@ -26,7 +26,10 @@ pub struct FluxConfig {
 }
 
 impl FluxConfig {
-    /// FLUX.1 \[dev\]: guidance-distilled.
+    /// FLUX.1 \[dev\]: guidance-distilled. The presets have no caller in the
+    /// daemon yet (configs are read off checkpoints); the benchmarks will build
+    /// full-size models from them.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn dev() -> Self {
         Self {
             in_channels: 64,
@@ -45,6 +48,7 @@ impl FluxConfig {
     }
 
     /// FLUX.1 \[schnell\]: timestep-distilled, no guidance embedding.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn schnell() -> Self {
         Self {
             guidance_embed: false,
@@ -144,5 +148,84 @@ fn block_probe(prefix: &str) -> &'static str {
         "img_attn.qkv.weight"
     } else {
         "linear1.weight"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+
+    /// The weights [`FluxConfig::infer`] reads, with the shapes a checkpoint of
+    /// `cfg` has. Each is a broadcast scalar: no memory for full-size tensors.
+    fn checkpoint_shapes(cfg: &FluxConfig) -> Result<WeightSource> {
+        let (h, mlp) = (cfg.hidden_size, cfg.mlp_hidden());
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            ("img_in.weight".into(), vec![h, cfg.in_channels]),
+            ("txt_in.weight".into(), vec![h, cfg.context_in_dim]),
+            ("vector_in.in_layer.weight".into(), vec![h, cfg.vec_in_dim]),
+            ("double_blocks.0.img_mlp.0.weight".into(), vec![mlp, h]),
+            (
+                "double_blocks.0.img_attn.norm.query_norm.scale".into(),
+                vec![cfg.head_dim()],
+            ),
+        ];
+        if cfg.qkv_bias {
+            shapes.push(("double_blocks.0.img_attn.qkv.bias".into(), vec![3 * h]));
+        }
+        for i in 0..cfg.depth {
+            shapes.push((
+                format!("double_blocks.{i}.img_attn.qkv.weight"),
+                vec![3 * h, h],
+            ));
+        }
+        for i in 0..cfg.depth_single_blocks {
+            shapes.push((
+                format!("single_blocks.{i}.linear1.weight"),
+                vec![3 * h + mlp, h],
+            ));
+        }
+        if cfg.guidance_embed {
+            shapes.push(("guidance_in.in_layer.weight".into(), vec![h, 256]));
+        }
+        let zero = Tensor::zeros((), DType::U8, &Device::Cpu)?;
+        let tensors = shapes
+            .into_iter()
+            .map(|(name, shape)| Ok((name, zero.broadcast_as(shape)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Ok(WeightSource::Tensors(tensors))
+    }
+
+    #[test]
+    fn presets_are_flux1_and_what_infer_reads_off_their_checkpoints() -> Result<()> {
+        // BFL's `FluxParams` for flux-dev / flux-schnell.
+        let dev = FluxConfig::dev();
+        assert_eq!((dev.hidden_size, dev.num_heads), (3072, 24));
+        assert_eq!((dev.depth, dev.depth_single_blocks), (19, 38));
+        assert_eq!(dev.axes_dim, [16, 56, 56]);
+        assert_eq!(
+            (dev.in_channels, dev.vec_in_dim, dev.context_in_dim),
+            (64, 768, 4096)
+        );
+        assert_eq!((dev.head_dim(), dev.mlp_hidden()), (128, 12288));
+        assert!(dev.qkv_bias && dev.guidance_embed);
+        let schnell = FluxConfig::schnell();
+        assert!(!schnell.guidance_embed);
+        assert_eq!(
+            FluxConfig {
+                guidance_embed: true,
+                ..schnell.clone()
+            },
+            dev,
+            "schnell differs from dev only in the guidance embedding"
+        );
+        for cfg in [dev, schnell] {
+            cfg.validate()?;
+            assert_eq!(FluxConfig::infer(&checkpoint_shapes(&cfg)?)?, cfg);
+        }
+        Ok(())
     }
 }

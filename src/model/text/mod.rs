@@ -99,7 +99,6 @@ pub struct TextEncoders {
     t5_dim: usize,
     pooled_dim: usize,
     device: Device,
-    dtype: DType,
 }
 
 impl TextEncoders {
@@ -131,7 +130,6 @@ impl TextEncoders {
             t5_dim: t5_cfg.d_model,
             pooled_dim: clip_cfg.embed_dim,
             device: vb.device().clone(),
-            dtype: vb.dtype(),
         })
     }
 
@@ -166,7 +164,6 @@ impl TextEncoders {
             t5_dim: t5_cfg.d_model,
             pooled_dim: clip_cfg.embed_dim,
             device: device.clone(),
-            dtype,
         })
     }
 
@@ -200,11 +197,6 @@ impl TextEncoders {
 
     pub(crate) fn device(&self) -> &Device {
         &self.device
-    }
-
-    /// The dtype the encoders compute in (outputs are always F32).
-    pub(crate) fn dtype(&self) -> DType {
-        self.dtype
     }
 
     /// Token ids as the encoders see them: `(t5_ids, clip_ids)`, each padded

@@ -158,20 +158,6 @@ pub(crate) struct Caption {
     pub weighted: Option<Vec<WeightedChunk>>,
 }
 
-/// One loaded sample.
-#[derive(Clone, Debug)]
-pub(crate) struct LoadedItem {
-    pub image: usize,
-    /// `(3, h, w)` f32 in [-1, 1] on the CPU; `(h, w)` is the bucket.
-    pub pixels: Tensor,
-    pub caption: Caption,
-    pub bucket: Bucket,
-    /// `(width, height)` of the decoded file.
-    pub original_size: (u32, u32),
-    pub augment: Augment,
-    pub content_hash: ContentHash,
-}
-
 /// kohya's `ss_dataset_dirs` entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub(crate) struct DirInfo {
@@ -193,7 +179,7 @@ pub(crate) struct BucketCount {
     pub count: usize,
 }
 
-/// A scanned, bucketed dataset. Cheap to query; pixels are read on `load`.
+/// A scanned, bucketed dataset. Cheap to query; pixels are read by [`Dataset::load_pixels`].
 #[derive(Clone, Debug)]
 pub(crate) struct Dataset {
     config: DatasetConfig,
@@ -205,14 +191,18 @@ pub(crate) struct Dataset {
     members: Vec<Vec<usize>>,
     tag_frequency: BTreeMap<String, BTreeMap<String, u64>>,
     dirs: BTreeMap<String, DirInfo>,
-    report: ScanReport,
 }
 
 impl Dataset {
     /// Validates `config`, scans its folders (image headers only) and puts
     /// every image in a bucket. Skipped images and missing captions are
-    /// logged (one warning each) and kept in `report()`.
+    /// logged (one warning each).
     pub(crate) fn scan(config: &DatasetConfig) -> Result<Self, DatasetError> {
+        Self::scan_reporting(config).map(|(dataset, _)| dataset)
+    }
+
+    /// [`Dataset::scan`], also returning the [`ScanReport`] it logs.
+    fn scan_reporting(config: &DatasetConfig) -> Result<(Self, ScanReport), DatasetError> {
         let spec = config.bucket_spec()?;
         let found = scan::scan(config)?;
         let grid = BucketGrid::new(&spec);
@@ -305,7 +295,6 @@ impl Dataset {
             members,
             tag_frequency,
             dirs,
-            report,
         };
         tracing::info!(
             images = dataset.images.len(),
@@ -313,15 +302,7 @@ impl Dataset {
             buckets = dataset.buckets.len(),
             "dataset scanned"
         );
-        Ok(dataset)
-    }
-
-    pub(crate) fn config(&self) -> &DatasetConfig {
-        &self.config
-    }
-
-    pub(crate) fn report(&self) -> &ScanReport {
-        &self.report
+        Ok((dataset, report))
     }
 
     /// Every image once, in scan order (folders in config order, files sorted).
@@ -329,18 +310,9 @@ impl Dataset {
         &self.images
     }
 
-    /// The buckets in use, sorted by (width, height).
-    pub(crate) fn buckets(&self) -> &[Bucket] {
-        &self.buckets
-    }
-
     /// Items per epoch: each image counted `num_repeats` times.
     pub(crate) fn len(&self) -> usize {
         self.images.iter().map(|i| i.num_repeats as usize).sum()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.images.is_empty()
     }
 
     /// Batches per epoch: per bucket, ⌈items / batch_size⌉ (a batch never
@@ -466,22 +438,6 @@ impl Dataset {
         })
     }
 
-    /// Loads one use of an image: pixels with its augmentation, and caption.
-    pub fn load(&self, item: &BatchItem) -> Result<LoadedItem, DatasetError> {
-        let augment = self.augment(item)?;
-        let caption = self.caption(item)?;
-        let (pixels, original_size, content_hash) = self.load_pixels(item.image, &augment)?;
-        Ok(LoadedItem {
-            image: item.image,
-            pixels,
-            caption,
-            bucket: self.images[item.image].placement.bucket,
-            original_size,
-            augment,
-            content_hash,
-        })
-    }
-
     /// Decodes an image, converts it to RGB (alpha dropped, like kohya),
     /// resizes it to cover its bucket with Lanczos3 (the `image` crate widens
     /// the kernel when shrinking, so downscaling is anti-aliased like kohya's
@@ -552,7 +508,7 @@ impl Dataset {
         &self.dirs
     }
 
-    /// kohya's `ss_bucket_info` (bucket ids are positions in `buckets()`);
+    /// kohya's `ss_bucket_info` (bucket ids are positions in the sorted list of buckets in use);
     /// `None` without buckets, where kohya writes `null`.
     pub(crate) fn bucket_info(&self) -> Option<BucketInfo> {
         if !self.config.enable_bucket {

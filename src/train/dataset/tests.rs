@@ -17,6 +17,14 @@ fn write_jpg(path: &Path, w: u32, h: u32) {
     img.save(path).expect("write jpg");
 }
 
+/// The pixels and content hash of one use of an image, loaded as the trainer
+/// loads them: the item's augmentation, then [`Dataset::load_pixels`].
+fn load(ds: &Dataset, item: &BatchItem) -> (Tensor, ContentHash) {
+    let augment = ds.augment(item).expect("augment");
+    let (pixels, _, hash) = ds.load_pixels(item.image, &augment).expect("load");
+    (pixels, hash)
+}
+
 fn config(folders: &[&Path]) -> DatasetConfig {
     DatasetConfig {
         folders: folders.iter().map(|p| FolderConfig::new(*p)).collect(),
@@ -52,7 +60,7 @@ fn kohya_tree(root: &Path) {
 fn repeat_folders_give_repeats_and_class_tokens() {
     let dir = tempfile::tempdir().expect("tempdir");
     kohya_tree(dir.path());
-    let ds = Dataset::scan(&config(&[dir.path()])).expect("scan");
+    let (ds, report) = Dataset::scan_reporting(&config(&[dir.path()])).expect("scan");
     assert_eq!(ds.images().len(), 3);
     assert_eq!(ds.len(), 10 + 10 + 3);
     let by_name: HashMap<String, &DatasetImage> = ds
@@ -75,8 +83,8 @@ fn repeat_folders_give_repeats_and_class_tokens() {
     assert_eq!(b.caption_source, CaptionSource::ClassTokens);
     assert_eq!(by_name["c.png"].num_repeats, 3);
     assert_eq!(by_name["c.png"].caption, "cat");
-    assert_eq!(ds.report().ignored_folders, vec![dir.path().join("misc")]);
-    assert_eq!(ds.report().missing_captions.len(), 2);
+    assert_eq!(report.ignored_folders, vec![dir.path().join("misc")]);
+    assert_eq!(report.missing_captions.len(), 2);
     let dirs = ds.dataset_dirs();
     assert_eq!(
         dirs["10_sks dog"],
@@ -135,14 +143,14 @@ fn corrupt_images_are_skipped_and_reported() {
     fs::write(dir.path().join("bad.png"), b"definitely not a png").expect("bad");
     fs::write(dir.path().join("bad2.webp"), b"RIFF....").expect("bad2");
     fs::write(dir.path().join(".hidden.png"), b"junk").expect("hidden");
-    let ds = Dataset::scan(&config(&[dir.path()])).expect("scan");
+    let (ds, report) = Dataset::scan_reporting(&config(&[dir.path()])).expect("scan");
     assert_eq!(ds.images().len(), 1);
-    let skipped: Vec<_> = ds.report().skipped.iter().map(|s| s.path.clone()).collect();
+    let skipped: Vec<_> = report.skipped.iter().map(|s| s.path.clone()).collect();
     assert_eq!(
         skipped,
         vec![dir.path().join("bad.png"), dir.path().join("bad2.webp")]
     );
-    assert!(ds.report().skipped.iter().all(|s| !s.reason.is_empty()));
+    assert!(report.skipped.iter().all(|s| !s.reason.is_empty()));
 }
 
 #[test]
@@ -296,22 +304,22 @@ fn buckets_are_multiples_of_16_within_area_and_crops_match() {
     cfg.random_crop = true;
     cfg.flip_aug = true;
     let ds = Dataset::scan(&cfg).expect("scan");
-    assert!(ds.buckets().len() > 1, "{:?}", ds.buckets());
-    for b in ds.buckets() {
+    assert!(ds.buckets.len() > 1, "{:?}", ds.buckets);
+    for b in &ds.buckets {
         assert_eq!(b.width % 16, 0);
         assert_eq!(b.height % 16, 0);
         assert!(b.width * b.height <= 64 * 64, "{b:?}");
     }
     for batch in ds.epoch_batches(0, 2, 1) {
         for item in &batch.items {
-            let loaded = ds.load(item).expect("load");
+            let (pixels, content_hash) = load(&ds, item);
             assert_eq!(
-                loaded.pixels.dims(),
+                pixels.dims(),
                 &[3, batch.bucket.height as usize, batch.bucket.width as usize]
             );
-            let v: Vec<f32> = loaded.pixels.flatten_all().unwrap().to_vec1().unwrap();
+            let v: Vec<f32> = pixels.flatten_all().unwrap().to_vec1().unwrap();
             assert!(v.iter().all(|x| (-1.0..=1.0).contains(x)));
-            assert_eq!(loaded.content_hash, ds.content_hash(item.image).unwrap());
+            assert_eq!(content_hash, ds.content_hash(item.image).unwrap());
         }
     }
     let wide = ds
@@ -441,16 +449,16 @@ fn no_upscale_mode_skips_tiny_images() {
     write_png(&dir.path().join("tiny.png"), 10, 10);
     let mut cfg = config(&[dir.path()]);
     cfg.bucket_no_upscale = true;
-    let ds = Dataset::scan(&cfg).expect("scan");
+    let (ds, report) = Dataset::scan_reporting(&cfg).expect("scan");
     assert_eq!(ds.images().len(), 1);
-    assert_eq!(ds.report().skipped.len(), 1);
+    assert_eq!(report.skipped.len(), 1);
     let p = ds.images()[0].placement;
     assert!(p.bucket.width <= 100 && p.bucket.height <= 70);
     assert!(p.bucket.width as u64 * p.bucket.height as u64 <= 64 * 64);
     let batch = &ds.epoch_batches(0, 1, 0)[0];
-    let loaded = ds.load(&batch.items[0]).expect("load");
+    let (pixels, _) = load(&ds, &batch.items[0]);
     assert_eq!(
-        loaded.pixels.dims(),
+        pixels.dims(),
         &[3, p.bucket.height as usize, p.bucket.width as usize]
     );
 }
@@ -466,10 +474,10 @@ fn without_buckets_every_image_is_cropped_to_the_resolution() {
         height: 48,
     };
     let ds = Dataset::scan(&cfg).expect("scan");
-    assert_eq!(ds.buckets(), &[Bucket::new(64, 48)]);
+    assert_eq!(ds.buckets, [Bucket::new(64, 48)]);
     assert_eq!(ds.bucket_info(), None);
     let item = ds.epoch_batches(0, 1, 3)[0].items[0];
-    assert_eq!(ds.load(&item).expect("load").pixels.dims(), &[3, 48, 64]);
+    assert_eq!(load(&ds, &item).0.dims(), &[3, 48, 64]);
 }
 
 #[test]

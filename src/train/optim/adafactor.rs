@@ -210,14 +210,6 @@ impl Optimizer for Adafactor {
         Ok(())
     }
 
-    fn steps_taken(&self) -> u64 {
-        self.groups.steps
-    }
-
-    fn num_groups(&self) -> usize {
-        self.groups.groups.len()
-    }
-
     fn set_lr(&mut self, group: usize, lr: f64) -> Result<()> {
         self.groups.set_lr(group, lr)
     }

@@ -379,11 +379,6 @@ pub(crate) trait Optimizer: Send {
     /// (and their state) are left alone.
     fn step(&mut self, grads: &GradStore) -> Result<()>;
 
-    /// Number of `step` calls so far (restored by `load_state`).
-    fn steps_taken(&self) -> u64;
-
-    fn num_groups(&self) -> usize;
-
     /// Sets the learning rate of group `group` (index in build order).
     fn set_lr(&mut self, group: usize, lr: f64) -> Result<()>;
 
