@@ -556,6 +556,27 @@ fn interrupt_cancels_training_and_queueing_again_resumes_it() {
         }
     }
     assert_eq!(app.get("/queue").json()["queue_running"][0][1], id.as_str());
+    // While it trains, a graph that samples the live adapter runs beside it.
+    let job = train_jobs(&app)[0]["id"].as_str().unwrap().to_string();
+    let mut sample = sampler();
+    sample["inputs"]["loras"] = json!(["2", 0]);
+    let live = json!({
+        "1": sample,
+        "2": {"class_type": "FluxLoraLiveAdapter", "inputs": {"job_id": job, "strength": 1.0}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    });
+    let (live_id, messages, _, entry) = run_prompt(&app, &mut ws, client, &live);
+    assert_eq!(entry["status"]["status_str"], "success", "{messages:?}");
+    assert_eq!(entry["outputs"]["3"]["images"][0]["type"], "temp");
+    assert_eq!(train_jobs(&app)[0]["state"], "running", "still training");
+    // The live adapter is never cached: queued again, it samples again.
+    let (_, messages, _, _) = run_prompt(&app, &mut ws, client, &live);
+    let cached = &of_type(&messages, "execution_cached")[0]["nodes"];
+    assert!(
+        !cached.as_array().unwrap().contains(&json!("2")),
+        "{cached}"
+    );
+    assert_ne!(live_id, id);
     assert_eq!(app.request("POST", "/interrupt", None).status, 200);
     let (messages, _) = messages_until_done(&mut ws, &id);
     let interrupted = of_type(&messages, "execution_interrupted");
@@ -568,9 +589,12 @@ fn interrupt_cancels_training_and_queueing_again_resumes_it() {
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0]["state"], "cancelled");
     assert_eq!(
-        app.get("/api/jobs").json()["jobs"][0]["status"],
+        app.get(&format!("/api/jobs/{id}")).json()["status"],
         "cancelled"
     );
+    let statuses = app.get("/api/jobs?status=cancelled").json();
+    assert_eq!(statuses["jobs"].as_array().unwrap().len(), 1, "{statuses}");
+    assert_eq!(app.get("/api/jobs?status=sideways").status, 400);
 
     // Queued again: the same job resumes from its last save.
     let r = app
@@ -679,6 +703,25 @@ fn uploads_are_checked_confined_and_loadable() {
         info["LoadImage"]["input"]["required"]["image"][0],
         json!(["top.png"])
     );
+    // Load Image → Preview Image runs; a file in a subfolder is not in the list.
+    let mut ws = app.comfy_ws("uploads");
+    for name in ["top.png", "mine/red.png"] {
+        let graph = json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": name}},
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+        });
+        let r = app.post("/prompt", &json!({"prompt": graph, "client_id": "uploads"}));
+        if name.contains('/') {
+            assert_eq!(r.status, 400, "top-level files only, as in ComfyUI");
+            continue;
+        }
+        let id = r.json()["prompt_id"].as_str().unwrap().to_string();
+        messages_until_done(&mut ws, &id);
+        let entry = &app.get(&format!("/history/{id}")).json()[&id];
+        assert_eq!(entry["status"]["status_str"], "success", "{entry}");
+        let shown = saved_images(&app, entry);
+        assert_eq!(image::load_from_memory(&shown[0]).unwrap().width(), 16);
+    }
 
     std::fs::write(data.join("secret.png"), png(8, 1)).unwrap();
     for (case, filename, bytes, fields, status) in [

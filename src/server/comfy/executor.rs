@@ -13,6 +13,8 @@
 //!   whose training inputs did not change does not train again.
 //! - Interrupt: cancels the running node's job. A training job cancelled so
 //!   saves its state; queueing the same Train node again resumes it.
+//! - Lanes: one thread per [`Lane`] of the queue; prompts that do not train run
+//!   beside one that does (samples of the live adapter while it trains).
 //! - Values: JSON. A LoRA stack is a list of [`LoraChoice`]s, a trained LoRA
 //!   `{"path", "name", "job_id"}`, IMAGE a list of image references (`images`).
 //!
@@ -31,7 +33,7 @@ use super::hub::Hub;
 use super::images::{self, ImageRef};
 use super::loss_graph;
 use super::nodes::{self, JobKind, NodeDef, NodeRequest, OutputSource};
-use super::queue::{Finished, Outcome, PromptQueue, QueuedPrompt};
+use super::queue::{Finished, Lane, Outcome, PromptQueue, QueuedPrompt};
 use crate::config::Precision;
 use crate::engine::bus::Received;
 use crate::engine::events::{Event, EventKind, JobState};
@@ -103,7 +105,7 @@ impl From<crate::engine::EngineError> for NodeFailure {
     }
 }
 
-/// The interrupt switch and the job it cancels.
+/// A running prompt's interrupt switch and the job it cancels.
 #[derive(Default)]
 struct Interrupt {
     requested: bool,
@@ -124,7 +126,8 @@ pub(crate) struct Executor {
     cache: Mutex<VecDeque<(Signature, NodeOutput)>>,
     /// Interrupted training nodes: their job, resumed when queued again.
     resumable: Mutex<HashMap<Signature, String>>,
-    interrupt: Mutex<Interrupt>,
+    /// By prompt id, for the running prompts.
+    interrupts: Mutex<HashMap<String, Interrupt>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -222,16 +225,18 @@ impl Executor {
             model_precision,
             cache: Mutex::new(VecDeque::new()),
             resumable: Mutex::new(HashMap::new()),
-            interrupt: Mutex::new(Interrupt::default()),
+            interrupts: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Takes prompts from the queue and runs them until the queue stops.
-    pub(crate) fn serve(&self) {
-        while let Some(prompt) = self.queue.take() {
-            let span = tracing::info_span!("prompt", id = %prompt.prompt_id);
+    /// Takes prompts from the queue's `lane` and runs them until the queue stops.
+    pub(crate) fn serve(&self, lane: Lane) {
+        while let Some(prompt) = self.queue.take(lane) {
+            let span = tracing::info_span!("prompt", id = %prompt.prompt_id, lane = ?lane);
             let _enter = span.enter();
+            lock(&self.interrupts).insert(prompt.prompt_id.clone(), Interrupt::default());
             let finished = self.run(&prompt);
+            lock(&self.interrupts).remove(&prompt.prompt_id);
             tracing::info!(outcome = ?finished.outcome, "prompt done");
             self.queue.finish(finished);
             self.hub.to_client(
@@ -242,29 +247,26 @@ impl Executor {
         }
     }
 
-    /// Interrupts the running prompt (only if it is `prompt_id`, when given).
+    /// Interrupts the running prompts (only `prompt_id`, when given).
     pub(crate) fn interrupt(&self, prompt_id: Option<&str>) {
-        if let (Some(wanted), Some((running, _, _))) = (prompt_id, self.queue.running()) {
-            if wanted != running {
-                return;
-            }
-        }
-        let job = {
-            let mut i = lock(&self.interrupt);
-            if self.queue.running().is_none() {
-                return;
-            }
-            i.requested = true;
-            i.job.clone()
-        };
-        if let Some(job) = job {
+        let jobs: Vec<String> = lock(&self.interrupts)
+            .iter_mut()
+            .filter(|(id, _)| prompt_id.is_none_or(|wanted| wanted == id.as_str()))
+            .filter_map(|(_, i)| {
+                i.requested = true;
+                i.job.clone()
+            })
+            .collect();
+        for job in jobs {
             // The job may have ended just now; nothing to cancel then.
             let _ = self.engine.control(&job, Control::Cancel);
         }
     }
 
-    fn interrupted(&self) -> bool {
-        lock(&self.interrupt).requested
+    fn interrupted(&self, prompt_id: &str) -> bool {
+        lock(&self.interrupts)
+            .get(prompt_id)
+            .is_some_and(|i| i.requested)
     }
 
     fn cached(&self, signature: &Signature) -> Option<NodeOutput> {
@@ -286,7 +288,6 @@ impl Executor {
     }
 
     fn run(&self, prompt: &QueuedPrompt) -> Finished {
-        *lock(&self.interrupt) = Interrupt::default();
         let mut run = Run {
             prompt,
             messages: vec![],
@@ -332,7 +333,7 @@ impl Executor {
                 run.values.insert(step.node.clone(), out.values.clone());
                 continue;
             }
-            if self.interrupted() {
+            if self.interrupted(id) {
                 failure = Some((
                     step.node.clone(),
                     node.class_type.clone(),
@@ -340,7 +341,7 @@ impl Executor {
                 ));
                 break;
             }
-            self.queue.set_running_node(Some(step.node.clone()));
+            self.queue.set_running_node(id, Some(step.node.clone()));
             self.node_state(&mut run, &step.node, "running");
             self.hub.to_client(
                 client,
@@ -348,17 +349,16 @@ impl Executor {
                 json!({"node": step.node, "display_node": step.node, "prompt_id": id}),
             );
             let result = self.run_node(&run, &step.node, node, signatures.get(&step.node));
-            self.queue.set_running_node(None);
+            self.queue.set_running_node(id, None);
             match result {
                 Ok(out) => {
                     self.executed(&mut run, &step.node, &out);
                     run.executed.push(step.node.clone());
                     run.values.insert(step.node.clone(), out.values.clone());
                     self.node_state(&mut run, &step.node, "finished");
-                    if let Some(signature) = signatures.get(&step.node) {
-                        if node.class_type != "FluxLoraLiveAdapter" {
-                            self.remember(*signature, out);
-                        }
+                    let volatile = nodes::get(&node.class_type).is_some_and(|d| d.mapping.volatile);
+                    if let (Some(signature), false) = (signatures.get(&step.node), volatile) {
+                        self.remember(*signature, out);
                     }
                 }
                 Err(f) => {
@@ -489,9 +489,11 @@ impl Executor {
             Some(Input::Value(v)) => v.as_str().map(str::to_string),
             _ => None,
         };
+        if nodes::get(&node.class_type).is_some_and(|d| d.mapping.volatile) {
+            // Never the same twice (the adapter as trained so far, a run's losses).
+            return Some(super::ids::uuid4());
+        }
         match node.class_type.as_str() {
-            // The adapter as trained so far: never the same twice.
-            "FluxLoraLiveAdapter" => Some(format!("{:?}", SystemTime::now())),
             "LoadImage" => constant("image").map(|name| {
                 let (sub, base) = name.rsplit_once('/').unwrap_or(("", &name));
                 file_stamp(self.folders.existing("input", sub, base).ok().as_deref())
@@ -503,10 +505,6 @@ impl Executor {
             "FluxLoraDataset" if constant("source").as_deref() == Some("folder") => {
                 constant("folder").map(|f| folder_stamp(&self.dataset_folder(&f)))
             }
-            "FluxLoraLossGraph" => constant("job_id").map(|job| match self.engine.job(&job) {
-                Ok(rec) => format!("{:?}@{}", rec.state, rec.updated),
-                Err(_) => "missing".into(),
-            }),
             _ => None,
         }
     }
@@ -632,7 +630,7 @@ impl Executor {
             _ => self.engine.submit(JobRequest::Train(cfg))?,
         };
         let mut lora_path: Option<PathBuf> = None;
-        let record = self.follow(&sub, &id, |event| match &event.kind {
+        let record = self.follow(&sub, ctx.prompt_id, &id, |event| match &event.kind {
             EventKind::Train { event } => match event {
                 TrainEvent::Caching { done, total } => ctx.progress(*done as u64, *total as u64),
                 TrainEvent::Started {
@@ -674,7 +672,7 @@ impl Executor {
                     files: vec![path],
                 })
             }
-            JobState::Cancelled if self.interrupted() => {
+            JobState::Cancelled if self.interrupted(ctx.prompt_id) => {
                 if let Some(s) = signature {
                     lock(&self.resumable).insert(*s, id);
                 }
@@ -702,7 +700,7 @@ impl Executor {
         let sub = self.engine.subscribe(None, 1024, true);
         let id = self.engine.submit(JobRequest::Sample(job))?;
         let mut paths: Vec<PathBuf> = vec![];
-        let record = self.follow(&sub, &id, |event| match &event.kind {
+        let record = self.follow(&sub, ctx.prompt_id, &id, |event| match &event.kind {
             EventKind::SampleStep { step, total } => ctx.progress(*step as u64, *total as u64),
             EventKind::Preview { png, .. } => ctx.preview(png.clone()),
             EventKind::Images { paths: p } => paths.extend(p.iter().cloned()),
@@ -720,7 +718,7 @@ impl Executor {
                 let refs = images::save_pngs(&self.folders, "temp", "", "fluxlora_sample", &pngs)?;
                 Ok(self.image_output(def, refs, None))
             }
-            JobState::Cancelled if self.interrupted() => Err(NodeFailure::Interrupted),
+            JobState::Cancelled if self.interrupted(ctx.prompt_id) => Err(NodeFailure::Interrupted),
             state => Err(NodeFailure::error(
                 "RuntimeError",
                 record
@@ -755,11 +753,15 @@ impl Executor {
     fn follow(
         &self,
         sub: &crate::engine::bus::Subscription,
+        prompt_id: &str,
         id: &str,
         mut on: impl FnMut(&Event),
     ) -> Result<JobRecord, NodeFailure> {
-        lock(&self.interrupt).job = Some(id.to_string());
-        if self.interrupted() {
+        let requested = lock(&self.interrupts).get_mut(prompt_id).is_some_and(|i| {
+            i.job = Some(id.to_string());
+            i.requested
+        });
+        if requested {
             let _ = self.engine.control(id, Control::Cancel);
         }
         let mut last = 0;
@@ -799,7 +801,9 @@ impl Executor {
                 break Ok(self.engine.job(id)?);
             }
         };
-        lock(&self.interrupt).job = None;
+        if let Some(i) = lock(&self.interrupts).get_mut(prompt_id) {
+            i.job = None;
+        }
         result
     }
 

@@ -229,7 +229,7 @@ async fn list_jobs(state: web::Data<AppState>, query: web::Query<JobsQuery>) -> 
     }
     let queue = &state.comfy.queue;
     let mut jobs: Vec<Value> = queue
-        .running_prompt()
+        .running_prompts()
         .iter()
         .map(|p| job_of_queued(p, "in_progress"))
         .chain(queue.pending().iter().map(|p| job_of_queued(p, "pending")))
@@ -274,8 +274,9 @@ async fn get_job(state: web::Data<AppState>, id: web::Path<String>) -> HttpRespo
         return HttpResponse::Ok().json(job);
     }
     let queued = queue
-        .running_prompt()
-        .filter(|p| p.prompt_id == *id)
+        .running_prompts()
+        .into_iter()
+        .find(|p| p.prompt_id == *id)
         .map(|p| (p, "in_progress"))
         .or_else(|| {
             queue

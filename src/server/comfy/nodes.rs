@@ -12,7 +12,7 @@
 //!          | "save_image" | "preview_image" | "load_image",
 //!   "fields": { "seed": "seed", "width": {"path": "request.width", "omit_if": 0},
 //!               "options": {"merge": true} },
-//!   "reads": ["folder"], "chain": "loras", "lora_input": "lora",
+//!   "reads": ["folder"], "chain": "loras", "lora_input": "lora", "volatile": true,
 //!   "outputs": { "job_id": "job_id" },
 //!   "lora_list_inputs": ["lora_name"], "input_list_inputs": ["image"]
 //! }
@@ -32,7 +32,9 @@
 //!   images of Save Image); `chain` (stack nodes) names the input whose incoming
 //!   stack the new entry is appended to; `lora_input` an optional trained LoRA
 //!   that, when connected, replaces the file of `path`. Every input is exactly
-//!   one of these. `outputs` says what each output carries ([`OutputSource`]).
+//!   one of these. `outputs` says what each output carries ([`OutputSource`]);
+//!   `volatile` marks a node whose output depends on more than its inputs (the
+//!   adapter or the losses of a running job), which is never cached.
 //! - `lora_list_inputs` / `input_list_inputs` are COMBO inputs written as `[]`
 //!   and filled at run time with the LoRA folder's file names or the input
 //!   folder's images, as ComfyUI fills its loaders from `folder_paths`.
@@ -415,6 +417,10 @@ impl<'de> Deserialize<'de> for FieldTarget {
 #[serde(deny_unknown_fields)]
 pub(crate) struct JobMapping {
     pub job: JobKind,
+    /// The output depends on more than the inputs (a running job): never cached,
+    /// and a ComfyUI bridge re-runs it every time.
+    #[serde(default)]
+    pub volatile: bool,
     /// Input name → the request field it fills.
     pub fields: BTreeMap<String, FieldTarget>,
     /// Inputs the executor reads itself.

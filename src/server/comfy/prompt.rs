@@ -120,6 +120,9 @@ fn queue_prompt(
     let numbered = state.comfy.queue.number_for(number, front);
     let answer_number = numbered.0.clone();
     let outputs = graph.outputs().to_vec();
+    let trains = graph.nodes().any(|(_, n)| {
+        nodes::get(&n.class_type).is_some_and(|d| d.mapping.job == nodes::JobKind::Train)
+    });
     state.comfy.queue.put(
         numbered,
         prompt_id.clone(),
@@ -128,6 +131,7 @@ fn queue_prompt(
         outputs,
         graph,
         client_id,
+        trains,
     );
     Ok(Accepted {
         prompt_id,

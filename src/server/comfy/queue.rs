@@ -1,12 +1,18 @@
 //! [`PromptQueue`]: ComfyUI's prompt queue and history (`execution.PromptQueue`,
 //! `docs/comfyui-protocol.md` §1–2): prompts wait ordered by `number` (lower
-//! first; `front` queues ahead), one runs at a time, and each finished prompt
-//! leaves a history entry (at most [`MAX_HISTORY`], oldest dropped). Every
-//! change sends `status` to every socket.
+//! first; `front` queues ahead) and each finished prompt leaves a history entry
+//! (at most [`MAX_HISTORY`], oldest dropped). Every change sends `status` to
+//! every socket.
 //!
-//! The executor's thread takes prompts with [`PromptQueue::take`] and hands
-//! back their entries with [`PromptQueue::finish`]; HTTP handlers read and edit
-//! the rest, and may wait for a prompt's entry ([`PromptQueue::wait_for`]).
+//! Prompts run one at a time on the [`Lane::Main`] lane, as in ComfyUI, with one
+//! difference (ours): while the main lane runs a prompt that trains, the
+//! [`Lane::Side`] lane runs the first waiting prompt that does not, so a graph
+//! that samples the live adapter previews a run while it trains (the engine
+//! serves those samples between optimizer steps).
+//!
+//! The executor's threads take prompts with [`PromptQueue::take`] and hand back
+//! their entries with [`PromptQueue::finish`]; HTTP handlers read and edit the
+//! rest, and may wait for a prompt's entry ([`PromptQueue::wait_for`]).
 //!
 //! Must not: run anything; it only orders and remembers.
 
@@ -35,8 +41,28 @@ pub(crate) struct QueuedPrompt {
     pub graph: PromptGraph,
     /// Where its messages go (`extra_data.client_id`).
     pub client_id: Option<String>,
+    /// Whether it has a training node (what the side lane does not take).
+    pub trains: bool,
     /// Ordering: `number`, then arrival.
     order: (f64, u64),
+}
+
+/// Where a prompt runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// Every prompt, in order, one at a time.
+    Main,
+    /// Prompts without training, while the main lane trains.
+    Side,
+}
+
+/// A prompt being run.
+#[derive(Clone, Debug)]
+struct Running {
+    lane: Lane,
+    prompt: QueuedPrompt,
+    /// The node running now, for a socket that connects mid-prompt.
+    node: Option<NodeId>,
 }
 
 impl QueuedPrompt {
@@ -76,14 +102,20 @@ pub(crate) struct Finished {
 #[derive(Default)]
 struct State {
     pending: Vec<QueuedPrompt>,
-    running: Option<QueuedPrompt>,
-    /// The node running now, for a socket that connects mid-prompt.
-    running_node: Option<NodeId>,
+    running: Vec<Running>,
     history: VecDeque<Finished>,
     /// ComfyUI's `self.number`: the next number of a prompt that gives none.
     counter: i64,
     arrivals: u64,
     stopped: bool,
+}
+
+/// The order prompts run in: `number`, then arrival.
+fn by_order(a: &QueuedPrompt, b: &QueuedPrompt) -> std::cmp::Ordering {
+    a.order
+        .0
+        .total_cmp(&b.order.0)
+        .then(a.order.1.cmp(&b.order.1))
 }
 
 /// The queue, its history and its notifications.
@@ -113,7 +145,7 @@ impl PromptQueue {
     /// Prompts waiting or running (`exec_info.queue_remaining`).
     pub(crate) fn remaining(&self) -> usize {
         let s = self.lock();
-        s.pending.len() + usize::from(s.running.is_some())
+        s.pending.len() + s.running.len()
     }
 
     /// The `status` message's data.
@@ -148,6 +180,7 @@ impl PromptQueue {
         outputs: Vec<NodeId>,
         graph: PromptGraph,
         client_id: Option<String>,
+        trains: bool,
     ) {
         {
             let mut s = self.lock();
@@ -161,6 +194,7 @@ impl PromptQueue {
                 outputs,
                 graph,
                 client_id,
+                trains,
                 order,
             });
         }
@@ -172,32 +206,43 @@ impl PromptQueue {
     pub(crate) fn knows(&self, prompt_id: &str) -> bool {
         let s = self.lock();
         s.pending.iter().any(|p| p.prompt_id == prompt_id)
-            || s.running.as_ref().is_some_and(|p| p.prompt_id == prompt_id)
+            || s.running.iter().any(|r| r.prompt.prompt_id == prompt_id)
             || s.history.iter().any(|h| h.prompt_id == prompt_id)
     }
 
-    /// Blocks until a prompt is pending (taking the lowest) or the queue stops.
-    pub(crate) fn take(&self) -> Option<QueuedPrompt> {
+    /// Blocks until `lane` may take a pending prompt (taking the lowest it may),
+    /// or the queue stops.
+    pub(crate) fn take(&self, lane: Lane) -> Option<QueuedPrompt> {
         let mut s = self.lock();
         loop {
             if s.stopped {
                 return None;
             }
+            let main = s.running.iter().find(|r| r.lane == Lane::Main);
+            let free = match lane {
+                Lane::Main => main.is_none(),
+                Lane::Side => {
+                    main.is_some_and(|m| m.prompt.trains)
+                        && !s.running.iter().any(|r| r.lane == Lane::Side)
+                }
+            };
             let lowest = s
                 .pending
                 .iter()
                 .enumerate()
-                .min_by(|(_, a), (_, b)| {
-                    a.order
-                        .0
-                        .total_cmp(&b.order.0)
-                        .then(a.order.1.cmp(&b.order.1))
-                })
+                .filter(|(_, p)| lane == Lane::Main || !p.trains)
+                .min_by(|(_, a), (_, b)| by_order(a, b))
                 .map(|(i, _)| i);
-            if let Some(i) = lowest {
+            if let (true, Some(i)) = (free, lowest) {
                 let prompt = s.pending.remove(i);
-                s.running = Some(prompt.clone());
+                s.running.push(Running {
+                    lane,
+                    prompt: prompt.clone(),
+                    node: None,
+                });
                 drop(s);
+                // The other lane may now take one (the side lane, once training runs).
+                self.arrived.notify_all();
                 self.announce();
                 return Some(prompt);
             }
@@ -205,35 +250,46 @@ impl PromptQueue {
         }
     }
 
-    /// The running prompt's id and client, and the node running in it.
-    pub(crate) fn running(&self) -> Option<(String, Option<String>, Option<NodeId>)> {
-        let s = self.lock();
-        s.running.as_ref().map(|p| {
-            (
-                p.prompt_id.clone(),
-                p.client_id.clone(),
-                s.running_node.clone(),
-            )
-        })
+    /// The running prompts' ids and clients, and the node running in each.
+    pub(crate) fn running(&self) -> Vec<(String, Option<String>, Option<NodeId>)> {
+        self.lock()
+            .running
+            .iter()
+            .map(|r| {
+                (
+                    r.prompt.prompt_id.clone(),
+                    r.prompt.client_id.clone(),
+                    r.node.clone(),
+                )
+            })
+            .collect()
     }
 
-    /// Notes the node the running prompt executes now (`None` between nodes).
-    pub(crate) fn set_running_node(&self, node: Option<NodeId>) {
-        self.lock().running_node = node;
+    /// Notes the node a running prompt executes now (`None` between nodes).
+    pub(crate) fn set_running_node(&self, prompt_id: &str, node: Option<NodeId>) {
+        if let Some(r) = self
+            .lock()
+            .running
+            .iter_mut()
+            .find(|r| r.prompt.prompt_id == prompt_id)
+        {
+            r.node = node;
+        }
     }
 
-    /// Ends the running prompt with its history entry.
+    /// Ends a running prompt with its history entry.
     pub(crate) fn finish(&self, finished: Finished) {
         {
             let mut s = self.lock();
-            s.running = None;
-            s.running_node = None;
+            s.running
+                .retain(|r| r.prompt.prompt_id != finished.prompt_id);
             s.history.push_back(finished);
             while s.history.len() > MAX_HISTORY {
                 s.history.pop_front();
             }
         }
         self.finished.notify_all();
+        self.arrived.notify_all();
         self.announce();
     }
 
@@ -246,7 +302,7 @@ impl PromptQueue {
                 return Some(f.clone());
             }
             let queued = s.pending.iter().any(|p| p.prompt_id == prompt_id)
-                || s.running.as_ref().is_some_and(|p| p.prompt_id == prompt_id);
+                || s.running.iter().any(|r| r.prompt.prompt_id == prompt_id);
             if s.stopped || !queued {
                 return None;
             }
@@ -258,7 +314,7 @@ impl PromptQueue {
     pub(crate) fn items(&self) -> (Vec<Value>, Vec<Value>) {
         let s = self.lock();
         (
-            s.running.iter().map(QueuedPrompt::item).collect(),
+            s.running.iter().map(|r| r.prompt.item()).collect(),
             s.pending.iter().map(QueuedPrompt::item).collect(),
         )
     }
@@ -318,18 +374,17 @@ impl PromptQueue {
     /// Every pending prompt, in the order they would run (the jobs list).
     pub(crate) fn pending(&self) -> Vec<QueuedPrompt> {
         let mut pending = self.lock().pending.clone();
-        pending.sort_by(|a, b| {
-            a.order
-                .0
-                .total_cmp(&b.order.0)
-                .then(a.order.1.cmp(&b.order.1))
-        });
+        pending.sort_by(by_order);
         pending
     }
 
-    /// The running prompt.
-    pub(crate) fn running_prompt(&self) -> Option<QueuedPrompt> {
-        self.lock().running.clone()
+    /// The running prompts.
+    pub(crate) fn running_prompts(&self) -> Vec<QueuedPrompt> {
+        self.lock()
+            .running
+            .iter()
+            .map(|r| r.prompt.clone())
+            .collect()
     }
 
     /// Every finished prompt, oldest first.

@@ -55,12 +55,14 @@ pub(super) async fn connect(
         "status",
         json!({"status": state.comfy.queue.status()["status"], "sid": sid}),
     )];
-    if let Some((prompt_id, Some(client), Some(node))) = state.comfy.queue.running() {
-        if client == sid {
-            hello.push(message(
-                "executing",
-                json!({"node": node, "display_node": node, "prompt_id": prompt_id}),
-            ));
+    for (prompt_id, client, node) in state.comfy.queue.running() {
+        if let (Some(client), Some(node)) = (client, node) {
+            if client == sid {
+                hello.push(message(
+                    "executing",
+                    json!({"node": node, "display_node": node, "prompt_id": prompt_id}),
+                ));
+            }
         }
     }
     let socket = Socket {

@@ -1,7 +1,7 @@
 //! [`ComfyState`]: what the ComfyUI routes share beside [`AppState`](crate::server::AppState):
 //! its folders and limits, the prompt queue and history, the hub of WebSocket
-//! messages, and the executor, which runs on its own thread for the daemon's
-//! life (it stops when this state is dropped).
+//! messages, and the executor, which runs on a thread per queue lane for the
+//! daemon's life (they stop when this state is dropped).
 //!
 //! Must not: serve anything; it only holds.
 
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::executor::Executor;
 use super::folders::Folders;
 use super::hub::Hub;
-use super::queue::PromptQueue;
+use super::queue::{Lane, PromptQueue};
 use crate::config::{Precision, Settings};
 use crate::engine::Engine;
 use crate::server::admission::Admission;
@@ -44,12 +44,17 @@ impl ComfyState {
             settings.data_dir.join("comfy"),
             model_precision,
         ));
-        let serving = executor.clone();
-        let started = std::thread::Builder::new()
-            .name("fluxlora-comfy".into())
-            .spawn(move || serving.serve());
-        if let Err(e) = started {
-            tracing::error!(error = %e, "the ComfyUI executor could not start; prompts will wait");
+        for (lane, name) in [
+            (Lane::Main, "fluxlora-comfy"),
+            (Lane::Side, "fluxlora-comfy-side"),
+        ] {
+            let serving = executor.clone();
+            let started = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || serving.serve(lane));
+            if let Err(e) = started {
+                tracing::error!(error = %e, ?lane, "a ComfyUI executor lane could not start");
+            }
         }
         Self {
             folders,
