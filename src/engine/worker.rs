@@ -458,10 +458,15 @@ impl TrainHooks for TrainJob<'_> {
         let pending = std::mem::replace(&mut self.pending, Between::Continue);
         let mut between = worker.between_steps(id, trainer, pending);
         if let Between::Pause = between {
+            let step = trainer.progress().step;
             worker.shared.set_state(id, JobState::Paused);
+            let paused = TrainEvent::Paused { step };
+            worker.shared.emit(id, EventKind::Train { event: paused });
             between = worker.wait_while_paused(id, trainer);
             if let Between::Continue = between {
                 worker.shared.set_state(id, JobState::Running);
+                let resumed = TrainEvent::Resumed { step };
+                worker.shared.emit(id, EventKind::Train { event: resumed });
             }
         }
         match between {

@@ -95,6 +95,10 @@ pub(crate) struct KohyaMetadata {
     /// them).
     pub tag_frequency: BTreeMap<String, BTreeMap<String, usize>>,
     pub dataset_dirs: BTreeMap<String, DatasetDir>,
+    /// `ss_bucket_info`: the buckets in use and their image counts
+    /// (`{"buckets": {"0": {"resolution", "count"}}, "mean_img_ar_error"}`);
+    /// `None` without buckets, written `null` as kohya does.
+    pub bucket_info: Option<serde_json::Value>,
     pub training_comment: Option<String>,
     pub author: Option<String>,
     pub description: Option<String>,
@@ -169,6 +173,7 @@ impl KohyaMetadata {
             epoch: None,
             tag_frequency: BTreeMap::new(),
             dataset_dirs: BTreeMap::new(),
+            bucket_info: None,
             training_comment: None,
             author: None,
             description: None,
@@ -272,6 +277,14 @@ impl KohyaMetadata {
         put(
             "ss_tag_frequency",
             py_json(&serde_json::to_value(&self.tag_frequency).unwrap_or_default()),
+        );
+        put(
+            "ss_bucket_info",
+            py_json(
+                self.bucket_info
+                    .as_ref()
+                    .unwrap_or(&serde_json::Value::Null),
+            ),
         );
         if !self.network_args.is_empty() {
             put(
@@ -473,6 +486,15 @@ mod tests {
             r#"{"10_dog": {"a dog": 1, "dog": 1, "grass": 1, "sky": 1}}"#
         );
         assert_eq!(map["ss_resolution"], "(1024, 1024)");
+        assert_eq!(map["ss_bucket_info"], "null", "no buckets: kohya's null");
+        meta.bucket_info = Some(serde_json::json!({
+            "buckets": {"0": {"resolution": [512, 768], "count": 20}},
+            "mean_img_ar_error": 0.0,
+        }));
+        assert_eq!(
+            meta.to_map()["ss_bucket_info"],
+            r#"{"buckets": {"0": {"count": 20, "resolution": [512, 768]}}, "mean_img_ar_error": 0.0}"#
+        );
         assert_eq!(map["modelspec.architecture"], "flux-1-dev/lora");
         assert_eq!(map["modelspec.date"], "2024-08-12T09:59:49");
         assert_eq!(map["modelspec.title"], "my_lora");

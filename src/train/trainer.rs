@@ -720,6 +720,10 @@ impl Trainer {
                 )
             })
             .collect();
+        m.bucket_info = self
+            .dataset
+            .bucket_info()
+            .and_then(|b| serde_json::to_value(b).ok());
         m.dataset_dirs = self
             .dataset
             .dataset_dirs()

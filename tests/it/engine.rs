@@ -240,6 +240,25 @@ fn samples_run_between_training_steps_with_the_live_adapter() {
         JobState::Cancelled
     );
     assert!(fluxlora::train::checkpoint::latest_state(&engine.job_dir(&train), "job").is_some());
+    // The pause is reported as the trainer's own events too, at one step.
+    let steps: Vec<(bool, u64)> = engine
+        .events_since(&train, 0)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Train {
+                event: TrainEvent::Paused { step },
+            } => Some((true, step)),
+            EventKind::Train {
+                event: TrainEvent::Resumed { step },
+            } => Some((false, step)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(steps[..], [(true, a), (false, b)] if a == b),
+        "{steps:?}"
+    );
     let err = engine
         .control(&train, Control::Pause)
         .unwrap_err()

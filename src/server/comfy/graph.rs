@@ -294,11 +294,6 @@ impl NodeDef {
         self.output_node
     }
 
-    /// The output types, by output index.
-    pub(crate) fn outputs(&self) -> &[TypeSpec] {
-        &self.outputs
-    }
-
     fn input(&self, name: &str) -> Option<&InputDef> {
         self.inputs.iter().find(|i| i.name == name)
     }
@@ -1449,12 +1444,6 @@ pub(crate) fn execution_order(graph: &PromptGraph, is_cached: impl Fn(&str) -> b
 /// A node's cache key: equal for equal subgraphs, whatever their node ids.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct Signature([u8; 32]);
-
-impl Signature {
-    pub(crate) fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-}
 
 impl fmt::Display for Signature {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -271,6 +271,7 @@ impl JobPath {
     }
 
     /// The value at this path, if present.
+    #[cfg(test)]
     pub(crate) fn get<'v>(&self, root: &'v Value) -> Option<&'v Value> {
         self.segments.iter().try_fold(root, |v, s| match s {
             Segment::Key(k) => v.get(k),
@@ -526,7 +527,6 @@ impl FolderLists {
 #[derive(Clone, Debug)]
 pub(crate) struct NodeDef {
     pub name: String,
-    pub output_node: bool,
     /// In `input_order`: required inputs first.
     pub inputs: Vec<InputDef>,
     pub outputs: Vec<OutputDef>,
@@ -821,7 +821,7 @@ fn parse(file: &str, text: &str) -> Result<NodeDef, String> {
     if file.strip_suffix(".json") != Some(name.as_str()) {
         return Err(format!("file name must be `{name}.json`"));
     }
-    let output_node = info["output_node"]
+    info["output_node"]
         .as_bool()
         .ok_or("`output_node` must be true or false")?;
     let mapping: JobMapping = serde_json::from_value(
@@ -834,7 +834,6 @@ fn parse(file: &str, text: &str) -> Result<NodeDef, String> {
     let outputs = parse_outputs(&info)?;
     let def = NodeDef {
         name,
-        output_node,
         inputs,
         outputs,
         mapping,
