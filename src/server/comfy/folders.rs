@@ -36,6 +36,11 @@ impl Folders {
         }
     }
 
+    /// The ComfyUI root (or data dir) the folders are in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The folder of `kind` (`output`, `input`, `temp`), made when missing.
     pub fn dir(&self, kind: &str) -> Result<PathBuf, FileError> {
         if !matches!(kind, "output" | "input" | "temp") {

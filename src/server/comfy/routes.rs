@@ -21,7 +21,6 @@ pub fn routes(table: &mut RouteTable) {
     both(table, Method::GET, "/object_info/{class}", object_info_of);
     both(table, Method::GET, "/system_stats", system_stats);
     both(table, Method::GET, "/embeddings", empty_list);
-    both(table, Method::GET, "/extensions", empty_list);
     both(table, Method::GET, "/features", features);
     both(table, Method::GET, "/models", model_folders);
     both(table, Method::GET, "/models/{folder}", models_in);
@@ -108,7 +107,7 @@ async fn system_stats(state: web::Data<AppState>) -> HttpResponse {
     }))
 }
 
-async fn empty_list() -> HttpResponse {
+pub(super) async fn empty_list() -> HttpResponse {
     HttpResponse::Ok().json(json!([]))
 }
 
