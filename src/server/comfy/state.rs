@@ -8,8 +8,7 @@
 use std::sync::Arc;
 
 use super::executor::Executor;
-use super::folders::Folders;
-use super::frontend::FrontEnd;
+use super::folders::{Folders, FrontEnd};
 use super::hub::Hub;
 use super::queue::{Lane, PromptQueue};
 use crate::config::{Precision, Settings};
