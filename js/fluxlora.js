@@ -33,9 +33,11 @@ const MESSAGES = [
     "progress",
     "fluxlora.train",
 ];
-const TEXT_HEIGHT = 34;
+const LINE_HEIGHT = 15;
 const CHART_HEIGHT = 112;
 const IMAGE_HEIGHT = 180;
+/** The panel's padding and gaps (2px each), and the DOM widget's margin (10px) on both sides. */
+const PANEL_EXTRA = 2 * 2 + 2 * 2 + 2 * 10;
 const PAD = { left: 6, right: 6, top: 16, bottom: 16 };
 
 function graphNode(id) {
@@ -185,7 +187,14 @@ function makePanel(node) {
     });
     const lines = [0, 1].map(() => {
         const line = document.createElement("div");
-        Object.assign(line.style, { whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis" });
+        Object.assign(line.style, {
+            flex: "none",
+            height: `${LINE_HEIGHT}px`,
+            lineHeight: `${LINE_HEIGHT}px`,
+            whiteSpace: "nowrap",
+            overflow: "hidden",
+            textOverflow: "ellipsis",
+        });
         root.append(line);
         return line;
     });
@@ -206,7 +215,8 @@ function addPanel(node) {
     const widget = node.addDOMWidget(WIDGET, WIDGET, panel.root, {
         serialize: false,
         hideOnZoom: false,
-        getMinHeight: () => TEXT_HEIGHT + CHART_HEIGHT + 12 + (panel.image.style.display === "none" ? 0 : IMAGE_HEIGHT),
+        getMinHeight: () =>
+            2 * LINE_HEIGHT + CHART_HEIGHT + PANEL_EXTRA + (panel.image.style.display === "none" ? 0 : 2 + IMAGE_HEIGHT),
     });
     // Neither in the workflow's widgets_values nor in the prompt.
     widget.serialize = false;
