@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The project's test command (README "Run the tests"; CI's .ci/run calls it):
-# the Rust tests, then the ComfyUI bridge's Python tests against the daemon the
-# Rust build just made. Installs Python when the machine has none (Debian).
+# the Rust tests, the front-end extension's unit tests (node), then the ComfyUI
+# bridge's Python tests against the daemon the Rust build just made. Installs
+# Python and node when the machine has none (Debian).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --locked
+bash scripts/js-test.sh
 
 need_python() {
     if command -v apt-get >/dev/null; then

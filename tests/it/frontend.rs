@@ -82,6 +82,15 @@ fn the_front_end_and_our_extension_are_served_and_confined() {
     );
     let ext = app.get("/extensions/fluxlora/fluxlora.js");
     assert_eq!(ext.status, 200);
+    assert_eq!(
+        app.request("HEAD", "/extensions/fluxlora/fluxlora.js", None)
+            .status,
+        200
+    );
+    assert_eq!(
+        app.request("HEAD", "/assets/index-abc.js", None).status,
+        200
+    );
     assert!(ext.content_type.starts_with("text/javascript"));
     for escape in [
         "/assets/../../secret.txt",
@@ -144,11 +153,22 @@ fn settings_and_workflows_persist_in_the_user_folder() {
         400
     );
 
-    // Workflows: a missing folder lists as 404 (the front end reads it as empty).
+    // Workflows: a missing folder lists as empty (ComfyUI's 404 means the same).
     assert_eq!(
-        app.get("/api/userdata?dir=workflows&recurse=true").status,
-        404
+        app.get("/api/userdata?dir=workflows&recurse=true").json(),
+        json!([])
     );
+    assert_eq!(app.get("/api/userdata/user.css").status, 200);
+    assert_eq!(app.get("/user.css").status, 200);
+    // Settings come as text/plain from the front end.
+    let plain = app.request_with(
+        "POST",
+        "/api/settings/Comfy.Plain",
+        Some(b"true"),
+        &[("Content-Type", "text/plain;charset=UTF-8")],
+    );
+    assert_eq!(plain.status, 200);
+    assert_eq!(app.get("/api/settings/Comfy.Plain").json(), true);
     let workflow = br#"{"nodes": []}"#;
     let saved = app.request(
         "POST",

@@ -29,6 +29,11 @@ pub(super) fn routes(table: &mut RouteTable) {
         "/extensions/fluxlora/{path:.*}",
         extension_file,
     );
+    table.add(
+        Method::HEAD,
+        "/extensions/fluxlora/{path:.*}",
+        extension_file,
+    );
     both(table, Method::GET, "/i18n", empty_object);
     both(table, Method::GET, "/global_subgraphs", empty_object);
     both(table, Method::GET, "/workflow_templates", empty_object);
@@ -53,6 +58,7 @@ pub(super) fn routes(table: &mut RouteTable) {
 /// Registered last: every other GET path is a file of the front end.
 pub(super) fn static_routes(table: &mut RouteTable) {
     table.add(Method::GET, "/{path:.*}", static_file);
+    table.add(Method::HEAD, "/{path:.*}", static_file);
 }
 
 async fn empty_object() -> HttpResponse {
@@ -117,6 +123,10 @@ async fn index(state: web::Data<AppState>) -> HttpResponse {
 async fn static_file(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
     let path = req.match_info().get("path").unwrap_or("");
     match &state.comfy.frontend.static_dir {
+        // index.html links the user's stylesheet beside it: none is empty.
+        Some(dir) if path == super::userdata::USER_CSS && !dir.join(path).exists() => {
+            HttpResponse::Ok().content_type("text/css").body("")
+        }
         Some(dir) => serve(dir, path, "no-cache"),
         None => not_found(path),
     }

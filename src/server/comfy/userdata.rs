@@ -24,6 +24,8 @@ use crate::server::state::AppState;
 
 /// The settings file in the user folder.
 const SETTINGS_FILE: &str = "comfy.settings.json";
+/// The user's stylesheet, which the front end loads at every start.
+pub(super) const USER_CSS: &str = "user.css";
 
 pub(super) fn routes(table: &mut RouteTable) {
     both(table, Method::GET, "/users", get_users);
@@ -95,11 +97,17 @@ async fn get_setting(state: web::Data<AppState>, id: web::Path<String>) -> HttpR
 /// One writer of the settings file at a time (read, merge, write).
 static SETTINGS_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// A JSON body, whatever its content type (the front end sends settings as
+/// `text/plain`).
+fn json_body(body: &web::Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("the body is not JSON: {e}")))
+}
+
 async fn post_settings(
     state: web::Data<AppState>,
-    body: web::Json<Value>,
+    body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
-    let Value::Object(changes) = body.into_inner() else {
+    let Value::Object(changes) = json_body(&body)? else {
         return Err(ApiError::bad(
             "send the settings as a JSON object of id → value",
         ));
@@ -114,11 +122,12 @@ async fn post_settings(
 async fn post_setting(
     state: web::Data<AppState>,
     id: web::Path<String>,
-    body: web::Json<Value>,
+    body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
+    let value = json_body(&body)?;
     let _one = SETTINGS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let mut settings = read_settings(&state);
-    settings.insert(id.into_inner(), body.into_inner());
+    settings.insert(id.into_inner(), value);
     write_settings(&state, &settings)?;
     Ok(HttpResponse::Ok().finish())
 }
@@ -236,7 +245,8 @@ async fn list_userdata(
     };
     let dir = user_file(&state, dir_name)?;
     if !dir.is_dir() {
-        return Err(ApiError::NotFound(format!("no user folder `{dir_name}`")));
+        // ComfyUI answers 404, which the front end reads as empty: say empty.
+        return Ok(HttpResponse::Ok().json(json!([])));
     }
     let mut files = vec![];
     let mut stack = vec![dir.clone()];
@@ -278,6 +288,10 @@ async fn get_userdata(
 ) -> Result<HttpResponse, ApiError> {
     let raw = req.match_info().get("file").unwrap_or("");
     let path = user_file(&state, raw)?;
+    if raw == USER_CSS && !path.exists() {
+        // The front end always asks for the user's stylesheet: none is empty.
+        return Ok(HttpResponse::Ok().content_type("text/css").body(""));
+    }
     let bytes =
         std::fs::read(&path).map_err(|_| ApiError::NotFound(format!("no user file `{raw}`")))?;
     let content_type = if path.extension().is_some_and(|e| e == "json") {
