@@ -111,6 +111,11 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Largest upload accepted (`POST /upload/image`; ComfyUI's default is 100 MiB).
     pub max_upload_bytes: usize,
+    /// ComfyUI's front end to serve at `/`; `None`: `<data-dir>/frontend` if present.
+    pub comfy_frontend: Option<PathBuf>,
+    /// The front-end extension folder (`js/`); `None`: found beside the working
+    /// directory or the binary.
+    pub comfy_js: Option<PathBuf>,
     /// Further folders requests may read (datasets, LoRAs); the data dir is always one.
     pub roots: Vec<PathBuf>,
     /// Browser origins (`scheme://host[:port]`) allowed besides loopback ones.
@@ -130,6 +135,8 @@ impl Default for Settings {
             precision: Precision::F32,
             max_body_bytes: 1 << 20,
             max_upload_bytes: 100 << 20,
+            comfy_frontend: None,
+            comfy_js: None,
             roots: vec![],
             cors_origins: vec![],
         }
@@ -149,6 +156,8 @@ impl fmt::Debug for Settings {
             .field("precision", &self.precision)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_upload_bytes", &self.max_upload_bytes)
+            .field("comfy_frontend", &self.comfy_frontend)
+            .field("comfy_js", &self.comfy_js)
             .field("roots", &self.roots)
             .field("cors_origins", &self.cors_origins)
             .finish()

@@ -98,6 +98,14 @@ struct ServeArgs {
     /// A browser origin allowed besides loopback ones (e.g. https://host:8188); repeatable.
     #[arg(long = "cors-origin")]
     cors_origins: Vec<String>,
+    /// ComfyUI's front end (the static folder of PyPI's comfyui-frontend-package),
+    /// served at /; default: <data-dir>/frontend (scripts/get-frontend.sh puts it there).
+    #[arg(long)]
+    comfy_frontend: Option<PathBuf>,
+    /// The front-end extension (the repo's js/), served at /extensions/fluxlora/;
+    /// default: ./js, else the js/ of the checkout the binary was built in.
+    #[arg(long)]
+    comfy_js: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -181,6 +189,8 @@ fn main() -> anyhow::Result<()> {
                 precision: a.model.precision,
                 roots: a.roots,
                 cors_origins: a.cors_origins,
+                comfy_frontend: a.comfy_frontend,
+                comfy_js: a.comfy_js,
                 ..Default::default()
             };
             commands::serve(settings)?;

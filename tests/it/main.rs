@@ -11,6 +11,7 @@ mod cli;
 mod comfy;
 mod demo;
 mod engine;
+mod frontend;
 mod model_formats;
 mod parity;
 mod server;

@@ -1,6 +1,7 @@
 //! ComfyUI's file folders, `output/`, `input/` and `temp/`: in the ComfyUI
-//! root given with `--comfy-root`, else in the data dir; and the checks of a
-//! `(type, subfolder, filename)` a request names (`/view`, uploads).
+//! root given with `--comfy-root`, else in the data dir; the checks of a
+//! `(type, subfolder, filename)` a request names (`/view`, uploads); and where
+//! the served front end and our extension are ([`FrontEnd`]).
 //!
 //! Must not: serve HTTP; handlers ask it for a path.
 
@@ -34,6 +35,11 @@ impl Folders {
                 .clone()
                 .unwrap_or_else(|| settings.data_dir.clone()),
         }
+    }
+
+    /// The ComfyUI root (or data dir) the folders are in.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// The folder of `kind` (`output`, `input`, `temp`), made when missing.
@@ -94,6 +100,73 @@ fn annotated<'a>(filename: &'a str, kind: &'a str) -> (&'a str, &'a str) {
         }
     }
     (filename, kind)
+}
+
+/// The front-end package version `scripts/get-frontend.sh` installs.
+pub(crate) const FRONTEND_VERSION: &str = "1.58.1";
+
+/// Where the front end and our extension are.
+#[derive(Clone, Debug)]
+pub(crate) struct FrontEnd {
+    /// The static folder (holds `index.html`), when there is one.
+    pub static_dir: Option<PathBuf>,
+    /// Our extension's folder (`js/`), when there is one.
+    pub js_dir: Option<PathBuf>,
+}
+
+impl FrontEnd {
+    /// `--comfy-frontend`, else `<data-dir>/frontend`; `--comfy-js`, else
+    /// `./js`, else the `js/` of the checkout the binary was built in.
+    pub(crate) fn find(settings: &Settings) -> Self {
+        let static_dir = settings
+            .comfy_frontend
+            .clone()
+            .unwrap_or_else(|| settings.data_dir.join("frontend"));
+        let built_in = std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.join("js")));
+        let js_dir = settings.comfy_js.clone().or_else(|| {
+            [Some(PathBuf::from("js")), built_in]
+                .into_iter()
+                .flatten()
+                .find(|d| d.join("fluxlora.js").is_file())
+        });
+        if settings.comfy_frontend.is_some() && !static_dir.join("index.html").is_file() {
+            tracing::warn!(dir = %static_dir.display(), "--comfy-frontend has no index.html");
+        }
+        Self {
+            static_dir: Some(static_dir).filter(|d| d.join("index.html").is_file()),
+            js_dir: js_dir.and_then(|d| d.canonicalize().ok()),
+        }
+    }
+
+    /// The extension's module URLs (every `.js` of `js/` but its tests).
+    pub(crate) fn extension_urls(&self) -> Vec<String> {
+        let Some(dir) = &self.js_dir else {
+            return vec![];
+        };
+        let mut urls = vec![];
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let path = e.path();
+                let name = e.file_name().to_string_lossy().to_string();
+                if path.is_dir() && name != "tests" && !name.starts_with('.') {
+                    stack.push(path);
+                } else if name.ends_with(".js") {
+                    if let Ok(rel) = path.strip_prefix(dir) {
+                        let rel: Vec<String> = rel
+                            .components()
+                            .map(|c| c.as_os_str().to_string_lossy().to_string())
+                            .collect();
+                        urls.push(format!("/extensions/fluxlora/{}", rel.join("/")));
+                    }
+                }
+            }
+        }
+        urls.sort();
+        urls
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,9 @@
 //! - `hub`: messages on their way to `/ws`; `socket`: the `/ws` route.
 //! - Routes, each bare and under `/api/`: `routes` (discovery, `/view`),
 //!   `prompt` (`/prompt`, `/fluxlora/run`), `history` (queue, history, jobs,
-//!   interrupt), `upload` (`/upload/image`, with `multipart`).
+//!   interrupt), `upload` (`/upload/image`, with `multipart`), `userdata`
+//!   (users, settings, saved workflows), `frontend` (the official front end's
+//!   static files, our `js/` extension, the small boot routes).
 //! - `state`: what the routes share; `folders`: output/input/temp; `ids`:
 //!   ComfyUI's id forms.
 //!
@@ -22,6 +24,7 @@
 
 mod executor;
 mod folders;
+mod frontend;
 pub(crate) mod graph;
 mod history;
 mod hub;
@@ -36,6 +39,7 @@ mod routes;
 mod socket;
 pub(crate) mod state;
 mod upload;
+mod userdata;
 
 pub(crate) use routes::folder_lists;
 
@@ -45,4 +49,8 @@ pub(crate) fn routes(table: &mut crate::server::route_table::RouteTable) {
     prompt::routes(table);
     history::routes(table);
     upload::routes(table);
+    userdata::routes(table);
+    frontend::routes(table);
+    // Last: every GET path no route took is a file of the front end.
+    frontend::static_routes(table);
 }

@@ -21,7 +21,6 @@ pub fn routes(table: &mut RouteTable) {
     both(table, Method::GET, "/object_info/{class}", object_info_of);
     both(table, Method::GET, "/system_stats", system_stats);
     both(table, Method::GET, "/embeddings", empty_list);
-    both(table, Method::GET, "/extensions", empty_list);
     both(table, Method::GET, "/features", features);
     both(table, Method::GET, "/models", model_folders);
     both(table, Method::GET, "/models/{folder}", models_in);
@@ -108,25 +107,12 @@ async fn system_stats(state: web::Data<AppState>) -> HttpResponse {
     }))
 }
 
-async fn empty_list() -> HttpResponse {
+pub(super) async fn empty_list() -> HttpResponse {
     HttpResponse::Ok().json(json!([]))
 }
 
-/// The server's feature flags (also the answer to a client's `feature_flags`).
-pub(super) fn server_features(state: &AppState) -> Value {
-    json!({
-        // Previews go out as type 4 frames to clients that ask, else type 1.
-        "supports_preview_metadata": true,
-        "supports_model_type_tags": false,
-        "max_upload_size": state.comfy.max_upload,
-        "extension": {"manager": {"supports_v4": false}},
-        "node_replacements": false,
-        "assets": false,
-    })
-}
-
 async fn features(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(server_features(&state))
+    HttpResponse::Ok().json(super::socket::server_features(&state))
 }
 
 /// The model folders we list: LoRAs, and the diffusion models the daemon sees.

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::hub::{message, preview_frame, Addressed, Payload};
-use super::{ids, routes};
+use super::ids;
 use crate::server::errors::ApiError;
 use crate::server::state::AppState;
 
@@ -70,11 +70,24 @@ pub(super) async fn connect(
         session,
         previews_with_metadata: false,
         flags_seen: false,
-        server_flags: routes::server_features(&state),
+        server_flags: server_features(&state),
     };
     let stopping = state.stopping.subscribe();
     actix_web::rt::spawn(socket.run(hello, hub, messages, stopping));
     Ok(response)
+}
+
+/// The server's feature flags (also the answer to a client's `feature_flags`).
+pub(super) fn server_features(state: &AppState) -> Value {
+    json!({
+        // Previews go out as type 4 frames to clients that ask, else type 1.
+        "supports_preview_metadata": true,
+        "supports_model_type_tags": false,
+        "max_upload_size": state.comfy.max_upload,
+        "extension": {"manager": {"supports_v4": false}},
+        "node_replacements": false,
+        "assets": false,
+    })
 }
 
 struct Socket {

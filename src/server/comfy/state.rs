@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use super::executor::Executor;
-use super::folders::Folders;
+use super::folders::{Folders, FrontEnd};
 use super::hub::Hub;
 use super::queue::{Lane, PromptQueue};
 use crate::config::{Precision, Settings};
@@ -23,6 +23,8 @@ pub struct ComfyState {
     pub(crate) queue: Arc<PromptQueue>,
     pub(crate) hub: Hub,
     pub(crate) executor: Arc<Executor>,
+    /// The front end and our extension, found at start.
+    pub(crate) frontend: FrontEnd,
 }
 
 impl ComfyState {
@@ -62,6 +64,7 @@ impl ComfyState {
             queue,
             hub,
             executor,
+            frontend: FrontEnd::find(settings),
         }
     }
 }

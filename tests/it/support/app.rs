@@ -43,8 +43,19 @@ pub fn spawn_app_on(
     roots: Vec<std::path::PathBuf>,
     token: Option<&str>,
 ) -> App {
+    spawn_app_with(listener, data_dir, roots, token, |_| {})
+}
+
+/// [`spawn_app_on`] with further settings.
+pub fn spawn_app_with(
+    listener: std::net::TcpListener,
+    data_dir: &Path,
+    roots: Vec<std::path::PathBuf>,
+    token: Option<&str>,
+    edit: impl FnOnce(&mut Settings),
+) -> App {
     let host = listener.local_addr().unwrap().ip().to_string();
-    let settings = Settings {
+    let mut settings = Settings {
         host,
         port: 0,
         data_dir: data_dir.to_path_buf(),
@@ -53,6 +64,7 @@ pub fn spawn_app_on(
         max_body_bytes: 64 * 1024,
         ..Settings::default()
     };
+    edit(&mut settings);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let bundle = super::bundle();
