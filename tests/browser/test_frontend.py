@@ -68,6 +68,17 @@ IGNORED_CONSOLE = [
             )
         ),
     ),
+    # Listing a user folder that does not exist yet: ComfyUI answers 404 as
+    # well, and the front end reads that as an empty folder (a fresh data dir
+    # has no saved workflows or subgraphs).
+    (
+        "user folder not made yet",
+        lambda entry, base: "status of 404" in entry["message"]
+        and any(
+            entry["message"].startswith(f"{base}/api/userdata?dir={folder}&")
+            for folder in ("workflows", "subgraphs")
+        ),
+    ),
 ]
 
 
@@ -191,7 +202,7 @@ SAMPLE_PROGRESS = """
 const node = arguments[0];
 window.__browserTest.sampler = setInterval(() => {
   const state = window.fluxlora && window.fluxlora.nodes && window.fluxlora.nodes[node];
-  if (!state) return;
+  if (!state || typeof state.step !== 'number') return;
   const steps = window.__browserTest.steps;
   const last = steps[steps.length - 1];
   if (!last || last.step !== state.step || last.total !== state.total) {
@@ -246,7 +257,10 @@ class FrontendTest(unittest.TestCase):
             cls.driver.quit()
         cls.daemon.stop()
         if cls.failed:
-            print(f"\nthe daemon's log: {cls.daemon.log_path}", file=sys.stderr)
+            log = os.path.join(cls.artifacts, "daemon.log")
+            if log != cls.daemon.log_path:
+                shutil.copyfile(cls.daemon.log_path, log)
+            print(f"\nthe daemon's log: {log}", file=sys.stderr)
         if cls.artifacts != cls.work or not cls.failed:
             shutil.rmtree(cls.work, ignore_errors=True)
         else:
@@ -291,8 +305,10 @@ class FrontendTest(unittest.TestCase):
         ]
 
     def assert_console_clean(self):
+        """No console errors since the last check (asserted last, after the other checks)."""
         errors = self.new_console_errors()
-        self.assertEqual([], [e["message"] for e in errors], "console errors")
+        if errors:
+            self.fail("console errors:\n" + "\n".join(e["message"] for e in errors))
 
     def dismiss_dialogs(self):
         """Closes what the front end opens over the graph on a first visit (templates, tips)."""
@@ -305,7 +321,6 @@ class FrontendTest(unittest.TestCase):
 
     def test_editor_boots_with_our_nodes_in_the_library(self):
         with self.screenshot_on_failure():
-            self.assert_console_clean()
             expected = get_json(self.daemon.url + "/api/object_info")
             for name in ("FluxLoraTrain", "FluxLoraSample", "FluxLoraDataset", "FluxLoraApply", "SaveImage"):
                 self.assertIn(name, expected)
@@ -354,7 +369,6 @@ class FrontendTest(unittest.TestCase):
             )
             train = next(n for n in loaded if n["id"] == TRAIN_NODE)
             self.assertEqual(example[TRAIN_NODE]["inputs"]["max_train_steps"], train["widgets"]["max_train_steps"])
-            self.assert_console_clean()
 
             self.js(SAMPLE_PROGRESS, TRAIN_NODE)
             self.dismiss_dialogs()
@@ -402,6 +416,8 @@ class FrontendTest(unittest.TestCase):
         self.assertEqual(max_steps, final["total"], final)
         self.assertGreater(len(final["losses"]), 1, final)
         self.assertGreater(final["chartDrawn"], 0, "the loss chart was never drawn")
+        # The run's samples (sample_every_n_steps) reached the node.
+        self.assertTrue(final["previewUrl"], f"no sample image on the Train node: {final}")
 
     def check_saved_image(self):
         deadline = time.monotonic() + 30
