@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 import unittest
-import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -253,6 +252,10 @@ class FrontendTest(unittest.TestCase):
             cls.console.extend(cls.driver.get_log("browser"))
         with open(os.path.join(cls.artifacts, "console.json"), "w") as f:
             json.dump(cls.console, f, indent=1)
+        for reason, ignore in IGNORED_CONSOLE:
+            count = sum(e["level"] == "SEVERE" and ignore(e, cls.daemon.url) for e in cls.console)
+            if count:
+                print(f"ignored {count} console error(s): {reason}", file=sys.stderr)
         with contextlib.suppress(WebDriverException):
             cls.driver.quit()
         cls.daemon.stop()
