@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The project's test command (README "Run the tests"; CI's .ci/run calls it):
-# the Rust tests, the front-end extension's unit tests (node), then the ComfyUI
-# bridge's Python tests against the daemon the Rust build just made. Installs
-# Python and node when the machine has none (Debian).
+# the Rust tests, the front-end extension's unit tests (node), the ComfyUI
+# bridge's Python tests against the daemon the Rust build just made, and the
+# browser test (ComfyUI's official front end served by the daemon, in headless
+# Chromium). The scripts install what is missing on a Debian machine (Python,
+# node, Chromium and its driver, the pinned front end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,3 +23,4 @@ need_python() {
 command -v python3 >/dev/null || need_python
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_python
 bash scripts/bridge-test.sh
+bash scripts/browser-test.sh
