@@ -42,12 +42,19 @@ fn discovery_routes_answer_bare_and_under_api() {
         let stats = app.get(&format!("{prefix}/system_stats")).json();
         assert!(stats["system"]["os"].is_string(), "{stats}");
         assert_eq!(stats["devices"][0]["type"], "cpu");
-        for empty in ["/embeddings", "/extensions"] {
-            assert_eq!(
-                app.get(&format!("{prefix}{empty}")).json(),
-                serde_json::json!([])
-            );
-        }
+        assert_eq!(
+            app.get(&format!("{prefix}/embeddings")).json(),
+            serde_json::json!([])
+        );
+        // Our front-end extension (the checkout's js/, found from the working directory).
+        let extensions = app.get(&format!("{prefix}/extensions")).json();
+        assert!(
+            extensions
+                .as_array()
+                .unwrap()
+                .contains(&Value::from("/extensions/fluxlora/fluxlora.js")),
+            "{extensions}"
+        );
         let features = app.get(&format!("{prefix}/features")).json();
         assert!(features["max_upload_size"].as_u64().unwrap() > 0);
         let folders = app.get(&format!("{prefix}/models")).json();

@@ -245,3 +245,34 @@ fn settings_and_workflows_persist_in_the_user_folder() {
     );
     assert_eq!(app.get("/api/userdata").status, 400);
 }
+
+#[test]
+fn saved_workflows_and_settings_survive_a_daemon_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (mut daemon, app) = crate::support::app::spawn_process(&data, tmp.path());
+    let workflow = br#"{"last_node_id": 6, "nodes": []}"#;
+    let saved = app.request(
+        "POST",
+        "/api/userdata/workflows%2Ftrain.json",
+        Some(workflow),
+    );
+    assert_eq!(saved.status, 200);
+    let set = app.request("POST", "/api/settings/Comfy.Locale", Some(br#""fr""#));
+    assert_eq!(set.status, 200);
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+
+    let (mut daemon, app) = crate::support::app::spawn_process(&data, tmp.path());
+    assert_eq!(
+        app.get("/api/userdata?dir=workflows").json(),
+        json!(["train.json"])
+    );
+    assert_eq!(
+        app.get("/api/userdata/workflows%2Ftrain.json").body,
+        workflow
+    );
+    assert_eq!(app.get("/api/settings/Comfy.Locale").json(), "fr");
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+}
