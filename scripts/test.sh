@@ -23,4 +23,6 @@ need_python() {
 command -v python3 >/dev/null || need_python
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_python
 bash scripts/bridge-test.sh
-bash scripts/browser-test.sh
+# The daemon cargo test just built (a plain cargo build would compile it again:
+# dev-dependency features differ).
+FLUXLORA_BIN="$PWD/target/debug/fluxlora" bash scripts/browser-test.sh
