@@ -130,6 +130,9 @@ struct SampleArgs {
     /// Distilled guidance (dev models; ignored by schnell-style models).
     #[arg(long)]
     guidance: Option<f64>,
+    /// True CFG scale with --negative: above 1, two model passes per step.
+    #[arg(long)]
+    cfg_scale: Option<f64>,
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// Output PNG; with --batch > 1, `_N` is added before the extension.
@@ -203,6 +206,7 @@ fn main() -> anyhow::Result<()> {
                 height: a.height,
                 steps: a.steps,
                 guidance: a.guidance,
+                cfg_scale: a.cfg_scale,
                 seed: a.seed,
                 batch_size: a.batch,
             };

@@ -2,7 +2,8 @@
 //!
 //! The sampler knows nothing about Flux: it integrates dx/dt = v(x, t) from t = 1
 //! (noise) to t = 0 (data) over a schedule. [`FluxVelocity`] binds a Flux model, its
-//! conditioning and an adapter set into such a v.
+//! conditioning and an adapter set into such a v; [`TrueCfg`] combines two of them
+//! (prompt and negative prompt) into classifier-free guidance.
 
 use candle_core::{Result, Tensor};
 
@@ -84,10 +85,56 @@ impl Velocity for FluxVelocity<'_> {
     }
 }
 
+/// True classifier-free guidance: v = v_neg + scale·(v_pos − v_neg), two model
+/// passes per step (what Forge does for Flux when CFG scale > 1).
+pub struct TrueCfg<'a> {
+    pub positive: &'a dyn Velocity,
+    pub negative: &'a dyn Velocity,
+    pub scale: f64,
+}
+
+impl Velocity for TrueCfg<'_> {
+    fn velocity(&self, x: &Tensor, t: f64) -> Result<Tensor> {
+        let pos = self.positive.velocity(x, t)?;
+        let neg = self.negative.velocity(x, t)?;
+        let diff = ((&pos - &neg)? * self.scale)?;
+        &neg + diff
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// A velocity that is the same constant everywhere.
+    struct Constant(Tensor);
+
+    impl Velocity for Constant {
+        fn velocity(&self, _x: &Tensor, _t: f64) -> Result<Tensor> {
+            Ok(self.0.clone())
+        }
+    }
+
+    #[test]
+    fn true_cfg_extrapolates_from_the_negative_towards_the_positive() -> Result<()> {
+        let dev = Device::Cpu;
+        let pos = Constant(Tensor::new(&[[[3.0f32, 1.0]]], &dev)?);
+        let neg = Constant(Tensor::new(&[[[1.0f32, 1.0]]], &dev)?);
+        let x = Tensor::zeros((1, 1, 2), candle_core::DType::F32, &dev)?;
+        let at = |scale| -> Result<Vec<f32>> {
+            let cfg = TrueCfg {
+                positive: &pos,
+                negative: &neg,
+                scale,
+            };
+            cfg.velocity(&x, 0.5)?.flatten_all()?.to_vec1::<f32>()
+        };
+        assert_eq!(at(1.0)?, vec![3.0, 1.0], "scale 1 is the positive alone");
+        assert_eq!(at(0.0)?, vec![1.0, 1.0], "scale 0 is the negative alone");
+        assert_eq!(at(3.5)?, vec![8.0, 1.0]);
+        Ok(())
+    }
 
     /// v = x1 − x0 for a straight path from x1 = 0 (data) to noise: the exact solution.
     struct Straight {

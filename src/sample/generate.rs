@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use super::euler::{euler, FluxVelocity, StepInfo};
+use super::euler::{euler, FluxVelocity, StepInfo, TrueCfg};
 use super::png_meta::GenerationParams;
 use super::schedule::schedule;
 use crate::model::adapter::AdapterSet;
@@ -42,6 +42,12 @@ pub struct SampleRequest {
     #[serde(default)]
     #[schema(minimum = 0)]
     pub guidance: Option<f64>,
+    /// True classifier-free guidance with the negative prompt (Forge's "CFG scale"
+    /// for Flux): above 1, every step runs the model twice, v = v_neg + s·(v − v_neg);
+    /// 1 or unset is one pass (Flux's distilled guidance alone). 0 to 100.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 100)]
+    pub cfg_scale: Option<f64>,
     /// Seed of the noise; image i of the batch uses seed + i.
     #[serde(default)]
     #[schema(default = 0)]
@@ -65,6 +71,7 @@ impl SampleRequest {
             height: None,
             steps: None,
             guidance: None,
+            cfg_scale: None,
             seed: 0,
             batch_size: 1,
         }
@@ -80,9 +87,14 @@ pub struct ResolvedRequest {
     pub height: usize,
     pub steps: usize,
     pub guidance: f64,
+    /// 1: one pass per step; otherwise true CFG with the negative prompt.
+    pub cfg_scale: f64,
     pub seed: u64,
     pub batch_size: usize,
 }
+
+/// The largest true-CFG scale accepted.
+pub(crate) const MAX_CFG_SCALE: f64 = 100.0;
 
 /// Largest side we accept; beyond this a CPU or a GPU runs out long before finishing.
 pub(crate) const MAX_SIDE: usize = 4096;
@@ -117,6 +129,7 @@ impl ResolvedRequest {
             height: req.height.unwrap_or(d.height),
             steps: req.steps.unwrap_or(d.steps),
             guidance: req.guidance.unwrap_or(d.guidance),
+            cfg_scale: req.cfg_scale.unwrap_or(1.0),
             seed: req.seed,
             batch_size: req.batch_size,
         };
@@ -149,6 +162,15 @@ impl ResolvedRequest {
                 format!("must be a finite number ≥ 0, got {}", r.guidance),
             );
         }
+        if !(0.0..=MAX_CFG_SCALE).contains(&r.cfg_scale) {
+            return bad(
+                "cfg_scale",
+                format!(
+                    "must be between 0 and {MAX_CFG_SCALE} (1 for one pass), got {}",
+                    r.cfg_scale
+                ),
+            );
+        }
         Ok(r)
     }
 
@@ -164,6 +186,7 @@ impl ResolvedRequest {
             negative_prompt: self.negative_prompt.clone(),
             steps: self.steps,
             guidance: self.guidance,
+            cfg_scale: self.cfg_scale,
             seed: self.seed.wrapping_add(index as u64),
             width: self.width,
             height: self.height,
@@ -220,7 +243,26 @@ pub fn generate(
         guidance: req.guidance,
     };
     let times = schedule(req.steps, (lh / 2) * (lw / 2), bundle.defaults.shift);
-    let packed = euler(&velocity, noise, &times, on_step)?;
+    let packed = if req.cfg_scale == 1.0 {
+        euler(&velocity, noise, &times, on_step)?
+    } else {
+        // The negative prompt's conditioning (same length: T5's fixed sequence).
+        let negatives: Vec<&str> = vec![req.negative_prompt.as_str(); b];
+        let neg = bundle.text()?.encode_with(&negatives, adapters)?;
+        let neg_ids = text_ids(b, neg.t5.dim(1)?, device)?;
+        let negative = FluxVelocity {
+            txt: &neg.t5,
+            txt_ids: &neg_ids,
+            y: &neg.pooled,
+            ..velocity
+        };
+        let cfg = TrueCfg {
+            positive: &velocity,
+            negative: &negative,
+            scale: req.cfg_scale,
+        };
+        euler(&cfg, noise, &times, on_step)?
+    };
     let latents = unpack_latents(&packed, lh, lw)?;
     let pixels = vae.decode(&latents)?;
     tensor_to_images(&pixels)

@@ -20,6 +20,8 @@ pub(crate) struct GenerationParams {
     pub negative_prompt: String,
     pub steps: usize,
     pub guidance: f64,
+    /// 1 for one pass; above, true CFG with the negative prompt.
+    pub cfg_scale: f64,
     pub seed: u64,
     pub width: usize,
     pub height: usize,
@@ -41,8 +43,9 @@ impl GenerationParams {
             text.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
         }
         text.push_str(&format!(
-            "\nSteps: {}, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: {}, Seed: {}, Size: {}x{}, Model: {}, Version: fluxlora {}",
+            "\nSteps: {}, Sampler: Euler, Schedule type: Simple, CFG scale: {}, Distilled CFG Scale: {}, Seed: {}, Size: {}x{}, Model: {}, Version: fluxlora {}",
             self.steps,
+            self.cfg_scale,
             self.guidance,
             self.seed,
             self.width,
@@ -107,6 +110,7 @@ mod tests {
             negative_prompt: String::new(),
             steps: 4,
             guidance: 3.5,
+            cfg_scale: 1.0,
             seed: 42,
             width: 4,
             height: 2,

@@ -2,10 +2,9 @@
 //! `a photo of sks dog --w 512 --h 512 --d 42 --s 20 --g 3.5 --n blurry`.
 //!
 //! Options (case-insensitive, separated by ` --`): `w`/`h` size, `d` seed, `s` steps
-//! (clamped to 1..=1000 like kohya), `g` distilled guidance, `l` scale (used as the
-//! distilled guidance when `g` is absent — Flux dev has no true CFG here), `n` negative
-//! prompt (recorded, not used by distilled models). kohya's other options (`ss`, `cn`,
-//! `ctr`, `rcfg`, `fs`) are accepted and ignored.
+//! (clamped to 1..=1000 like kohya), `g` distilled guidance, `l` true CFG scale with
+//! the negative prompt `n` (kohya's Flux sampling: `scale`, default 1 = one pass).
+//! kohya's other options (`ss`, `cn`, `ctr`, `rcfg`, `fs`) are accepted and ignored.
 //!
 //! Must not: sample (the trainer turns a spec into a `SampleRequest`).
 
@@ -21,6 +20,8 @@ pub(crate) struct PromptSpec {
     pub seed: Option<u64>,
     pub steps: Option<usize>,
     pub guidance: Option<f64>,
+    /// True CFG scale (`--l`).
+    pub cfg_scale: Option<f64>,
 }
 
 impl PromptSpec {
@@ -35,7 +36,6 @@ impl PromptSpec {
             prompt,
             ..Self::default()
         };
-        let mut scale = None;
         for part in parts {
             let (key, value) = part.split_once(' ').unwrap_or((part, ""));
             let value = value.trim();
@@ -49,14 +49,11 @@ impl PromptSpec {
                     spec.steps = Some(s.clamp(1, 1000));
                 }
                 "g" => spec.guidance = Some(value.parse().map_err(|_| num("a number"))?),
-                "l" => scale = Some(value.parse::<f64>().map_err(|_| num("a number"))?),
+                "l" => spec.cfg_scale = Some(value.parse().map_err(|_| num("a number"))?),
                 "n" => spec.negative_prompt = value.to_string(),
                 "ss" | "cn" | "ctr" | "rcfg" | "fs" => {}
                 other => return Err(format!("unknown prompt option `--{other}` in `{line}`")),
             }
-        }
-        if spec.guidance.is_none() {
-            spec.guidance = scale;
         }
         Ok(spec)
     }
@@ -70,6 +67,7 @@ impl PromptSpec {
             height: self.height,
             steps: self.steps,
             guidance: self.guidance,
+            cfg_scale: self.cfg_scale,
             seed: self.seed.unwrap_or(default_seed),
             batch_size: 1,
         }
@@ -91,10 +89,11 @@ mod tests {
             (p.width, p.height, p.seed, p.steps),
             (Some(512), Some(384), Some(7), Some(1000))
         );
-        assert_eq!(p.guidance, Some(3.5));
+        assert_eq!((p.guidance, p.cfg_scale), (None, Some(3.5)));
         assert_eq!(p.negative_prompt, "blurry, bad");
         let g = PromptSpec::parse("x --l 7 --g 2.5 --ss euler").unwrap();
-        assert_eq!(g.guidance, Some(2.5));
+        assert_eq!((g.guidance, g.cfg_scale), (Some(2.5), Some(7.0)));
+        assert_eq!(g.request(1).cfg_scale, Some(7.0));
     }
 
     #[test]

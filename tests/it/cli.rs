@@ -366,3 +366,41 @@ fn nodes_lists_the_node_definitions_with_the_lora_folder() {
         serde_json::json!(["style.safetensors"])
     );
 }
+
+#[test]
+fn true_cfg_uses_the_negative_prompt_and_scale_one_is_one_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelArgs::default();
+    let with = |cfg: Option<f64>, negative: &str, name: &str| {
+        let req = SampleRequest {
+            cfg_scale: cfg,
+            negative_prompt: negative.into(),
+            ..request(5)
+        };
+        let out = commands::sample(&model, &req, &[], &dir.path().join(name)).unwrap();
+        pixels(&out[0])
+    };
+    let plain = with(None, "a green square", "plain.png");
+    assert_eq!(
+        plain,
+        with(Some(1.0), "a green square", "one.png"),
+        "scale 1: one pass, the negative unused"
+    );
+    let cfg = with(Some(4.0), "a green square", "cfg.png");
+    assert_ne!(plain, cfg, "true CFG changes the image");
+    assert_ne!(
+        cfg,
+        with(Some(4.0), "a red circle", "other.png"),
+        "the negative prompt matters"
+    );
+    let file = dir.path().join("cfg.png");
+    let chunks = read_text_chunks(&std::fs::read(file).unwrap()).unwrap();
+    let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.contains("CFG scale: 4,"), "{params}");
+    let bad = SampleRequest {
+        cfg_scale: Some(-1.0),
+        ..request(5)
+    };
+    let err = commands::sample(&model, &bad, &[], &dir.path().join("bad.png")).unwrap_err();
+    assert!(format!("{err:#}").contains("cfg_scale"), "{err:#}");
+}
