@@ -133,6 +133,12 @@ struct SampleArgs {
     /// True CFG scale with --negative: above 1, two model passes per step.
     #[arg(long)]
     cfg_scale: Option<f64>,
+    /// img2img: start from this image (resized to the output size).
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// img2img: share of the schedule run on the image, 0 to 1 (default 0.75).
+    #[arg(long)]
+    denoise: Option<f64>,
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// Output PNG; with --batch > 1, `_N` is added before the extension.
@@ -207,6 +213,8 @@ fn main() -> anyhow::Result<()> {
                 steps: a.steps,
                 guidance: a.guidance,
                 cfg_scale: a.cfg_scale,
+                init_image: a.init_image,
+                denoise: a.denoise,
                 seed: a.seed,
                 batch_size: a.batch,
             };

@@ -12,7 +12,7 @@ use crate::model::adapter::AdapterSet;
 use crate::model::bundle::{ModelBundle, SamplingDefaults};
 use crate::model::flux::{image_ids, pack_latents, text_ids, unpack_latents};
 use crate::model::seeded::SeededRng;
-use crate::model::vae::tensor_to_images;
+use crate::model::vae::{image_to_tensor, tensor_to_images};
 
 /// Pixels per packed token side: 8× VAE down-sampling times 2×2 patches.
 pub(crate) const SIZE_MULTIPLE: usize = 16;
@@ -48,6 +48,17 @@ pub struct SampleRequest {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 100)]
     pub cfg_scale: Option<f64>,
+    /// img2img: an image file (PNG, JPEG, WebP) to start from, resized to width ×
+    /// height, inside the folders the daemon may read.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub init_image: Option<std::path::PathBuf>,
+    /// img2img: the share of the schedule run on the noised image, 0 to 1 (A1111's
+    /// denoising strength): 1 starts from pure noise, 0 returns the image as the VAE
+    /// sees it. Default 0.75 with an image; only with `init_image`.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
+    pub denoise: Option<f64>,
     /// Seed of the noise; image i of the batch uses seed + i.
     #[serde(default)]
     #[schema(default = 0)]
@@ -72,11 +83,16 @@ impl SampleRequest {
             steps: None,
             guidance: None,
             cfg_scale: None,
+            init_image: None,
+            denoise: None,
             seed: 0,
             batch_size: 1,
         }
     }
 }
+
+/// A1111's default denoising strength for img2img.
+pub(crate) const DEFAULT_DENOISE: f64 = 0.75;
 
 /// A request with every default filled in and checked.
 #[derive(Clone, Debug)]
@@ -89,6 +105,9 @@ pub struct ResolvedRequest {
     pub guidance: f64,
     /// 1: one pass per step; otherwise true CFG with the negative prompt.
     pub cfg_scale: f64,
+    /// img2img's start image and the share of the schedule run on it.
+    pub init_image: Option<std::path::PathBuf>,
+    pub denoise: f64,
     pub seed: u64,
     pub batch_size: usize,
 }
@@ -130,6 +149,12 @@ impl ResolvedRequest {
             steps: req.steps.unwrap_or(d.steps),
             guidance: req.guidance.unwrap_or(d.guidance),
             cfg_scale: req.cfg_scale.unwrap_or(1.0),
+            init_image: req.init_image.clone(),
+            denoise: req.denoise.unwrap_or(if req.init_image.is_some() {
+                DEFAULT_DENOISE
+            } else {
+                1.0
+            }),
             seed: req.seed,
             batch_size: req.batch_size,
         };
@@ -160,6 +185,18 @@ impl ResolvedRequest {
             return bad(
                 "guidance",
                 format!("must be a finite number ≥ 0, got {}", r.guidance),
+            );
+        }
+        if !(0.0..=1.0).contains(&r.denoise) {
+            return bad(
+                "denoise",
+                format!("must be between 0 and 1, got {}", r.denoise),
+            );
+        }
+        if r.init_image.is_none() && req.denoise.is_some() {
+            return bad(
+                "denoise",
+                "applies to img2img only: give `init_image` too".into(),
             );
         }
         if !(0.0..=MAX_CFG_SCALE).contains(&r.cfg_scale) {
@@ -194,6 +231,26 @@ impl ResolvedRequest {
             loras: loras.to_vec(),
         }
     }
+}
+
+/// img2img's start image, decoded within limits and resized to `width` × `height`.
+fn load_init_image(path: &std::path::Path, width: usize, height: usize) -> Result<RgbImage> {
+    let fail = |e: String| candle_core::Error::Msg(format!("init_image {}: {e}", path.display()));
+    let mut reader = image::ImageReader::open(path)
+        .map_err(|e| fail(e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| fail(e.to_string()))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE as u32 * 2);
+    limits.max_image_height = Some(MAX_SIDE as u32 * 2);
+    reader.limits(limits);
+    let image = reader.decode().map_err(|e| fail(e.to_string()))?.to_rgb8();
+    Ok(image::imageops::resize(
+        &image,
+        width as u32,
+        height as u32,
+        image::imageops::FilterType::Triangle,
+    ))
 }
 
 /// Initial noise for one image: standard normal latents (c, h/8, w/8) from `seed`.
@@ -232,6 +289,20 @@ pub fn generate(
         .map(|i| latent_noise(req.seed.wrapping_add(i as u64), channels, lh, lw, device))
         .collect::<Result<Vec<_>>>()?;
     let noise = pack_latents(&Tensor::cat(&noise, 0)?)?.to_dtype(bundle.flux.dtype())?;
+    let mut times = schedule(req.steps, (lh / 2) * (lw / 2), bundle.defaults.shift);
+    // img2img: the image's latents noised to the time the remaining steps start at.
+    let start = match &req.init_image {
+        None => noise,
+        Some(path) => {
+            let image = load_init_image(path, req.width, req.height)?;
+            let x0 = vae.encode(&image_to_tensor(&image, device)?)?;
+            let x0 = pack_latents(&x0.repeat((b, 1, 1, 1))?)?.to_dtype(bundle.flux.dtype())?;
+            let run = ((req.steps as f64) * req.denoise).round() as usize;
+            times.drain(..req.steps - run.min(req.steps));
+            let t = times[0];
+            ((x0 * (1.0 - t))? + (noise * t)?)?
+        }
+    };
 
     let velocity = FluxVelocity {
         flux: &bundle.flux,
@@ -242,9 +313,8 @@ pub fn generate(
         y: &emb.pooled,
         guidance: req.guidance,
     };
-    let times = schedule(req.steps, (lh / 2) * (lw / 2), bundle.defaults.shift);
     let packed = if req.cfg_scale == 1.0 {
-        euler(&velocity, noise, &times, on_step)?
+        euler(&velocity, start, &times, on_step)?
     } else {
         // The negative prompt's conditioning (same length: T5's fixed sequence).
         let negatives: Vec<&str> = vec![req.negative_prompt.as_str(); b];
@@ -261,7 +331,7 @@ pub fn generate(
             negative: &negative,
             scale: req.cfg_scale,
         };
-        euler(&cfg, noise, &times, on_step)?
+        euler(&cfg, start, &times, on_step)?
     };
     let latents = unpack_latents(&packed, lh, lw)?;
     let pixels = vae.decode(&latents)?;

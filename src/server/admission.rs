@@ -35,12 +35,18 @@ impl Admission {
         paths::resolve_in_roots(&self.roots, path)
     }
 
-    /// Checks a sampling job, and resolves every LoRA path inside the allowed
-    /// roots (a bare file name is looked up in the LoRA folder, as ComfyUI and
+    /// Checks a sampling job, and resolves its init image and every LoRA path
+    /// inside the allowed roots (a bare file name is looked up in the LoRA folder, as ComfyUI and
     /// A1111 name LoRAs).
     pub(crate) fn check_sample(&self, job: &mut SampleJob) -> Result<(), ApiError> {
         ResolvedRequest::with_defaults(&job.request, &self.sampling)
             .map_err(|e| ApiError::bad(e.to_string()).at(format!("request.{}", e.field)))?;
+        if let Some(image) = &job.request.init_image {
+            job.request.init_image = Some(
+                self.resolve_path(image)
+                    .map_err(|e| ApiError::from(e).at("request.init_image"))?,
+            );
+        }
         for (i, lora) in job.loras.iter_mut().enumerate() {
             if lora.path.is_some() == lora.live_job.is_some() {
                 return Err(ApiError::bad(

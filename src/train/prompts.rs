@@ -68,6 +68,8 @@ impl PromptSpec {
             steps: self.steps,
             guidance: self.guidance,
             cfg_scale: self.cfg_scale,
+            init_image: None,
+            denoise: None,
             seed: self.seed.unwrap_or(default_seed),
             batch_size: 1,
         }

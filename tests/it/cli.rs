@@ -404,3 +404,54 @@ fn true_cfg_uses_the_negative_prompt_and_scale_one_is_one_pass() {
     let err = commands::sample(&model, &bad, &[], &dir.path().join("bad.png")).unwrap_err();
     assert!(format!("{err:#}").contains("cfg_scale"), "{err:#}");
 }
+
+#[test]
+fn img2img_starts_part_way_down_the_schedule_from_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelArgs::default();
+    // A start image: a txt2img result of another prompt.
+    let init = SampleRequest {
+        prompt: "a yellow square on a black background".into(),
+        ..request(11)
+    };
+    let init = commands::sample(&model, &init, &[], &dir.path().join("init.png")).unwrap();
+    let run = |denoise: Option<f64>, image: bool, name: &str| {
+        let req = SampleRequest {
+            init_image: image.then(|| init[0].clone()),
+            denoise,
+            ..request(5)
+        };
+        let out = commands::sample(&model, &req, &[], &dir.path().join(name)).unwrap();
+        pixels(&out[0])
+    };
+    let distance = |a: &[u8], b: &[u8]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (*x as f64 - *y as f64).abs())
+            .sum::<f64>()
+            / a.len() as f64
+    };
+    let txt2img = run(None, false, "t.png");
+    assert_eq!(
+        run(Some(1.0), true, "full.png"),
+        txt2img,
+        "denoise 1 starts from pure noise"
+    );
+    let start = pixels(&init[0]);
+    let light = run(Some(0.25), true, "light.png");
+    let default = run(None, true, "default.png");
+    assert!(
+        distance(&light, &start) < distance(&default, &start)
+            && distance(&default, &start) < distance(&txt2img, &start),
+        "less denoise stays closer to the image: {} {} {}",
+        distance(&light, &start),
+        distance(&default, &start),
+        distance(&txt2img, &start)
+    );
+    let bad = SampleRequest {
+        denoise: Some(0.5),
+        ..request(5)
+    };
+    let err = commands::sample(&model, &bad, &[], &dir.path().join("x.png")).unwrap_err();
+    assert!(format!("{err:#}").contains("init_image"), "{err:#}");
+}

@@ -729,6 +729,28 @@ fn uploads_are_checked_confined_and_loadable() {
         let shown = saved_images(&app, entry);
         assert_eq!(image::load_from_memory(&shown[0]).unwrap().width(), 16);
     }
+    // img2img from a loaded image: Load Image → Flux Sample (image, denoise) → Preview.
+    let mut sample = sampler();
+    sample["inputs"]["image"] = json!(["1", 0]);
+    sample["inputs"]["denoise"] = json!(0.5);
+    let graph = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "top.png"}},
+        "2": sample,
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+    });
+    let r = app.post("/prompt", &json!({"prompt": graph, "client_id": "uploads"}));
+    let id = r.json()["prompt_id"].as_str().unwrap().to_string();
+    messages_until_done(&mut ws, &id);
+    let entry = &app.get(&format!("/history/{id}")).json()[&id];
+    assert_eq!(entry["status"]["status_str"], "success", "{entry}");
+    let shown = saved_images(&app, entry);
+    assert_eq!(image::load_from_memory(&shown[0]).unwrap().width(), 64);
+    let job = app.get("/v1/jobs?kind=sample").json()[0].clone();
+    assert_eq!(job["request"]["request"]["denoise"], 0.5);
+    assert!(job["request"]["request"]["init_image"]
+        .as_str()
+        .unwrap()
+        .ends_with("top.png"));
 
     std::fs::write(data.join("secret.png"), png(8, 1)).unwrap();
     for (case, filename, bytes, fields, status) in [

@@ -696,6 +696,12 @@ impl Executor {
         let NodeRequest::Sample(mut job) = def.request(inputs)? else {
             return Err(NodeFailure::error("TypeError", "not a sampling request"));
         };
+        // img2img: the first image of a connected batch, and its denoise.
+        if let Some(images) = inputs.get("image").filter(|v| !v.is_null()) {
+            let first = images::refs(images)?.remove(0);
+            job.request.init_image = Some(images::path_of(&self.folders, &first)?);
+            job.request.denoise = inputs.get("denoise").and_then(Value::as_f64);
+        }
         self.admission.check_sample(&mut job)?;
         let sub = self.engine.subscribe(None, 1024, true);
         let id = self.engine.submit(JobRequest::Sample(job))?;
