@@ -6,7 +6,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::euler::{euler, FluxVelocity, StepInfo};
-use super::png_meta::GenerationParams;
+use super::png_meta::{AppliedLora, GenerationParams};
 use super::schedule::schedule;
 use crate::model::adapter::AdapterSet;
 use crate::model::bundle::{ModelBundle, SamplingDefaults};
@@ -157,7 +157,7 @@ impl ResolvedRequest {
         &self,
         index: usize,
         model: &str,
-        loras: &[(String, f64)],
+        loras: &[AppliedLora],
     ) -> GenerationParams {
         GenerationParams {
             prompt: self.prompt.clone(),
