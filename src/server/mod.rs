@@ -56,9 +56,10 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) -> Vec<(Method, String)> {
     ws::routes(&mut table);
     openapi::routes(&mut table);
     let documented = table.registered();
-    // The ComfyUI and A1111 dialects are not part of the /v1 document.
-    comfy::routes(&mut RouteTable::new(cfg));
+    // The A1111 and ComfyUI dialects are not part of the /v1 document. ComfyUI's
+    // goes last: its front end takes every GET path no route took.
     webui::routes(&mut RouteTable::new(cfg));
+    comfy::routes(&mut RouteTable::new(cfg));
     documented
 }
 
