@@ -17,7 +17,7 @@ use crate::model::bundle::ModelBundle;
 use crate::model::flux::save_checkpoint;
 use crate::model::lora_io;
 use crate::sample::generate::{generate, ResolvedRequest, SampleRequest};
-use crate::sample::png_meta::save_png;
+use crate::sample::png_meta::{save_png, AppliedLora};
 use crate::server::AppState;
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
@@ -95,7 +95,7 @@ impl FromStr for LoraArg {
 fn load_adapters(
     bundle: &ModelBundle,
     loras: &[LoraArg],
-) -> Result<(AdapterSet, Vec<(String, f64)>)> {
+) -> Result<(AdapterSet, Vec<AppliedLora>)> {
     let mut set = AdapterSet::none();
     let mut names = vec![];
     for arg in loras {
@@ -104,7 +104,11 @@ fn load_adapters(
             tracing::warn!(file = %arg.path.display(), keys = ?file.unmatched, "LoRA keys that match no module were ignored");
         }
         lora_io::validate(&file.lora, &bundle.adapter_shapes())?;
-        names.push((file.lora.name.clone(), arg.strength));
+        names.push(AppliedLora {
+            name: file.lora.name.clone(),
+            strength: arg.strength,
+            hash: file.lora.hash.clone(),
+        });
         set.push(Arc::new(file.lora), arg.strength);
     }
     Ok((set, names))

@@ -19,7 +19,7 @@ use crate::model::adapter::{AdapterSet, Lora};
 use crate::model::bundle::ModelBundle;
 use crate::model::lora_io;
 use crate::sample::generate::{generate, ResolvedRequest};
-use crate::sample::png_meta::save_png;
+use crate::sample::png_meta::{save_png, AppliedLora};
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
 use crate::train::events::TrainEvent;
@@ -222,7 +222,11 @@ impl Worker {
                 },
                 _ => return Err("each LoRA needs exactly one of `path` or `live_job`".into()),
             };
-            names.push((lora.name.clone(), choice.strength));
+            names.push(AppliedLora {
+                name: lora.name.clone(),
+                strength: choice.strength,
+                hash: lora.hash.clone(),
+            });
             adapters.push(lora, choice.strength);
         }
         let req = ResolvedRequest::new(&job.request, &self.bundle).map_err(|e| e.to_string())?;

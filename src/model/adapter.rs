@@ -79,6 +79,9 @@ impl LoraLayer {
 pub struct Lora {
     /// Human-readable name (file stem for loaded files).
     pub name: String,
+    /// For a loaded file: the SHA-256 (hex) of its tensor data after the
+    /// safetensors header, kohya's `sshs_model_hash` and A1111's LoRA hash.
+    pub hash: Option<String>,
     pub layers: BTreeMap<String, LoraLayer>,
 }
 
@@ -86,6 +89,7 @@ impl Lora {
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
+            hash: None,
             layers: BTreeMap::new(),
         }
     }

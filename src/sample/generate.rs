@@ -6,7 +6,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::euler::{euler, FluxVelocity, StepInfo, TrueCfg};
-use super::png_meta::GenerationParams;
+use super::png_meta::{AppliedLora, GenerationParams};
 use super::schedule::schedule;
 use crate::model::adapter::AdapterSet;
 use crate::model::bundle::{ModelBundle, SamplingDefaults};
@@ -216,7 +216,7 @@ impl ResolvedRequest {
         &self,
         index: usize,
         model: &str,
-        loras: &[(String, f64)],
+        loras: &[AppliedLora],
     ) -> GenerationParams {
         GenerationParams {
             prompt: self.prompt.clone(),

@@ -26,31 +26,72 @@ pub(crate) struct GenerationParams {
     pub width: usize,
     pub height: usize,
     pub model: String,
-    /// (name, strength) of each LoRA applied.
-    pub loras: Vec<(String, f64)>,
+    /// Each LoRA applied.
+    pub loras: Vec<AppliedLora>,
+}
+
+/// A LoRA as an image's parameters record it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct AppliedLora {
+    /// What `<lora:name:…>` calls it (the file stem).
+    pub name: String,
+    pub strength: f64,
+    /// The file's A1111 hash (SHA-256 of the tensor data after the safetensors
+    /// header, hex); `None` for an adapter that is no file (a live training one).
+    pub hash: Option<String>,
+}
+
+/// Hex digits of a LoRA hash that A1111's `Lora hashes` records (its
+/// `shorthash`).
+pub(crate) const SHORT_HASH_LEN: usize = 12;
+
+/// `text` as A1111 writes a value of its `Key: value` line: as it is, or as a JSON
+/// string when it holds a comma, a colon or a line break.
+fn quote(text: &str) -> String {
+    if text.contains([',', ':', '\n']) {
+        serde_json::Value::from(text).to_string()
+    } else {
+        text.to_string()
+    }
 }
 
 impl GenerationParams {
     /// A1111's `parameters` text. LoRAs appear as `<lora:name:strength>` in the prompt
-    /// line, as A1111 itself records them, so "send to txt2img" re-applies them.
+    /// line, as A1111 itself records them, so "send to txt2img" re-applies them, and
+    /// their short hashes under `Lora hashes` as A1111's Lora extension writes them.
     pub(crate) fn a1111_text(&self) -> String {
         let mut prompt = self.prompt.clone();
-        for (name, strength) in &self.loras {
-            prompt.push_str(&format!(" <lora:{name}:{strength}>"));
+        for lora in &self.loras {
+            prompt.push_str(&format!(" <lora:{}:{}>", lora.name, lora.strength));
         }
         let mut text = prompt;
         if !self.negative_prompt.is_empty() {
             text.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
         }
         text.push_str(&format!(
-            "\nSteps: {}, Sampler: Euler, Schedule type: Simple, CFG scale: {}, Distilled CFG Scale: {}, Seed: {}, Size: {}x{}, Model: {}, Version: fluxlora {}",
+            "\nSteps: {}, Sampler: Euler, Schedule type: Simple, CFG scale: {}, Distilled CFG Scale: {}, Seed: {}, Size: {}x{}, Model: {}",
             self.steps,
             self.cfg_scale,
             self.guidance,
             self.seed,
             self.width,
             self.height,
-            self.model,
+            quote(&self.model),
+        ));
+        let hashes: Vec<String> = self
+            .loras
+            .iter()
+            .filter_map(|l| {
+                let hash = l.hash.as_deref()?;
+                let short = hash.get(..SHORT_HASH_LEN).unwrap_or(hash);
+                Some(format!("{}: {short}", l.name.replace([':', ','], "")))
+            })
+            .collect();
+        if !hashes.is_empty() {
+            text.push_str(&format!(", Lora hashes: {}", quote(&hashes.join(", "))));
+        }
+        text.push_str(&format!(
+            ", Version: fluxlora {}",
             env!("CARGO_PKG_VERSION")
         ));
         text
@@ -115,7 +156,11 @@ mod tests {
             width: 4,
             height: 2,
             model: "tiny".into(),
-            loras: vec![("style".into(), 0.8)],
+            loras: vec![AppliedLora {
+                name: "style".into(),
+                strength: 0.8,
+                hash: Some("0123456789abcdef".into()),
+            }],
         };
         let mut bytes = Vec::new();
         write_png(&mut bytes, &img, &params)?;
@@ -128,7 +173,11 @@ mod tests {
         assert!(
             text.starts_with("a red circle — on blue <lora:style:0.8>\nSteps: 4, Sampler: Euler")
         );
-        assert!(text.contains("Seed: 42, Size: 4x2, Model: tiny"));
+        assert!(text.contains("Seed: 42, Size: 4x2, Model: tiny, "));
+        assert!(
+            text.contains(", Lora hashes: \"style: 0123456789ab\", Version: fluxlora "),
+            "{text}"
+        );
         let json = &chunks
             .iter()
             .find(|(k, _)| k == "fluxlora")

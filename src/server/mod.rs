@@ -3,8 +3,7 @@
 //!
 //! - `native/`: the `/v1` API, one module per resource;
 //! - `ws`: `/v1/ws`, the event stream;
-//! - `comfy/`: the ComfyUI dialect (its node definitions for now); `webui/`
-//!   (A1111's `/sdapi/v1`) joins it beside;
+//! - `comfy/`: the ComfyUI dialect; `webui/`: A1111's `/sdapi/v1`;
 //! - `openapi`: the document of `/v1`, derived from the handlers and types;
 //! - shared by the dialects: `state` (what handlers share), `paths` (the
 //!   path-confinement policy), `present` (one presentation of events), `errors`
@@ -32,6 +31,7 @@ mod paths;
 mod present;
 mod route_table;
 mod state;
+mod webui;
 pub(crate) mod ws;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -56,7 +56,9 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) -> Vec<(Method, String)> {
     ws::routes(&mut table);
     openapi::routes(&mut table);
     let documented = table.registered();
-    // ComfyUI's dialect is not part of the /v1 document.
+    // The A1111 and ComfyUI dialects are not part of the /v1 document. ComfyUI's
+    // goes last: its front end takes every GET path no route took.
+    webui::routes(&mut RouteTable::new(cfg));
     comfy::routes(&mut RouteTable::new(cfg));
     documented
 }

@@ -5,7 +5,8 @@
 //! - [`resolve_in_roots`]: a file or folder to read (dataset folders, LoRA files).
 //! - [`resolve_for_writing`]: a folder that may not exist yet (a cache folder).
 //! - [`job_file`]: a file inside a job's folder, by its relative path.
-//! - [`lora_in_folder`]: a LoRA of the LoRA folder, by its bare file name.
+//! - [`lora_in_folder`]: a LoRA of the LoRA folder, by its bare file name;
+//!   [`file_names_with`]: what a folder holds (the LoRA folder's files).
 //!
 //! A path that lies outside as written is refused before the file system is
 //! asked, so the answer does not tell whether something exists out there; links
@@ -161,6 +162,27 @@ pub(crate) fn lora_in_folder(dir: &Path, name: &str) -> Result<PathBuf, PathErro
         return Err(PathError::NoLora(name.display().to_string()));
     }
     Ok(path)
+}
+
+/// The names of the files directly in `dir` with one of `extensions` (ASCII
+/// case-insensitive), sorted; none when `dir` is missing.
+pub(crate) fn file_names_with(dir: &Path, extensions: &[&str]) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .filter(|e| {
+            e.path()
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| extensions.iter().any(|w| x.eq_ignore_ascii_case(w)))
+        })
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::admission::Admission;
 use super::comfy::state::ComfyState;
+use super::webui::state::WebuiState;
 use crate::config::{Precision, Settings};
 use crate::engine::Engine;
 
@@ -29,6 +30,8 @@ pub struct AppState {
     pub stopping: Arc<tokio::sync::watch::Sender<bool>>,
     /// The ComfyUI dialect: folders, prompt queue, executor.
     pub comfy: ComfyState,
+    /// The A1111 dialect: its queue lock and running generation.
+    pub(crate) webui: WebuiState,
 }
 
 impl AppState {
@@ -60,6 +63,7 @@ impl AppState {
             model_dirs: settings.model_dirs(),
             stopping: Arc::new(tokio::sync::watch::channel(false).0),
             comfy,
+            webui: WebuiState::default(),
         }
     }
 }

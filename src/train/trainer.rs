@@ -36,7 +36,7 @@ use crate::model::flux::{image_ids, pack_latents, save_checkpoint, text_ids, Flu
 use crate::model::lora_io::{self, LoraIoError};
 use crate::model::seeded::SeededRng;
 use crate::sample::generate::{generate, ResolvedRequest};
-use crate::sample::png_meta::save_png;
+use crate::sample::png_meta::{save_png, AppliedLora};
 
 /// Why a run stopped or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -772,7 +772,11 @@ impl Trainer {
             let req = ResolvedRequest::new(&spec.request(self.cfg.seed), &self.bundle)
                 .map_err(|e| config_error("sample_prompts", e.to_string()))?;
             let images = generate(&self.bundle, &req, &adapters, &mut |_, _| Ok(()))?;
-            let names = [(self.cfg.output_name.clone(), 1.0)];
+            let names = [AppliedLora {
+                name: self.cfg.output_name.clone(),
+                strength: 1.0,
+                hash: None,
+            }];
             for image in &images {
                 let path = dir.join(format!(
                     "{}_{step:06}_{i:02}_{}.png",

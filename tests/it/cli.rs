@@ -3,52 +3,19 @@
 //! and the errors a user sees for broken files.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use fluxlora::commands::{self, LoraArg, ModelArgs, SaveFormat};
 use fluxlora::model::adapter::{AdapterSet, Lora, LoraLayer};
-use fluxlora::model::bundle::ModelBundle;
 use fluxlora::model::flux::{image_ids, text_ids, Flux, FluxInputs};
 use fluxlora::model::lora_io;
 use fluxlora::model::seeded::SeededRng;
 use fluxlora::sample::generate::SampleRequest;
 use fluxlora::sample::png_meta::read_text_chunks;
 
-use crate::support::{bundle, max_abs_diff};
-
-/// A rank-4 LoRA on every linear of the tiny model, scaled so it clearly changes images.
-fn tiny_lora(bundle: &ModelBundle, name: &str, seed: u64) -> Lora {
-    let mut rng = SeededRng::new(seed);
-    let mut lora = Lora::new(name);
-    for (module, &(out_f, in_f)) in bundle.flux.linear_shapes() {
-        let down = (rng.randn((4, in_f), &Device::Cpu).unwrap() * 0.3).unwrap();
-        let up = (rng.randn((out_f, 4), &Device::Cpu).unwrap() * 0.3).unwrap();
-        lora.layers.insert(
-            module.clone(),
-            LoraLayer {
-                down,
-                up,
-                alpha: 2.0,
-            },
-        );
-    }
-    lora
-}
-
-fn write_lora(dir: &Path, name: &str, seed: u64) -> PathBuf {
-    let bundle = bundle();
-    let path = dir.join(format!("{name}.safetensors"));
-    lora_io::save_kohya(
-        &path,
-        &tiny_lora(&bundle, name, seed),
-        &BTreeMap::new(),
-        DType::F32,
-    )
-    .unwrap();
-    path
-}
+use crate::support::{bundle, max_abs_diff, write_lora};
 
 fn pixels(path: &Path) -> Vec<u8> {
     image::open(path).unwrap().to_rgb8().into_raw()

@@ -16,3 +16,4 @@ mod model_formats;
 mod parity;
 mod server;
 mod train;
+mod webui;

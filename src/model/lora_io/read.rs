@@ -14,7 +14,7 @@ use crate::model::adapter::Lora;
 use crate::model::keymap::{self, LinearMap};
 
 /// Reads and parses a LoRA safetensors file onto `device`. The LoRA is named after
-/// the file stem; errors name the path.
+/// the file stem and carries the file's [`tensor_data_hash`]; errors name the path.
 pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<LoraFile, LoraIoError> {
     let path = path.as_ref();
     let file = path.display().to_string();
@@ -27,7 +27,22 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<LoraFile, LoraIoE
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| file.clone());
-    parse_inner(tensors, metadata, &name, &file)
+    let mut parsed = parse_inner(tensors, metadata, &name, &file)?;
+    parsed.lora.hash = Some(tensor_data_hash(&bytes));
+    Ok(parsed)
+}
+
+/// The SHA-256 (hex) of a safetensors file's bytes after its header: kohya's
+/// `sshs_model_hash` and what A1111 hashes for a LoRA (`addnet_hash_safetensors`
+/// in its `modules/hashes.py`). Call on a file that [`decode`] read.
+pub fn tensor_data_hash(bytes: &[u8]) -> String {
+    let n = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0);
+    let start = usize::try_from(n).map_or(bytes.len(), |n| n.saturating_add(8));
+    super::write::hex(&super::write::sha256(bytes.get(start..).unwrap_or(&[])))
 }
 
 /// Reads only the `__metadata__` of a safetensors file (cheap: the header alone).

@@ -759,33 +759,12 @@ pub(crate) fn object_info(lists: &FolderLists) -> Value {
 /// The `.safetensors` file names directly in `dir`, sorted (none when it is missing),
 /// as `/v1/loras` lists them; the engine looks a bare name up in the LoRA folder.
 pub(crate) fn lora_names(dir: &Path) -> Vec<String> {
-    files_with(dir, &["safetensors"])
+    crate::server::paths::file_names_with(dir, &["safetensors"])
 }
 
 /// The image file names directly in `dir` (ComfyUI's input folder), sorted.
 pub(crate) fn image_names(dir: &Path) -> Vec<String> {
-    files_with(dir, &["png", "jpg", "jpeg", "webp"])
-}
-
-/// The names of the files directly in `dir` with one of `extensions` (ASCII
-/// case-insensitive), sorted; none when `dir` is missing.
-fn files_with(dir: &Path, extensions: &[&str]) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return vec![];
-    };
-    let mut names: Vec<String> = entries
-        .flatten()
-        .filter(|e| e.path().is_file())
-        .filter(|e| {
-            e.path()
-                .extension()
-                .and_then(|x| x.to_str())
-                .is_some_and(|x| extensions.iter().any(|w| x.eq_ignore_ascii_case(w)))
-        })
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    names.sort();
-    names
+    crate::server::paths::file_names_with(dir, &["png", "jpg", "jpeg", "webp"])
 }
 
 fn parse_all() -> Vec<Result<NodeDef, NodeError>> {

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests, each written once: the built-in tiny
-//! model, training configs for it, fixture paths, tensor comparisons, and (in
+//! model, LoRAs for it, training configs for it, fixture paths, tensor comparisons, and (in
 //! [`app`]) a real server on an ephemeral port with an HTTP and WebSocket client.
 //!
 //! Helpers used by one test module stay in that module. These are test code: they
@@ -7,11 +7,15 @@
 
 pub mod app;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use fluxlora::model::adapter::{Lora, LoraLayer};
 use fluxlora::model::bundle::ModelBundle;
+use fluxlora::model::lora_io;
+use fluxlora::model::seeded::SeededRng;
 use fluxlora::train::config::TrainConfig;
 use fluxlora::train::dataset::{DatasetConfig, FolderConfig, Resolution};
 
@@ -48,6 +52,39 @@ pub fn train_config(data: &Path, steps: u64) -> TrainConfig {
         max_train_steps: Some(steps),
         ..TrainConfig::default()
     }
+}
+
+/// A rank-4 LoRA on every linear of the tiny model, scaled so it clearly changes images.
+pub fn tiny_lora(bundle: &ModelBundle, name: &str, seed: u64) -> Lora {
+    let mut rng = SeededRng::new(seed);
+    let mut lora = Lora::new(name);
+    for (module, &(out_f, in_f)) in bundle.flux.linear_shapes() {
+        let down = (rng.randn((4, in_f), &Device::Cpu).unwrap() * 0.3).unwrap();
+        let up = (rng.randn((out_f, 4), &Device::Cpu).unwrap() * 0.3).unwrap();
+        lora.layers.insert(
+            module.clone(),
+            LoraLayer {
+                down,
+                up,
+                alpha: 2.0,
+            },
+        );
+    }
+    lora
+}
+
+/// [`tiny_lora`] written as `{name}.safetensors` (kohya format) into `dir`.
+pub fn write_lora(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let bundle = bundle();
+    let path = dir.join(format!("{name}.safetensors"));
+    lora_io::save_kohya(
+        &path,
+        &tiny_lora(&bundle, name, seed),
+        &BTreeMap::new(),
+        DType::F32,
+    )
+    .unwrap();
+    path
 }
 
 /// max |a − b| over all elements.

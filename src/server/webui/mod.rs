@@ -1,0 +1,34 @@
+//! The A1111 / Forge dialect: the `/sdapi/v1` routes that tools written for
+//! AUTOMATIC1111's web UI call (`webuiapi`, editor plug-ins, bots), answered with
+//! Flux and our LoRAs. Shapes follow A1111's `modules/api/api.py` and
+//! `models.py`; Flux guidance follows Forge (`distilled_cfg_scale`).
+//!
+//! - `request`: the txt2img request with A1111's defaults, and the checks that
+//!   turn it into a plan (what is served, what is refused: see there, including
+//!   how `cfg_scale` 7 is read); `lora_tags`: `<lora:name:multiplier>` in prompts.
+//! - `txt2img`: runs a plan through the engine; `info`: its `info` JSON.
+//! - `lists`: scripts, samplers, schedulers, models, LoRAs, options;
+//!   `progress`: `/progress` and `/interrupt`; `state`: what they share.
+//! - `errors`: A1111's error shapes, mapped once.
+//!
+//! Not yet: img2img (the sampling core has it; the route does not), `/png-info`,
+//! `/skip`, and the other lists of the issue.
+//!
+//! Must not: touch tensors, or import the other dialects (`native`, `comfy`,
+//! `ws`); what they share lives beside them in `server/`.
+
+mod errors;
+mod info;
+mod lists;
+mod lora_tags;
+mod progress;
+mod request;
+pub(crate) mod state;
+mod txt2img;
+
+/// Registers every A1111 route.
+pub(crate) fn routes(table: &mut crate::server::route_table::RouteTable) {
+    txt2img::routes(table);
+    lists::routes(table);
+    progress::routes(table);
+}

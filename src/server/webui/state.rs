@@ -1,0 +1,38 @@
+//! [`WebuiState`]: what the A1111 routes share: the queue lock (one generation
+//! at a time, as A1111's `queue_lock`) and the running generation that
+//! `/progress` reports and `/interrupt` stops.
+//!
+//! Must not: run jobs; the txt2img handler records what it runs here.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+/// The generation now running through `/sdapi/v1`.
+#[derive(Clone, Debug)]
+pub(crate) struct Run {
+    /// The engine job of the batch now sampling.
+    pub job: Option<String>,
+    /// Batches done.
+    pub job_no: usize,
+    /// Batches asked for (`n_iter`).
+    pub job_count: usize,
+    pub started: Instant,
+    /// `YYYYmmddHHMMSS` of the start.
+    pub timestamp: String,
+    pub interrupted: bool,
+}
+
+/// What the A1111 routes share.
+#[derive(Default)]
+pub(crate) struct WebuiState {
+    pub(super) queue: tokio::sync::Mutex<()>,
+    run: Mutex<Option<Run>>,
+}
+
+impl WebuiState {
+    pub(super) fn run(&self) -> MutexGuard<'_, Option<Run>> {
+        self.run
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}

@@ -1,0 +1,161 @@
+//! `POST /sdapi/v1/txt2img`: an A1111 request checked into a [`Plan`]
+//! (`request`), run as `n_iter` engine sampling jobs of `batch_size` images one
+//! after the other (recorded for `/progress`; `/interrupt` stops them), answered
+//! as A1111 does: `images` (base64 PNGs carrying their infotext), `parameters`
+//! (the request as parsed, with defaults) and `info` (a JSON string).
+
+use actix_web::http::Method;
+use actix_web::{web, HttpResponse};
+use base64::Engine as _;
+use serde_json::json;
+
+use super::errors::WebuiError;
+use super::info::{self, Ran};
+use super::lists::{lora_files, model_names};
+use super::request::{self, Context};
+use super::state::{Run, WebuiState};
+use crate::engine::events::JobState;
+use crate::engine::JobRequest;
+use crate::sample::png_meta::read_text_chunks;
+use crate::server::route_table::RouteTable;
+use crate::server::state::AppState;
+
+pub(super) fn routes(table: &mut RouteTable) {
+    table.add(Method::POST, "/sdapi/v1/txt2img", txt2img);
+}
+
+/// A seed below 2⁶⁴ that differs from call to call (not secret).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
+}
+
+/// Clears the recorded run when the request ends, however it ends.
+struct Running<'a>(&'a WebuiState);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        *self.0.run() = None;
+    }
+}
+
+async fn txt2img(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, WebuiError> {
+    let request = request::parse(&body)?;
+    let (files, names) = (lora_files(&state), model_names(&state));
+    let ctx = Context {
+        lora_files: &files,
+        model_names: &names,
+    };
+    let plan = request.plan(&ctx, &mut random_seed)?;
+    let mut jobs: Vec<_> = (0..plan.n_iter).map(|i| plan.job(i)).collect();
+    for job in &mut jobs {
+        state.admission.check_sample(job)?;
+    }
+
+    let _queue = state.webui.queue.lock().await;
+    let timestamp = info::timestamp(crate::clock::unix_now());
+    *state.webui.run() = Some(Run {
+        job: None,
+        job_no: 0,
+        job_count: plan.n_iter,
+        started: std::time::Instant::now(),
+        timestamp: timestamp.clone(),
+        interrupted: false,
+    });
+    let running = Running(&state.webui);
+    let mut outputs = vec![];
+    for (i, job) in jobs.into_iter().enumerate() {
+        if state.webui.run().as_ref().is_some_and(|r| r.interrupted) {
+            break;
+        }
+        let id = state
+            .engine
+            .submit(JobRequest::Sample(job))
+            .map_err(|e| WebuiError::Internal(e.to_string()))?;
+        let interrupted = {
+            let mut run = state.webui.run();
+            let run = run.as_mut();
+            let interrupted = run.as_ref().is_some_and(|r| r.interrupted);
+            if let Some(r) = run {
+                r.job = Some(id.clone());
+                r.job_no = i;
+            }
+            interrupted
+        };
+        let engine = state.engine.clone();
+        let record = web::block(move || {
+            if interrupted {
+                let _ = engine.control(&id, crate::engine::Control::Cancel);
+            }
+            engine.wait(&id)
+        })
+        .await
+        .map_err(|e| WebuiError::Internal(e.to_string()))?
+        .map_err(|e| WebuiError::Internal(e.to_string()))?;
+        match record.state {
+            JobState::Finished => outputs.extend(record.outputs),
+            // Interrupted: A1111 answers with the images made so far.
+            JobState::Cancelled => break,
+            other => {
+                return Err(WebuiError::Internal(
+                    record
+                        .error
+                        .unwrap_or_else(|| format!("sampling ended {other:?}")),
+                ))
+            }
+        }
+    }
+    drop(running);
+
+    let pngs = web::block(move || {
+        outputs
+            .iter()
+            .map(std::fs::read)
+            .collect::<std::io::Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| WebuiError::Internal(e.to_string()))?
+    .map_err(|e| WebuiError::Internal(e.to_string()))?;
+    let infotexts: Vec<String> = pngs
+        .iter()
+        .map(|png| {
+            read_text_chunks(png)
+                .ok()
+                .and_then(|chunks| chunks.into_iter().find(|(k, _)| k == "parameters"))
+                .map(|(_, text)| text)
+                .unwrap_or_default()
+        })
+        .collect();
+    let lora_hashes = infotexts
+        .first()
+        .and_then(|t| info::infotext_value(t, "Lora hashes"));
+    let info = info::info(
+        &plan,
+        &Ran {
+            model_name: &state.model_name,
+            infotexts: &infotexts,
+            job_timestamp: &timestamp,
+            lora_hashes,
+        },
+    );
+    let images: Vec<String> = if plan.send_images {
+        pngs.iter()
+            .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
+            .collect()
+    } else {
+        vec![]
+    };
+    let parameters =
+        serde_json::to_value(&request).map_err(|e| WebuiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(json!({
+        "images": images,
+        "parameters": parameters,
+        "info": info.to_string(),
+    })))
+}

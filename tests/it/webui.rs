@@ -1,0 +1,341 @@
+//! The A1111 dialect (`/sdapi/v1`) on the real server, driven with the request
+//! shapes the `webuiapi` client library (0.9.17) sends: construction
+//! (`/scripts`), a default txt2img, batches, LoRA tags, and the refusals.
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::support::app::{spawn_app, App};
+use crate::support::write_lora;
+use fluxlora::model::lora_io;
+use fluxlora::sample::png_meta::read_text_chunks;
+
+/// `webuiapi.WebUIApi().txt2img(prompt=…)`'s payload: every field at the
+/// library's defaults (sampler "Euler a", scheduler "automatic", cfg_scale 7,
+/// steps 20, …), as it posts it.
+fn webuiapi_payload(prompt: &str) -> Value {
+    let mut payload: Value = serde_json::from_str(WEBUIAPI_TXT2IMG).unwrap();
+    payload["prompt"] = json!(prompt);
+    payload
+}
+
+/// The body `webuiapi` 0.9.17 posts to `/sdapi/v1/txt2img` for
+/// `txt2img(prompt="")` on a client built with its defaults.
+const WEBUIAPI_TXT2IMG: &str = r#"{
+    "enable_hr": false,
+    "hr_scale": 2,
+    "hr_upscaler": "Latent",
+    "hr_second_pass_steps": 0,
+    "hr_resize_x": 0,
+    "hr_resize_y": 0,
+    "hr_checkpoint_name": null,
+    "hr_sampler_name": null,
+    "hr_scheduler": null,
+    "hr_prompt": "",
+    "hr_negative_prompt": "",
+    "denoising_strength": 0.7,
+    "firstphase_width": 0,
+    "firstphase_height": 0,
+    "prompt": "",
+    "styles": [],
+    "seed": -1,
+    "subseed": -1,
+    "subseed_strength": 0.0,
+    "seed_resize_from_h": 0,
+    "seed_resize_from_w": 0,
+    "batch_size": 1,
+    "n_iter": 1,
+    "steps": 20,
+    "cfg_scale": 7.0,
+    "width": 512,
+    "height": 512,
+    "restore_faces": false,
+    "tiling": false,
+    "do_not_save_samples": false,
+    "do_not_save_grid": false,
+    "negative_prompt": "",
+    "eta": 1.0,
+    "s_churn": 0,
+    "s_tmax": 0,
+    "s_tmin": 0,
+    "s_noise": 1,
+    "override_settings": {},
+    "override_settings_restore_afterwards": true,
+    "sampler_name": "Euler a",
+    "scheduler": "automatic",
+    "sampler_index": "Euler a",
+    "script_name": null,
+    "script_args": [],
+    "send_images": true,
+    "save_images": false,
+    "alwayson_scripts": {}
+}"#;
+
+/// The payload at 64×64 with `edit` applied (the tiny model's size; fewer steps).
+fn payload(prompt: &str, edit: Value) -> Value {
+    let mut p = webuiapi_payload(prompt);
+    p["width"] = json!(64);
+    p["height"] = json!(64);
+    p["steps"] = json!(3);
+    for (k, v) in edit.as_object().unwrap() {
+        p[k] = v.clone();
+    }
+    p
+}
+
+struct Answer {
+    pngs: Vec<Vec<u8>>,
+    info: Value,
+    parameters: Value,
+}
+
+fn txt2img(app: &App, body: &Value) -> Answer {
+    let r = app.post("/sdapi/v1/txt2img", body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    let pngs = v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.as_str().unwrap())
+                .unwrap()
+        })
+        .collect();
+    Answer {
+        pngs,
+        info: serde_json::from_str(v["info"].as_str().expect("info is a JSON string")).unwrap(),
+        parameters: v["parameters"].clone(),
+    }
+}
+
+fn parameters_chunk(png: &[u8]) -> String {
+    read_text_chunks(png)
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == "parameters")
+        .expect("a parameters chunk")
+        .1
+}
+
+fn pixels(png: &[u8]) -> image::RgbImage {
+    image::load_from_memory(png).unwrap().to_rgb8()
+}
+
+fn max_pixel_diff(a: &[u8], b: &[u8]) -> u8 {
+    let (a, b) = (pixels(a), pixels(b));
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap()
+}
+
+/// A 422 in A1111's `HTTPException` shape; its detail.
+fn refused(app: &App, body: &Value) -> String {
+    let r = app.post("/sdapi/v1/txt2img", body);
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["error"], "HTTPException");
+    assert!(v["errors"].as_str().unwrap().starts_with("422: "), "{v}");
+    v["detail"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn webuiapi_construction_and_default_txt2img() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = spawn_app(tmp.path(), vec![], "127.0.0.1", None);
+    // The client's constructor asks for the scripts.
+    assert_eq!(
+        app.get("/sdapi/v1/scripts").json(),
+        json!({"txt2img": [], "img2img": []})
+    );
+    let mut body = webuiapi_payload("a red circle");
+    body["width"] = json!(64);
+    body["height"] = json!(64);
+    let a = txt2img(&app, &body);
+    assert_eq!(a.pngs.len(), 1);
+    let img = pixels(&a.pngs[0]);
+    assert_eq!((img.width(), img.height()), (64, 64));
+    let seed = a.info["seed"].as_u64().expect("the seed used");
+    assert!(seed < 4_294_967_294);
+    assert_eq!(a.info["all_seeds"], json!([seed]));
+    assert_eq!(a.info["prompt"], "a red circle");
+    assert_eq!(a.info["steps"], 20);
+    assert_eq!(
+        a.info["cfg_scale"], 7.0,
+        "A1111's default 7: true CFG, as Forge runs it"
+    );
+    assert_eq!(
+        a.info["extra_generation_params"]["Distilled CFG Scale"],
+        3.5
+    );
+    for key in [
+        "all_prompts",
+        "negative_prompt",
+        "all_negative_prompts",
+        "subseed",
+        "all_subseeds",
+        "subseed_strength",
+        "width",
+        "height",
+        "sampler_name",
+        "batch_size",
+        "restore_faces",
+        "face_restoration_model",
+        "sd_model_name",
+        "sd_model_hash",
+        "seed_resize_from_w",
+        "seed_resize_from_h",
+        "denoising_strength",
+        "index_of_first_image",
+        "styles",
+        "job_timestamp",
+        "clip_skip",
+        "is_using_inpainting_conditioning",
+        "version",
+    ] {
+        assert!(a.info.get(key).is_some(), "info lacks {key}");
+    }
+    // The PNG carries the infotext that info reports.
+    let text = parameters_chunk(&a.pngs[0]);
+    assert_eq!(a.info["infotexts"], json!([text]));
+    assert!(
+        text.contains(&format!("Seed: {seed}, Size: 64x64")),
+        "{text}"
+    );
+    // The request as parsed, with A1111's defaults.
+    assert_eq!(a.parameters["sampler_name"], "Euler a");
+    assert_eq!(a.parameters["distilled_cfg_scale"], 3.5);
+    assert_eq!(a.parameters["seed"], -1);
+}
+
+#[test]
+fn batches_and_iterations_use_consecutive_seeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = spawn_app(tmp.path(), vec![], "127.0.0.1", None);
+    let a = txt2img(
+        &app,
+        &payload(
+            "a blue square",
+            json!({"seed": 100, "batch_size": 2, "n_iter": 2}),
+        ),
+    );
+    assert_eq!(a.pngs.len(), 4);
+    assert_eq!(a.info["all_seeds"], json!([100, 101, 102, 103]));
+    assert_eq!(a.info["infotexts"].as_array().unwrap().len(), 4);
+    for (i, png) in a.pngs.iter().enumerate() {
+        assert!(parameters_chunk(png).contains(&format!("Seed: {}", 100 + i)));
+    }
+    for i in [1, 2] {
+        let single = txt2img(&app, &payload("a blue square", json!({"seed": 100 + i})));
+        let diff = max_pixel_diff(&a.pngs[i], &single.pngs[0]);
+        assert!(diff <= 1, "image {i} vs seed {} alone: {diff}", 100 + i);
+    }
+    // Idle again: progress reports no job.
+    let p = app.get("/sdapi/v1/progress").json();
+    assert_eq!(p["state"]["job_count"], 0);
+    assert_eq!(p["progress"], 0.0);
+}
+
+#[test]
+fn lora_tags_apply_the_folders_loras_and_are_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lora_dir = tmp.path().join("loras");
+    std::fs::create_dir_all(&lora_dir).unwrap();
+    let file = write_lora(&lora_dir, "webui-style", 7);
+    let app = spawn_app(tmp.path(), vec![], "127.0.0.1", None);
+
+    let loras = app.get("/sdapi/v1/loras").json();
+    assert_eq!(loras[0]["name"], "webui-style");
+    assert_eq!(loras[0]["alias"], "webui-style");
+    assert_eq!(loras[0]["path"], file.display().to_string());
+    assert!(loras[0]["metadata"].is_object());
+
+    let plain = txt2img(&app, &payload("a cat", json!({"seed": 5})));
+    let tagged = txt2img(
+        &app,
+        &payload("a cat <lora:webui-style:0.8>", json!({"seed": 5})),
+    );
+    assert!(
+        max_pixel_diff(&plain.pngs[0], &tagged.pngs[0]) > 8,
+        "the LoRA changes the image"
+    );
+    let hash = lora_io::tensor_data_hash(&std::fs::read(&file).unwrap());
+    let text = parameters_chunk(&tagged.pngs[0]);
+    assert!(text.starts_with("a cat <lora:webui-style:0.8>\n"), "{text}");
+    assert!(
+        text.contains(&format!("Lora hashes: \"webui-style: {}\"", &hash[..12])),
+        "{text}"
+    );
+    assert_eq!(tagged.info["infotexts"], json!([text]));
+    assert_eq!(tagged.info["prompt"], "a cat <lora:webui-style:0.8>");
+    assert_eq!(
+        tagged.info["extra_generation_params"]["Lora hashes"],
+        format!("webui-style: {}", &hash[..12])
+    );
+    // The same tag by file name, at multiplier 1 by default, runs too.
+    txt2img(
+        &app,
+        &payload("a cat <lora:webui-style.safetensors>", json!({})),
+    );
+
+    let detail = refused(&app, &payload("a cat <lora:webui-styel:1>", json!({})));
+    assert!(detail.starts_with("prompt: "), "{detail}");
+    assert!(detail.contains("closest: webui-style"), "{detail}");
+}
+
+#[test]
+fn refusals_name_the_field_and_the_daemon_answers_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = spawn_app(tmp.path(), vec![], "127.0.0.1", None);
+    let detail = refused(&app, &payload("x", json!({"enable_hr": true})));
+    assert!(detail.starts_with("enable_hr: "), "{detail}");
+    let detail = refused(&app, &payload("x", json!({"cfg_scale": -1.0})));
+    assert!(detail.starts_with("cfg_scale: "), "{detail}");
+    let detail = refused(&app, &payload("x", json!({"width": 72})));
+    assert!(
+        detail.starts_with("width: ") && detail.contains("A1111 would round to 8"),
+        "{detail}"
+    );
+    let detail = refused(&app, &payload("x", json!({"sampler_name": "DPM++ 2M"})));
+    assert!(detail.contains("Euler, Euler a"), "{detail}");
+
+    let r = app.request("POST", "/sdapi/v1/txt2img", Some(b"{\"prompt\": "));
+    assert!((400..500).contains(&r.status), "{}", r.status);
+    assert!(r.json()["detail"].is_array(), "FastAPI's validation shape");
+    let r = app.post("/sdapi/v1/txt2img", &json!({"steps": "many"}));
+    assert_eq!(r.status, 422);
+    assert_eq!(r.json()["detail"][0]["loc"], json!(["body", "steps"]));
+
+    // The daemon still answers, and the lists clients read on start.
+    let samplers = app.get("/sdapi/v1/samplers").json();
+    assert_eq!(samplers[1]["name"], "Euler a");
+    assert_eq!(
+        app.get("/sdapi/v1/schedulers").json()[0]["name"],
+        "automatic"
+    );
+    let models = app.get("/sdapi/v1/sd-models").json();
+    assert_eq!(models[0]["model_name"], "tiny");
+    let options = app.get("/sdapi/v1/options").json();
+    assert_eq!(options["sd_model_checkpoint"], models[0]["title"]);
+    let set = app.post(
+        "/sdapi/v1/options",
+        &json!({"samples_format": "png", "x": 1}),
+    );
+    assert_eq!(set.status, 200);
+    let switch = app.post(
+        "/sdapi/v1/options",
+        &json!({"sd_model_checkpoint": "sdxl.safetensors"}),
+    );
+    assert_eq!(switch.status, 422);
+    assert_eq!(app.post("/sdapi/v1/refresh-loras", &json!({})).status, 200);
+    assert_eq!(
+        app.post("/sdapi/v1/interrupt", &json!({})).json(),
+        json!({})
+    );
+    assert_eq!(app.get("/sdapi/v1/progress").json()["state"]["job"], "");
+    txt2img(&app, &payload("still here", json!({"seed": 1})));
+}
