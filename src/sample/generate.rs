@@ -236,21 +236,27 @@ impl ResolvedRequest {
 /// img2img's start image, decoded within limits and resized to `width` × `height`.
 fn load_init_image(path: &std::path::Path, width: usize, height: usize) -> Result<RgbImage> {
     let fail = |e: String| candle_core::Error::Msg(format!("init_image {}: {e}", path.display()));
-    let mut reader = image::ImageReader::open(path)
-        .map_err(|e| fail(e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| fail(e.to_string()))?;
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_SIDE as u32 * 2);
-    limits.max_image_height = Some(MAX_SIDE as u32 * 2);
-    reader.limits(limits);
-    let image = reader.decode().map_err(|e| fail(e.to_string()))?.to_rgb8();
+    let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let image = decode_init_image(&bytes).map_err(fail)?;
     Ok(image::imageops::resize(
         &image,
         width as u32,
         height as u32,
         image::imageops::FilterType::Triangle,
     ))
+}
+
+/// An img2img start image's bytes decoded (PNG, JPEG, WebP) within limits: at
+/// most twice the largest output side each way.
+pub(crate) fn decode_init_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE as u32 * 2);
+    limits.max_image_height = Some(MAX_SIDE as u32 * 2);
+    reader.limits(limits);
+    Ok(reader.decode().map_err(|e| e.to_string())?.to_rgb8())
 }
 
 /// Initial noise for one image: standard normal latents (c, h/8, w/8) from `seed`.

@@ -339,3 +339,80 @@ fn refusals_name_the_field_and_the_daemon_answers_after() {
     assert_eq!(app.get("/sdapi/v1/progress").json()["state"]["job"], "");
     txt2img(&app, &payload("still here", json!({"seed": 1})));
 }
+
+#[test]
+fn img2img_starts_from_the_given_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = spawn_app(tmp.path(), vec![], "127.0.0.1", None);
+    let base = |edit: Value| payload("a red circle on a blue background", edit);
+    let start = txt2img(&app, &base(json!({"seed": 3, "cfg_scale": 1})));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&start.pngs[0]);
+    let img2img = |edit: Value| {
+        let mut body = base(json!({"seed": 9, "cfg_scale": 1}));
+        for (k, v) in edit.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = app.post("/sdapi/v1/img2img", &body);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(v["images"][0].as_str().unwrap())
+            .unwrap();
+        let info: Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
+        (png, info)
+    };
+    let fresh = txt2img(&app, &base(json!({"seed": 9, "cfg_scale": 1})));
+    // Denoise 1 starts from pure noise: the txt2img image of the same seed.
+    let (full, _) = img2img(json!({"init_images": [b64], "denoising_strength": 1.0}));
+    assert_eq!(max_pixel_diff(&full, &fresh.pngs[0]), 0);
+    // A little denoise stays near the start image; a data URL works too.
+    let (light, info) = img2img(json!({
+        "init_images": [format!("data:image/png;base64,{b64}")],
+        "denoising_strength": 0.2,
+    }));
+    assert_eq!(info["denoising_strength"], 0.2);
+    let mean = |a: &[u8], b: &[u8]| {
+        let (a, b) = (pixels(a), pixels(b));
+        a.as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| x.abs_diff(*y) as f64)
+            .sum::<f64>()
+            / a.as_raw().len() as f64
+    };
+    assert!(
+        mean(&light, &start.pngs[0]) < mean(&fresh.pngs[0], &start.pngs[0]),
+        "{} vs {}",
+        mean(&light, &start.pngs[0]),
+        mean(&fresh.pngs[0], &start.pngs[0])
+    );
+    // Refused: no image, not base64, not an image, a mask, another resize mode.
+    for (edit, field) in [
+        (json!({}), "init_images"),
+        (json!({"init_images": ["!!"]}), "init_images"),
+        (json!({"init_images": ["aGVsbG8="]}), "init_images"),
+        (json!({"init_images": [b64], "mask": b64}), "mask"),
+        (
+            json!({"init_images": [b64], "resize_mode": 2}),
+            "resize_mode",
+        ),
+        (
+            json!({"init_images": [b64], "denoising_strength": 2.0}),
+            "denoise",
+        ),
+    ] {
+        let mut body = base(json!({}));
+        for (k, v) in edit.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = app.post("/sdapi/v1/img2img", &body);
+        assert_eq!(
+            r.status,
+            422,
+            "{field}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let detail = r.json()["detail"].as_str().unwrap().to_string();
+        assert!(detail.starts_with(field), "{field}: {detail}");
+    }
+}

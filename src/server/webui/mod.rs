@@ -6,18 +6,19 @@
 //! - `request`: the txt2img request with A1111's defaults, and the checks that
 //!   turn it into a plan (what is served, what is refused: see there, including
 //!   how `cfg_scale` 7 is read); `lora_tags`: `<lora:name:multiplier>` in prompts.
-//! - `txt2img`: runs a plan through the engine; `info`: its `info` JSON.
+//! - `txt2img`: runs a plan through the engine (txt2img and img2img); `img2img`:
+//!   the start image and denoising strength; `info`: the `info` JSON.
 //! - `lists`: scripts, samplers, schedulers, models, LoRAs, options;
 //!   `progress`: `/progress` and `/interrupt`; `state`: what they share.
 //! - `errors`: A1111's error shapes, mapped once.
 //!
-//! Not yet: img2img (the sampling core has it; the route does not), `/png-info`,
-//! `/skip`, and the other lists of the issue.
+//! Not yet: `/png-info`, `/skip`, and the other lists of the issue.
 //!
 //! Must not: touch tensors, or import the other dialects (`native`, `comfy`,
 //! `ws`); what they share lives beside them in `server/`.
 
 mod errors;
+mod img2img;
 mod info;
 mod lists;
 mod lora_tags;

@@ -4,6 +4,7 @@
 //!
 //! Must not: run jobs; the txt2img handler records what it runs here.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -23,13 +24,22 @@ pub(crate) struct Run {
 }
 
 /// What the A1111 routes share.
-#[derive(Default)]
 pub(crate) struct WebuiState {
     pub(super) queue: tokio::sync::Mutex<()>,
     run: Mutex<Option<Run>>,
+    /// Where img2img's start images are kept (`<data-dir>/webui`).
+    pub(super) init_dir: PathBuf,
 }
 
 impl WebuiState {
+    pub(crate) fn new(data_dir: &Path) -> Self {
+        Self {
+            queue: tokio::sync::Mutex::new(()),
+            run: Mutex::new(None),
+            init_dir: data_dir.join("webui"),
+        }
+    }
+
     pub(super) fn run(&self) -> MutexGuard<'_, Option<Run>> {
         self.run
             .lock()

@@ -1,4 +1,5 @@
-//! `POST /sdapi/v1/txt2img`: an A1111 request checked into a [`Plan`]
+//! `POST /sdapi/v1/txt2img` and `/img2img` (txt2img plus a start image,
+//! `img2img`): an A1111 request checked into a [`Plan`]
 //! (`request`), run as `n_iter` engine sampling jobs of `batch_size` images one
 //! after the other (recorded for `/progress`; `/interrupt` stops them), answered
 //! as A1111 does: `images` (base64 PNGs carrying their infotext), `parameters`
@@ -22,6 +23,7 @@ use crate::server::state::AppState;
 
 pub(super) fn routes(table: &mut RouteTable) {
     table.add(Method::POST, "/sdapi/v1/txt2img", txt2img);
+    table.add(Method::POST, "/sdapi/v1/img2img", img2img);
 }
 
 /// A seed below 2⁶⁴ that differs from call to call (not secret).
@@ -46,7 +48,28 @@ impl Drop for Running<'_> {
 }
 
 async fn txt2img(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, WebuiError> {
+    generate(state, body, false).await
+}
+
+async fn img2img(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, WebuiError> {
+    generate(state, body, true).await
+}
+
+async fn generate(
+    state: web::Data<AppState>,
+    body: web::Bytes,
+    from_image: bool,
+) -> Result<HttpResponse, WebuiError> {
     let request = request::parse(&body)?;
+    let init = from_image
+        .then(|| {
+            super::img2img::init_image(
+                request.denoising_strength,
+                &request.unknown,
+                &state.webui.init_dir,
+            )
+        })
+        .transpose()?;
     let (files, names) = (lora_files(&state), model_names(&state));
     let ctx = Context {
         lora_files: &files,
@@ -55,6 +78,10 @@ async fn txt2img(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpRes
     let plan = request.plan(&ctx, &mut random_seed)?;
     let mut jobs: Vec<_> = (0..plan.n_iter).map(|i| plan.job(i)).collect();
     for job in &mut jobs {
+        if let Some(init) = &init {
+            job.request.init_image = Some(init.path.clone());
+            job.request.denoise = Some(init.denoise);
+        }
         state.admission.check_sample(job)?;
     }
 
@@ -135,7 +162,7 @@ async fn txt2img(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpRes
     let lora_hashes = infotexts
         .first()
         .and_then(|t| info::infotext_value(t, "Lora hashes"));
-    let info = info::info(
+    let mut info = info::info(
         &plan,
         &Ran {
             model_name: &state.model_name,
@@ -144,6 +171,9 @@ async fn txt2img(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpRes
             lora_hashes,
         },
     );
+    if let Some(init) = &init {
+        info["denoising_strength"] = json!(init.denoise);
+    }
     let images: Vec<String> = if plan.send_images {
         pngs.iter()
             .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
