@@ -416,3 +416,27 @@ fn img2img_starts_from_the_given_image() {
         assert!(detail.starts_with(field), "{field}: {detail}");
     }
 }
+
+#[test]
+fn png_info_reads_our_parameters_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = spawn_app(tmp.path(), vec![], "127.0.0.1", None);
+    let made = txt2img(
+        &app,
+        &payload("a blue square", json!({"seed": 12, "cfg_scale": 1})),
+    );
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&made.pngs[0]);
+    let r = app.post(
+        "/sdapi/v1/png-info",
+        &json!({"image": format!("data:image/png;base64,{b64}")}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["info"], parameters_chunk(&made.pngs[0]));
+    assert_eq!(v["parameters"]["Prompt"], "a blue square");
+    assert_eq!(v["parameters"]["Seed"], "12");
+    assert_eq!(v["parameters"]["Size"], "64x64");
+    assert!(v["items"]["fluxlora"].is_string(), "{v}");
+    let r = app.post("/sdapi/v1/png-info", &json!({"image": "aGVsbG8="}));
+    assert_eq!(r.status, 422);
+}

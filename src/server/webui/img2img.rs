@@ -29,6 +29,18 @@ pub(super) struct InitImage {
     pub denoise: f64,
 }
 
+/// The bytes of a base64 field as A1111 clients send images (a `data:` URL
+/// prefix allowed).
+pub(super) fn base64_field(field: &str, text: &str) -> Result<Vec<u8>, WebuiError> {
+    let encoded = match text.split_once(";base64,") {
+        Some((prefix, data)) if prefix.starts_with("data:") => data,
+        _ => text,
+    };
+    base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|e| WebuiError::field(field, format!("not base64: {e}")))
+}
+
 /// Reads img2img's fields: `denoising_strength` (a field txt2img has too, for its
 /// hires fix) and the others among the fields txt2img does not know.
 pub(super) fn init_image(
@@ -71,13 +83,7 @@ pub(super) fn init_image(
         .ok_or_else(|| {
             WebuiError::field("init_images", "give at least one image, base64-encoded")
         })?;
-    let encoded = match first.split_once(";base64,") {
-        Some((prefix, data)) if prefix.starts_with("data:") => data,
-        _ => first,
-    };
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .map_err(|e| WebuiError::field("init_images", format!("not base64: {e}")))?;
+    let bytes = base64_field("init_images", first)?;
     crate::sample::generate::decode_init_image(&bytes)
         .map_err(|e| WebuiError::field("init_images", format!("not a readable image: {e}")))?;
     let hash: String = Sha256::digest(&bytes)[..8]

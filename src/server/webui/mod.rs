@@ -10,9 +10,10 @@
 //!   the start image and denoising strength; `info`: the `info` JSON.
 //! - `lists`: scripts, samplers, schedulers, models, LoRAs, options;
 //!   `progress`: `/progress` and `/interrupt`; `state`: what they share.
+//! - `png_info`: `/png-info`, our PNGs' parameters read back.
 //! - `errors`: A1111's error shapes, mapped once.
 //!
-//! Not yet: `/png-info`, `/skip`, and the other lists of the issue.
+//! Not yet: `/skip`, and the other lists of the issue.
 //!
 //! Must not: touch tensors, or import the other dialects (`native`, `comfy`,
 //! `ws`); what they share lives beside them in `server/`.
@@ -22,6 +23,7 @@ mod img2img;
 mod info;
 mod lists;
 mod lora_tags;
+mod png_info;
 mod progress;
 mod request;
 pub(crate) mod state;
@@ -32,4 +34,5 @@ pub(crate) fn routes(table: &mut crate::server::route_table::RouteTable) {
     txt2img::routes(table);
     lists::routes(table);
     progress::routes(table);
+    png_info::routes(table);
 }
