@@ -237,7 +237,9 @@ impl ResolvedRequest {
 fn load_init_image(path: &std::path::Path, width: usize, height: usize) -> Result<RgbImage> {
     let fail = |e: String| candle_core::Error::Msg(format!("init_image {}: {e}", path.display()));
     let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
-    let image = decode_init_image(&bytes).map_err(fail)?;
+    let image = decode_limited(&bytes, MAX_INIT_SIDE)
+        .map_err(fail)?
+        .to_rgb8();
     Ok(image::imageops::resize(
         &image,
         width as u32,
@@ -246,18 +248,33 @@ fn load_init_image(path: &std::path::Path, width: usize, height: usize) -> Resul
     ))
 }
 
-/// An img2img start image's bytes decoded (PNG, JPEG, WebP) within limits: at
-/// most twice the largest output side each way.
-pub(crate) fn decode_init_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+/// The most memory one image decode may allocate.
+const MAX_DECODE_BYTES: u64 = 512 << 20;
+
+/// Image bytes (PNG, JPEG, WebP) decoded within limits: at most `max_side`
+/// pixels each way and [`MAX_DECODE_BYTES`] of memory, so a decompression bomb
+/// is refused before it allocates. The one decoder for images from outside
+/// (uploads, img2img start images, dataset images from a graph).
+pub(crate) fn decode_limited(
+    bytes: &[u8],
+    max_side: u32,
+) -> std::result::Result<image::DynamicImage, String> {
     let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| e.to_string())?;
+    if reader.format().is_none() {
+        return Err("not an image (PNG, JPEG or WebP expected)".into());
+    }
     let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_SIDE as u32 * 2);
-    limits.max_image_height = Some(MAX_SIDE as u32 * 2);
+    limits.max_image_width = Some(max_side);
+    limits.max_image_height = Some(max_side);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
-    Ok(reader.decode().map_err(|e| e.to_string())?.to_rgb8())
+    reader.decode().map_err(|e| e.to_string())
 }
+
+/// The largest side of an img2img start image (it is resized to the output size).
+pub(crate) const MAX_INIT_SIDE: u32 = MAX_SIDE as u32 * 2;
 
 /// Initial noise for one image: standard normal latents (c, h/8, w/8) from `seed`.
 pub(crate) fn latent_noise(

@@ -10,7 +10,7 @@
 //! Must not: serve a file outside its folder; paths are checked component by
 //! component and then canonicalized.
 
-use std::path::{Component, Path};
+use std::path::Path;
 
 use actix_web::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use actix_web::http::Method;
@@ -19,6 +19,7 @@ use serde_json::json;
 
 use super::folders::FRONTEND_VERSION;
 use super::routes::both;
+use crate::server::paths;
 use crate::server::route_table::RouteTable;
 use crate::server::state::AppState;
 
@@ -169,22 +170,10 @@ fn content_type(path: &Path) -> &'static str {
 /// The file `rel` of `dir`: plain components only, and inside `dir` once links
 /// are followed.
 fn serve(dir: &Path, rel: &str, cache: &str) -> HttpResponse {
-    let rel_path = Path::new(rel);
-    if rel.is_empty()
-        || !rel_path
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
-    {
-        return not_found(rel);
-    }
-    let full = dir.join(rel_path);
-    let inside = full
-        .canonicalize()
-        .ok()
-        .zip(dir.canonicalize().ok())
-        .filter(|(f, d)| f.starts_with(d) && f.is_file());
-    let Some((file, _)) = inside else {
-        return not_found(rel);
+    // The path policy: plain components, and no link out of the folder.
+    let file = match paths::job_file(dir, "front end", Path::new(rel)) {
+        Ok(file) if !rel.is_empty() => file,
+        _ => return not_found(rel),
     };
     match std::fs::read(&file) {
         Ok(bytes) => HttpResponse::Ok()

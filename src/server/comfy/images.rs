@@ -26,8 +26,6 @@ use super::folders::{FileError, Folders};
 
 /// The largest side of an image the daemon decodes.
 pub(crate) const MAX_SIDE: u32 = 8192;
-/// The most memory one decode may allocate.
-const MAX_DECODE_BYTES: u64 = 512 << 20;
 
 /// One image of an IMAGE value.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,24 +87,12 @@ pub(crate) fn path_of(folders: &Folders, image: &ImageRef) -> Result<PathBuf, Im
 
 /// Decodes image bytes within the daemon's limits (side, memory).
 pub(crate) fn decode(name: &str, bytes: &[u8]) -> Result<image::DynamicImage, ImageError> {
-    let undecodable = |message: String| ImageError::Undecodable {
-        name: name.to_string(),
-        message,
-    };
-    let mut reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| undecodable(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(undecodable(
-            "not an image (PNG, JPEG or WebP expected)".into(),
-        ));
-    }
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
-    limits.max_alloc = Some(MAX_DECODE_BYTES);
-    reader.limits(limits);
-    reader.decode().map_err(|e| undecodable(e.to_string()))
+    crate::sample::generate::decode_limited(bytes, MAX_SIDE).map_err(|message| {
+        ImageError::Undecodable {
+            name: name.to_string(),
+            message,
+        }
+    })
 }
 
 /// Reads and decodes the image behind a reference.

@@ -19,6 +19,7 @@ use serde_json::{json, Map, Value};
 
 use super::routes::both;
 use crate::server::errors::ApiError;
+use crate::server::paths;
 use crate::server::route_table::RouteTable;
 use crate::server::state::AppState;
 
@@ -52,8 +53,12 @@ pub(super) fn routes(table: &mut RouteTable) {
 }
 
 /// The user folder.
+/// The user folder, made when missing, canonical (so the paths the policy
+/// returns are relative to it).
 fn user_dir(state: &AppState) -> PathBuf {
-    state.comfy.folders.root().join("user").join("default")
+    let dir = state.comfy.folders.root().join("user").join("default");
+    let _ = std::fs::create_dir_all(&dir);
+    dir.canonicalize().unwrap_or(dir)
 }
 
 async fn get_users() -> HttpResponse {
@@ -173,26 +178,10 @@ fn user_file(state: &AppState, raw: &str) -> Result<PathBuf, ApiError> {
         ));
     }
     let dir = user_dir(state);
-    std::fs::create_dir_all(&dir).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let path = dir.join(rel);
-    // The nearest existing ancestor must be inside (a link may not lead out).
-    let mut probe = path.clone();
-    while !probe.exists() {
-        if !probe.pop() {
-            break;
-        }
-    }
-    let inside = probe
-        .canonicalize()
-        .ok()
-        .zip(dir.canonicalize().ok())
-        .is_some_and(|(p, d)| p.starts_with(d));
-    if !inside {
-        return Err(ApiError::Forbidden(format!(
-            "userdata path `{name}` leaves the user folder"
-        )));
-    }
-    Ok(path)
+    // The path policy for writes: the nearest existing ancestor inside the folder
+    // once links are followed.
+    paths::resolve_for_writing(&[dir.clone()], &dir.join(rel))
+        .map_err(|_| ApiError::Forbidden(format!("userdata path `{name}` leaves the user folder")))
 }
 
 /// ComfyUI's file info: `{path, size, modified, created}` (times in ms).

@@ -84,7 +84,8 @@ pub(super) fn init_image(
             WebuiError::field("init_images", "give at least one image, base64-encoded")
         })?;
     let bytes = base64_field("init_images", first)?;
-    crate::sample::generate::decode_init_image(&bytes)
+    use crate::sample::generate::{decode_limited, MAX_INIT_SIDE};
+    decode_limited(&bytes, MAX_INIT_SIDE)
         .map_err(|e| WebuiError::field("init_images", format!("not a readable image: {e}")))?;
     let hash: String = Sha256::digest(&bytes)[..8]
         .iter()
