@@ -360,3 +360,40 @@ pub fn generate(
     let pixels = vae.decode(&latents)?;
     tensor_to_images(&pixels)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn img2img_at_denoise_zero_is_the_vae_round_trip() -> Result<()> {
+        let bundle = ModelBundle::tiny(&candle_core::Device::Cpu)?;
+        let tmp = tempfile::tempdir().map_err(candle_core::Error::wrap)?;
+        let path = tmp.path().join("start.png");
+        let image = RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([(x * 8) as u8, (y * 8) as u8, 90])
+        });
+        image.save(&path).map_err(candle_core::Error::wrap)?;
+        let mut request = SampleRequest::new("anything");
+        (request.width, request.height, request.steps) = (Some(32), Some(32), Some(4));
+        request.init_image = Some(path.clone());
+        request.denoise = Some(0.0);
+        let req = ResolvedRequest::new(&request, &bundle).expect("a valid request");
+        let mut steps = 0;
+        let out = generate(&bundle, &req, &AdapterSet::default(), &mut |_, _| {
+            steps += 1;
+            Ok(())
+        })?;
+        assert_eq!(steps, 0, "denoise 0 runs no step");
+        let vae = bundle.vae()?;
+        let x = image_to_tensor(&load_init_image(&path, 32, 32)?, bundle.device())?;
+        let expect = tensor_to_images(&vae.decode(&vae.encode(&x)?)?)?;
+        assert_eq!(out[0].as_raw(), expect[0].as_raw());
+        assert_ne!(
+            out[0].as_raw(),
+            image.as_raw(),
+            "a real round trip, not the input"
+        );
+        Ok(())
+    }
+}

@@ -167,8 +167,12 @@ pub fn start_on(
                 routes(cfg);
             })
             .default_service(web::to(|req: actix_web::HttpRequest| async move {
-                ApiError::NotFound(format!("no route {} {}", req.method(), req.path()))
-                    .error_response()
+                ApiError::NotFound(format!(
+                    "fluxlora does not implement {} {}",
+                    req.method(),
+                    req.path()
+                ))
+                .error_response()
             }))
     })
     .workers(2)

@@ -63,7 +63,7 @@ impl AppState {
             model_dirs: settings.model_dirs(),
             stopping: Arc::new(tokio::sync::watch::channel(false).0),
             comfy,
-            webui: WebuiState::new(&settings.data_dir),
+            webui: WebuiState::new(settings),
         }
     }
 }

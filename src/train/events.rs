@@ -109,6 +109,19 @@ pub(crate) fn memory_bytes() -> Option<u64> {
     proc_status_bytes("VmRSS:")
 }
 
+/// `(total, available)` bytes of the machine's RAM (Linux `/proc/meminfo`), zeros
+/// elsewhere.
+pub(crate) fn system_ram() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
 /// A `kB` field of `/proc/self/status`, in bytes.
 fn proc_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -440,3 +440,263 @@ fn png_info_reads_our_parameters_back() {
     let r = app.post("/sdapi/v1/png-info", &json!({"image": "aGVsbG8="}));
     assert_eq!(r.status, 422);
 }
+
+/// Polls `/progress` until `done` holds for it; the last answer.
+fn progress_until(app: &App, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let p = app.get("/sdapi/v1/progress").json();
+        if done(&p) {
+            return p;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "{what}: {p}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn progress_polled_during_a_run_then_skip_and_interrupt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = spawn_app(tmp.path(), vec![], "127.0.0.1", None);
+    let addr = app.addr;
+    // Three batches of many steps, so the polls below see them running.
+    let body = payload(
+        "a red circle",
+        json!({"seed": 50, "n_iter": 3, "steps": 1000, "cfg_scale": 1}),
+    );
+    let run = std::thread::spawn(move || {
+        let app = App { addr, token: None };
+        txt2img(&app, &body)
+    });
+
+    // Batch 1 samples: its step, the estimate, a preview image, and the text.
+    let p = progress_until(&app, "batch 1 sampling with a preview", |p| {
+        p["state"]["sampling_step"].as_u64().unwrap_or(0) > 0 && p["current_image"].is_string()
+    });
+    assert_eq!(p["state"]["job_count"], 3);
+    assert_eq!(p["state"]["job_no"], 0);
+    assert_eq!(p["state"]["job"], "Batch 1 out of 3");
+    assert_eq!(p["state"]["sampling_steps"], 1000);
+    assert_eq!(p["state"]["skipped"], false);
+    assert_eq!(p["state"]["interrupted"], false);
+    assert_eq!(p["state"]["job_timestamp"].as_str().unwrap().len(), 14);
+    let progress = p["progress"].as_f64().unwrap();
+    assert!(progress > 0.01 && progress < 0.34, "{progress}");
+    assert!(p["eta_relative"].as_f64().unwrap() >= 0.0);
+    assert!(p["textinfo"]
+        .as_str()
+        .unwrap()
+        .starts_with("Sampling step "));
+    let preview = base64::engine::general_purpose::STANDARD
+        .decode(p["current_image"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(pixels(&preview).width(), 64);
+    let without = app.get("/sdapi/v1/progress?skip_current_image=true").json();
+    assert_eq!(without["current_image"], Value::Null);
+
+    // Skip drops batch 1 and batch 2 runs; interrupt during batch 3 stops it.
+    assert_eq!(app.post("/sdapi/v1/skip", &json!({})).status, 200);
+    progress_until(&app, "batch 3 sampling", |p| {
+        p["state"]["job_no"] == 2 && p["state"]["sampling_step"].as_u64().unwrap_or(0) > 0
+    });
+    assert_eq!(app.post("/sdapi/v1/interrupt", &json!({})).status, 200);
+    let a = run.join().unwrap();
+    assert_eq!(a.pngs.len(), 1, "batch 2's image only");
+    let text = parameters_chunk(&a.pngs[0]);
+    assert!(text.contains("Seed: 51,"), "{text}");
+    let idle = app.get("/sdapi/v1/progress").json();
+    assert_eq!(idle["state"]["job_count"], 0);
+    assert_eq!(idle["current_image"], Value::Null);
+}
+
+#[test]
+fn lists_flags_memory_and_routes_we_lack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = spawn_app(tmp.path(), vec![], "127.0.0.1", None);
+    let modules = app.get("/sdapi/v1/sd-modules").json();
+    let names: Vec<&str> = modules
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["model_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ae", "t5xxl", "clip_l"]);
+    assert!(modules[0]["filename"].as_str().unwrap().contains("tiny"));
+    let upscalers = app.get("/sdapi/v1/upscalers").json();
+    assert_eq!(upscalers[0]["name"], "None");
+    assert_eq!(
+        app.get("/sdapi/v1/embeddings").json(),
+        json!({"loaded": {}, "skipped": {}})
+    );
+    let flags = app.get("/sdapi/v1/cmd-flags").json();
+    assert_eq!(flags["api"], true);
+    assert_eq!(flags["listen"], false);
+    assert_eq!(flags["data_dir"], tmp.path().display().to_string());
+    let memory = app.get("/sdapi/v1/memory").json();
+    let ram = &memory["ram"];
+    assert!(ram["total"].as_u64().unwrap() > 0);
+    assert_eq!(
+        ram["used"].as_u64().unwrap() + ram["free"].as_u64().unwrap(),
+        ram["total"].as_u64().unwrap()
+    );
+    assert!(memory["cuda"]["error"].is_string());
+
+    // Routes we lack: a JSON 404 that says so, whatever the method.
+    for (method, path) in [
+        ("GET", "/sdapi/v1/extensions"),
+        ("POST", "/sdapi/v1/extra-single-image"),
+        ("GET", "/sdapi/v1/"),
+        ("DELETE", "/sdapi/v2/anything"),
+    ] {
+        let r = app.request(method, path, Some(b"{}"));
+        assert_eq!(r.status, 404, "{method} {path}");
+        let v = r.json();
+        assert_eq!(v["detail"], "Not Found");
+        let msg = v["errors"].as_str().unwrap();
+        assert!(
+            msg.contains(&format!("does not implement {method} {path}")),
+            "{msg}"
+        );
+    }
+    // An extension's route outside /sdapi (ControlNet's), both methods.
+    for method in ["GET", "POST"] {
+        let r = app.request(method, "/controlnet/model_list", Some(b"{}"));
+        assert_eq!(r.status, 404);
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("does not implement"),
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}
+
+#[test]
+fn a_lora_the_daemon_trains_is_listed_at_once_and_applies_by_tag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fluxlora::train::shapes::write_dataset(&data, 2, 64, 4).unwrap();
+    let app = spawn_app(
+        &tmp.path().join("state"),
+        vec![tmp.path().to_path_buf()],
+        "127.0.0.1",
+        None,
+    );
+    let id = app.submit(
+        "/v1/jobs/train",
+        &json!({
+            "output_name": "trained-style",
+            "max_train_steps": 400,
+            "sample_every_n_steps": 1000,
+            "sample_prompts": ["a red circle --w 32 --h 32 --s 2"],
+            "learning_rate": 0.01,
+            "dataset": {"folders": [data], "resolution": 64, "enable_bucket": false},
+            "network": {"rank": 4, "alpha": 4.0}
+        }),
+    );
+    // A training job shows in /progress: paused, so the answer holds still.
+    progress_until(&app, "training steps", |p| {
+        p["state"]["job"] == "Training trained-style"
+            && p["state"]["sampling_step"].as_u64().unwrap_or(0) >= 2
+    });
+    assert_eq!(
+        app.post(&format!("/v1/jobs/{id}/pause"), &json!({})).status,
+        200
+    );
+    let p = progress_until(&app, "paused training", |p| {
+        p["textinfo"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("Paused at step "))
+    });
+    let step = p["state"]["sampling_step"].as_u64().unwrap();
+    assert_eq!(p["state"]["sampling_steps"], 400);
+    assert!((p["progress"].as_f64().unwrap() - step as f64 / 400.0).abs() < 1e-9);
+    assert_eq!(p["state"]["job_count"], 1);
+    // The step-0 sample preview is the current image.
+    let preview = base64::engine::general_purpose::STANDARD
+        .decode(p["current_image"].as_str().expect("a preview"))
+        .unwrap();
+    assert_eq!(pixels(&preview).width(), 32);
+    assert_eq!(
+        app.post(&format!("/v1/jobs/{id}/resume"), &json!({}))
+            .status,
+        200
+    );
+    assert_eq!(app.wait_finished(&id)["state"], "finished");
+
+    // Listed at once, without a refresh, with its kohya metadata.
+    let loras = app.get("/sdapi/v1/loras").json();
+    let listed = loras
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "trained-style")
+        .unwrap_or_else(|| panic!("not listed: {loras}"));
+    assert_eq!(listed["metadata"]["ss_output_name"], "trained-style");
+    assert_eq!(listed["metadata"]["ss_network_dim"], "4");
+
+    let plain = txt2img(
+        &app,
+        &payload("a red circle", json!({"seed": 5, "cfg_scale": 1})),
+    );
+    let tagged = txt2img(
+        &app,
+        &payload(
+            "a red circle <lora:trained-style:0.8>",
+            json!({"seed": 5, "cfg_scale": 1}),
+        ),
+    );
+    assert!(
+        max_pixel_diff(&plain.pngs[0], &tagged.pngs[0]) > 2,
+        "the trained LoRA changes the image"
+    );
+    // The same through /v1: the same pixels.
+    let sid = app.submit(
+        "/v1/jobs/sample",
+        &json!({
+            "request": {"prompt": "a red circle", "width": 64, "height": 64, "steps": 3,
+                        "guidance": 3.5, "cfg_scale": 1, "seed": 5},
+            "loras": [{"path": "trained-style.safetensors", "strength": 0.8}],
+        }),
+    );
+    let job = app.wait_finished(&sid);
+    let native = std::fs::read(job["outputs"][0].as_str().unwrap()).unwrap();
+    assert_eq!(max_pixel_diff(&native, &tagged.pngs[0]), 0);
+}
+
+#[test]
+fn img2img_at_denoise_zero_is_the_vae_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = spawn_app(tmp.path(), vec![], "127.0.0.1", None);
+    let start = txt2img(
+        &app,
+        &payload("a blue square", json!({"seed": 8, "cfg_scale": 1})),
+    );
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&start.pngs[0]);
+    let mut body = payload("anything", json!({"seed": 2, "cfg_scale": 1}));
+    body["init_images"] = json!([b64]);
+    body["denoising_strength"] = json!(0.0);
+    let r = app.post("/sdapi/v1/img2img", &body);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(r.json()["images"][0].as_str().unwrap())
+        .unwrap();
+    // /v1 with the same start image at denoise 0 (the sampling core's test shows
+    // that this is the VAE's encode-decode round trip): the same pixels.
+    let init = tmp.path().join("start.png");
+    std::fs::write(&init, &start.pngs[0]).unwrap();
+    let sid = app.submit(
+        "/v1/jobs/sample",
+        &json!({"request": {"prompt": "anything", "width": 64, "height": 64, "steps": 3,
+                            "cfg_scale": 1, "seed": 2, "init_image": init, "denoise": 0.0}}),
+    );
+    let job = app.wait_finished(&sid);
+    let native = std::fs::read(job["outputs"][0].as_str().unwrap()).unwrap();
+    assert_eq!(max_pixel_diff(&native, &png), 0);
+    assert!(
+        max_pixel_diff(&png, &start.pngs[0]) > 0,
+        "the tiny VAE's round trip is not the identity"
+    );
+}

@@ -143,7 +143,7 @@ async fn extension_file(state: web::Data<AppState>, req: HttpRequest) -> HttpRes
 
 fn not_found(path: &str) -> HttpResponse {
     HttpResponse::NotFound().json(json!({
-        "error": {"code": "not_found", "message": format!("no route or file /{path}")},
+        "error": {"code": "not_found", "message": format!("fluxlora does not implement GET /{path} (no route, and no front-end file)")},
     }))
 }
 

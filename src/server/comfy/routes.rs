@@ -59,20 +59,8 @@ async fn object_info_of(state: web::Data<AppState>, class: web::Path<String>) ->
     HttpResponse::Ok().json(Value::Object(one))
 }
 
-/// `(total, available)` bytes of RAM (Linux `/proc/meminfo`), zeros elsewhere.
-fn ram() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("MemTotal:"), field("MemAvailable:"))
-}
-
 async fn system_stats(state: web::Data<AppState>) -> HttpResponse {
-    let (total, free) = ram();
+    let (total, free) = crate::train::events::system_ram();
     let kind = state.device.split(':').next().unwrap_or("cpu").to_string();
     let index = state
         .device

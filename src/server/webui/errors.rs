@@ -7,7 +7,8 @@
 //!   detail starts with the field's name;
 //! - a body that is not JSON, or a field of the wrong type: 422 `{"detail":
 //!   [{"loc", "msg", "type"}]}`, FastAPI's request-validation body;
-//! - a failure of ours: 500 in the exception handler's shape.
+//! - a failure of ours: 500 in the exception handler's shape;
+//! - a route we do not implement: 404 `{"detail": "Not Found", "errors"}`.
 //!
 //! Must not: decide what is refused; handlers and `request` do.
 
@@ -97,6 +98,20 @@ impl ResponseError for WebuiError {
         };
         HttpResponse::build(status).json(body)
     }
+}
+
+/// Any `/sdapi/…` route we lack (extensions' routes, A1111 routes not served):
+/// FastAPI's 404 `{"detail": "Not Found"}`, and a message that says so.
+pub(super) async fn not_implemented(req: actix_web::HttpRequest) -> HttpResponse {
+    HttpResponse::NotFound().json(json!({
+        "detail": "Not Found",
+        "error": "NotImplemented",
+        "errors": format!(
+            "fluxlora does not implement {} {}; GET /docs lists the /v1 API, and docs/a1111-api.md the /sdapi/v1 routes it serves",
+            req.method(),
+            req.path()
+        ),
+    }))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The A1111 lists and settings, in the shapes of its `modules/api/models.py`
 //! (and the Lora extension's `/loras`): `/scripts` (none), `/samplers`,
-//! `/schedulers`, `/sd-models` (the loaded model), `/loras` and
+//! `/schedulers`, `/sd-models` (the loaded model), `/sd-modules` (its
+//! autoencoder and text encoders), `/upscalers` and `/embeddings` (none), `/loras` and
 //! `/refresh-loras` (the LoRA folder, read on every call, so nothing needs a
 //! refresh), `/options` (a few real keys; a POST accepts and ignores what it
 //! cannot apply).
@@ -23,6 +24,9 @@ pub(super) fn routes(table: &mut RouteTable) {
         .add(Method::GET, "/sdapi/v1/samplers", samplers)
         .add(Method::GET, "/sdapi/v1/schedulers", schedulers)
         .add(Method::GET, "/sdapi/v1/sd-models", sd_models)
+        .add(Method::GET, "/sdapi/v1/sd-modules", sd_modules)
+        .add(Method::GET, "/sdapi/v1/upscalers", upscalers)
+        .add(Method::GET, "/sdapi/v1/embeddings", embeddings)
         .add(Method::GET, "/sdapi/v1/loras", loras)
         .add(Method::POST, "/sdapi/v1/refresh-loras", refresh_loras)
         .add(Method::GET, "/sdapi/v1/options", get_options)
@@ -90,11 +94,7 @@ async fn schedulers() -> HttpResponse {
 }
 
 async fn sd_models(state: web::Data<AppState>) -> HttpResponse {
-    let filename = state
-        .model_path
-        .as_deref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| format!("(built in: {})", state.model_name));
+    let filename = model_source(&state);
     HttpResponse::Ok().json(json!([{
         "title": model_title(&state),
         "model_name": state.model_name,
@@ -103,6 +103,42 @@ async fn sd_models(state: web::Data<AppState>) -> HttpResponse {
         "filename": filename,
         "config": null,
     }]))
+}
+
+/// Where the loaded model's parts came from (its file, or the built-in model).
+fn model_source(state: &AppState) -> String {
+    state
+        .model_path
+        .as_deref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| format!("(built in: {})", state.model_name))
+}
+
+/// Forge's additional modules: the autoencoder and text encoders loaded with
+/// the model (one set; they cannot be switched per request).
+async fn sd_modules(state: web::Data<AppState>) -> HttpResponse {
+    let filename = model_source(&state);
+    let list: Vec<Value> = ["ae", "t5xxl", "clip_l"]
+        .iter()
+        .map(|name| json!({"model_name": name, "filename": filename}))
+        .collect();
+    HttpResponse::Ok().json(list)
+}
+
+/// No upscalers: hires fix is refused, so only A1111's "None" entry.
+async fn upscalers() -> HttpResponse {
+    HttpResponse::Ok().json(json!([{
+        "name": "None",
+        "model_name": null,
+        "model_path": null,
+        "model_url": null,
+        "scale": 4.0,
+    }]))
+}
+
+/// Textual-inversion embeddings: Flux has none loaded.
+async fn embeddings() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"loaded": {}, "skipped": {}}))
 }
 
 async fn loras(state: web::Data<AppState>) -> HttpResponse {

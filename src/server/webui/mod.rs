@@ -8,15 +8,17 @@
 //!   how `cfg_scale` 7 is read); `lora_tags`: `<lora:name:multiplier>` in prompts.
 //! - `txt2img`: runs a plan through the engine (txt2img and img2img); `img2img`:
 //!   the start image and denoising strength; `info`: the `info` JSON.
-//! - `lists`: scripts, samplers, schedulers, models, LoRAs, options;
-//!   `progress`: `/progress` and `/interrupt`; `state`: what they share.
+//! - `lists`: scripts, samplers, schedulers, models, modules, upscalers,
+//!   embeddings, LoRAs, options; `system`: `/cmd-flags`, `/memory`;
+//!   `progress`: `/progress`, `/interrupt`, `/skip`; `state`: what they share.
 //! - `png_info`: `/png-info`, our PNGs' parameters read back.
-//! - `errors`: A1111's error shapes, mapped once.
-//!
-//! Not yet: `/skip`, and the other lists of the issue.
+//! - `errors`: A1111's error shapes, mapped once, and the 404 of the routes we
+//!   do not implement.
 //!
 //! Must not: touch tensors, or import the other dialects (`native`, `comfy`,
 //! `ws`); what they share lives beside them in `server/`.
+
+use actix_web::http::Method;
 
 mod errors;
 mod img2img;
@@ -27,6 +29,7 @@ mod png_info;
 mod progress;
 mod request;
 pub(crate) mod state;
+mod system;
 mod txt2img;
 
 /// Registers every A1111 route.
@@ -35,4 +38,15 @@ pub(crate) fn routes(table: &mut crate::server::route_table::RouteTable) {
     lists::routes(table);
     progress::routes(table);
     png_info::routes(table);
+    system::routes(table);
+    // Last: whatever `/sdapi/…` route the others did not take.
+    for method in [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    ] {
+        table.add(method, "/sdapi/{rest:.*}", errors::not_implemented);
+    }
 }

@@ -4,9 +4,11 @@
 //!
 //! Must not: run jobs; the txt2img handler records what it runs here.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
+
+use serde_json::Value;
 
 /// The generation now running through `/sdapi/v1`.
 #[derive(Clone, Debug)]
@@ -21,6 +23,27 @@ pub(crate) struct Run {
     /// `YYYYmmddHHMMSS` of the start.
     pub timestamp: String,
     pub interrupted: bool,
+    /// `/skip` asked to drop the batch now sampling and go on with the next.
+    pub skipped: bool,
+    /// The newest preview of the batch now sampling (PNG): `/progress`'s
+    /// `current_image`.
+    pub preview: Option<Arc<[u8]>>,
+}
+
+impl Run {
+    /// A run of `job_count` batches starting now.
+    pub(crate) fn new(job_count: usize, timestamp: String) -> Self {
+        Self {
+            job: None,
+            job_no: 0,
+            job_count,
+            started: Instant::now(),
+            timestamp,
+            interrupted: false,
+            skipped: false,
+            preview: None,
+        }
+    }
 }
 
 /// What the A1111 routes share.
@@ -29,14 +52,18 @@ pub(crate) struct WebuiState {
     run: Mutex<Option<Run>>,
     /// Where img2img's start images are kept (`<data-dir>/webui`).
     pub(super) init_dir: PathBuf,
+    /// `/cmd-flags`: the settings the daemon was started with, under A1111's
+    /// flag names where one exists.
+    pub(super) cmd_flags: Value,
 }
 
 impl WebuiState {
-    pub(crate) fn new(data_dir: &Path) -> Self {
+    pub(crate) fn new(settings: &crate::config::Settings) -> Self {
         Self {
             queue: tokio::sync::Mutex::new(()),
             run: Mutex::new(None),
-            init_dir: data_dir.join("webui"),
+            init_dir: settings.data_dir.join("webui"),
+            cmd_flags: super::system::cmd_flags(settings),
         }
     }
 

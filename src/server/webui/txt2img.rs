@@ -1,7 +1,8 @@
 //! `POST /sdapi/v1/txt2img` and `/img2img` (txt2img plus a start image,
 //! `img2img`): an A1111 request checked into a [`Plan`]
 //! (`request`), run as `n_iter` engine sampling jobs of `batch_size` images one
-//! after the other (recorded for `/progress`; `/interrupt` stops them), answered
+//! after the other (recorded for `/progress`, with each batch's newest preview;
+//! `/interrupt` stops them, `/skip` drops the batch now sampling), answered
 //! as A1111 does: `images` (base64 PNGs carrying their infotext), `parameters`
 //! (the request as parsed, with defaults) and `info` (a JSON string).
 
@@ -15,7 +16,10 @@ use super::info::{self, Ran};
 use super::lists::{lora_files, model_names};
 use super::request::{self, Context};
 use super::state::{Run, WebuiState};
-use crate::engine::events::JobState;
+use std::time::Duration;
+
+use crate::engine::bus::{Received, Subscription};
+use crate::engine::events::{EventKind, JobState};
 use crate::engine::JobRequest;
 use crate::sample::png_meta::read_text_chunks;
 use crate::server::route_table::RouteTable;
@@ -45,6 +49,45 @@ impl Drop for Running<'_> {
     fn drop(&mut self) {
         *self.0.run() = None;
     }
+}
+
+/// Waits for sampling job `id` to end, keeping its newest preview in the
+/// recorded run for `/progress`; `sub` was subscribed before it was submitted.
+fn follow(
+    state: &AppState,
+    sub: &Subscription,
+    id: &str,
+) -> Result<crate::engine::store::JobRecord, crate::engine::EngineError> {
+    loop {
+        match sub.recv(Duration::from_millis(500)) {
+            Received::Event(e) if e.job == id => match e.kind {
+                EventKind::Preview { png, .. } => {
+                    if let Some(run) = state.webui.run().as_mut() {
+                        run.preview = Some(png);
+                    }
+                }
+                EventKind::State { state: s } if s.is_terminal() => break,
+                _ => {}
+            },
+            Received::Event(_) => {}
+            // The state is in the store whatever the bus dropped.
+            Received::Missed(_) | Received::Timeout => {
+                if state.engine.job(id)?.state.is_terminal() {
+                    break;
+                }
+            }
+        }
+    }
+    state.engine.wait(id)
+}
+
+/// Whether `/skip` stopped the batch that just ended (and clears the mark, so
+/// the next batch runs).
+fn take_skip(webui: &WebuiState) -> bool {
+    webui
+        .run()
+        .as_mut()
+        .is_some_and(|r| std::mem::take(&mut r.skipped) && !r.interrupted)
 }
 
 async fn txt2img(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, WebuiError> {
@@ -87,46 +130,46 @@ async fn generate(
 
     let _queue = state.webui.queue.lock().await;
     let timestamp = info::timestamp(crate::clock::unix_now());
-    *state.webui.run() = Some(Run {
-        job: None,
-        job_no: 0,
-        job_count: plan.n_iter,
-        started: std::time::Instant::now(),
-        timestamp: timestamp.clone(),
-        interrupted: false,
-    });
+    *state.webui.run() = Some(Run::new(plan.n_iter, timestamp.clone()));
     let running = Running(&state.webui);
     let mut outputs = vec![];
     for (i, job) in jobs.into_iter().enumerate() {
         if state.webui.run().as_ref().is_some_and(|r| r.interrupted) {
             break;
         }
+        // Subscribed before submitting, so no preview of the batch is missed.
+        let sub = state.engine.subscribe(None, 64, true);
         let id = state
             .engine
             .submit(JobRequest::Sample(job))
             .map_err(|e| WebuiError::Internal(e.to_string()))?;
-        let interrupted = {
+        let stopped = {
             let mut run = state.webui.run();
             let run = run.as_mut();
-            let interrupted = run.as_ref().is_some_and(|r| r.interrupted);
+            let stopped = run.as_ref().is_some_and(|r| r.interrupted || r.skipped);
             if let Some(r) = run {
                 r.job = Some(id.clone());
                 r.job_no = i;
+                r.preview = None;
             }
-            interrupted
+            stopped
         };
-        let engine = state.engine.clone();
+        let following = state.clone();
         let record = web::block(move || {
-            if interrupted {
-                let _ = engine.control(&id, crate::engine::Control::Cancel);
+            if stopped {
+                let _ = following
+                    .engine
+                    .control(&id, crate::engine::Control::Cancel);
             }
-            engine.wait(&id)
+            follow(&following, &sub, &id)
         })
         .await
         .map_err(|e| WebuiError::Internal(e.to_string()))?
         .map_err(|e| WebuiError::Internal(e.to_string()))?;
         match record.state {
             JobState::Finished => outputs.extend(record.outputs),
+            // Skipped: this batch gives no images; the next one runs.
+            JobState::Cancelled if take_skip(&state.webui) => continue,
             // Interrupted: A1111 answers with the images made so far.
             JobState::Cancelled => break,
             other => {
