@@ -107,7 +107,7 @@ pub(super) async fn not_implemented(req: actix_web::HttpRequest) -> HttpResponse
         "detail": "Not Found",
         "error": "NotImplemented",
         "errors": format!(
-            "fluxlora does not implement {} {}; GET /docs lists the /v1 API, and docs/a1111-api.md the /sdapi/v1 routes it serves",
+            "fluxlora does not implement {} {}; docs/a1111-api.md lists the /sdapi/v1 routes it serves (GET /v1/openapi.json documents its own API)",
             req.method(),
             req.path()
         ),
