@@ -3,11 +3,22 @@
 //!
 //! Owns the one way the project writes user-visible files (images, LoRAs, job
 //! state). Must not: write anywhere but next to the target.
+//!
+//! Fault injection, for the crash tests (`tests/it/faults.rs`) only: a process
+//! started with `FLUXLORA_FAULT_STALL_WRITE=<part>:<n>` (read once, at its first
+//! write) stalls in its `n`-th [`write`] of a file whose name contains `<part>`:
+//! half the bytes reach the temporary file, a warning says so, and the writing
+//! thread blocks for good, so the test can SIGKILL the daemon in the middle of a
+//! save. Unset, it costs one check per write and changes nothing.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// The environment variable of the fault-injection point (see the module comment).
+const STALL_WRITE_ENV: &str = "FLUXLORA_FAULT_STALL_WRITE";
 
 /// Makes temporary names unique within the process (concurrent writers of one target).
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -90,7 +101,60 @@ pub(crate) fn remove_leftovers(dir: &Path, depth: usize) -> io::Result<usize> {
 
 /// [`write_with`] for bytes already in memory.
 pub(crate) fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_with(path, |w| w.write_all(bytes))
+    write_with(path, |w| {
+        if stall_point().is_some_and(|s| s.is_due(path)) {
+            w.write_all(&bytes[..bytes.len() / 2])?;
+            w.flush()?;
+            tracing::warn!(file = %path.display(), "fault injection ({STALL_WRITE_ENV}): stalled in the middle of a write");
+            loop {
+                std::thread::park();
+            }
+        }
+        w.write_all(bytes)
+    })
+}
+
+/// Where to stall: the `nth` write of a file whose name contains `part`.
+struct StallPoint {
+    part: String,
+    nth: u64,
+    seen: AtomicU64,
+}
+
+impl StallPoint {
+    /// `<part>:<n>`, with `n` ≥ 1.
+    fn parse(spec: &str) -> Option<Self> {
+        let (part, nth) = spec.rsplit_once(':')?;
+        let nth = nth.parse().ok().filter(|&n| n >= 1)?;
+        Some(Self {
+            part: part.to_string(),
+            nth,
+            seen: AtomicU64::new(0),
+        })
+    }
+
+    /// Counts a write of `path` and says whether it is the one to stall.
+    fn is_due(&self, path: &Path) -> bool {
+        let named = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains(&self.part));
+        named && self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.nth
+    }
+}
+
+/// The process's stall point, from [`STALL_WRITE_ENV`] (read once).
+fn stall_point() -> Option<&'static StallPoint> {
+    static POINT: OnceLock<Option<StallPoint>> = OnceLock::new();
+    POINT
+        .get_or_init(|| {
+            let spec = std::env::var(STALL_WRITE_ENV).ok()?;
+            let point = StallPoint::parse(&spec);
+            if point.is_none() {
+                tracing::warn!(%spec, "{STALL_WRITE_ENV} is not `<part of a file name>:<n>`; ignored");
+            }
+            point
+        })
+        .as_ref()
 }
 
 #[cfg(test)]
@@ -112,6 +176,23 @@ mod tests {
         write(&path, b"new")?;
         assert_eq!(std::fs::read(&path)?, b"new");
         Ok(())
+    }
+
+    #[test]
+    fn the_stall_point_picks_the_nth_write_of_matching_files() {
+        assert!(StallPoint::parse("weights").is_none());
+        assert!(StallPoint::parse("weights:0").is_none());
+        let point = StallPoint::parse("weights.safetensors:2").expect("a valid spec");
+        let due: Vec<bool> = [
+            "s/.run-step000004-state.tmp/weights.safetensors",
+            "s/run-step000004.safetensors",
+            "s/.run-step000008-state.tmp/weights.safetensors",
+            "s/.run-step000012-state.tmp/weights.safetensors",
+        ]
+        .iter()
+        .map(|p| point.is_due(Path::new(p)))
+        .collect();
+        assert_eq!(due, [false, false, true, false]);
     }
 
     #[test]

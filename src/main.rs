@@ -177,6 +177,14 @@ enum LoraCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    // candle attaches a backtrace to every error it makes when RUST_BACKTRACE is
+    // set, and those errors reach users as job errors (the job record, its events,
+    // ComfyUI's and A1111's answers): keep them to one line. Panics still get
+    // their backtrace from RUST_BACKTRACE; RUST_LIB_BACKTRACE=1 brings the rest back.
+    // Set before any thread starts.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -144,7 +144,8 @@ impl Engine {
     }
 
     /// Cancels, pauses or resumes a job (resuming an interrupted job re-queues it:
-    /// training continues from its last save, sampling starts over).
+    /// training continues from its last save, sampling starts over; a cancelled or
+    /// failed training job also continues from its last save).
     ///
     /// The check and the action happen under the jobs lock, so two controls of one
     /// job cannot both pass a check that only one of them should.
@@ -178,8 +179,11 @@ impl Engine {
                     .update_in(&mut jobs, id, |r| r.state = JobState::Cancelled);
                 return Ok(());
             }
-            // A cancelled training run saved its state: resuming continues it.
-            (Control::Resume, JobState::Interrupted) | (Control::Resume, JobState::Cancelled)
+            // A cancelled training run saved its state, and a failed one (a full
+            // disk during a save, say) keeps its last complete save: resuming
+            // continues from it.
+            (Control::Resume, JobState::Interrupted)
+            | (Control::Resume, JobState::Cancelled | JobState::Failed)
                 if state == JobState::Interrupted || rec.kind == JobKind::Train =>
             {
                 let request = match rec.kind {
@@ -205,8 +209,10 @@ impl Engine {
         let requeue = matches!(to_worker, Command::Run(..));
         self.tx.send(to_worker).map_err(|_| EngineError::Stopped)?;
         if requeue {
-            self.shared
-                .update_in(&mut jobs, id, |r| r.state = JobState::Queued);
+            self.shared.update_in(&mut jobs, id, |r| {
+                r.state = JobState::Queued;
+                r.error = None;
+            });
         }
         Ok(())
     }

@@ -82,6 +82,23 @@ pub(crate) fn save_state(
         std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    let saved = assemble_state(&tmp, &final_dir, name, progress, weights, optimizer);
+    if saved.is_err() {
+        // A failed save (a full disk, say) leaves nothing half-assembled behind.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    saved.map(|()| final_dir)
+}
+
+/// Writes the state's files into `tmp` and renames it to `final_dir`.
+fn assemble_state(
+    tmp: &Path,
+    final_dir: &Path,
+    name: &str,
+    progress: &Progress,
+    weights: &[(String, Tensor)],
+    optimizer: &OptimizerState,
+) -> Result<()> {
     let weights_path = tmp.join("weights.safetensors");
     let bytes = safetensors::serialize(weights.iter().map(|(k, v)| (k.as_str(), v)), None)
         .map_err(|e| io_err(&weights_path, e))?;
@@ -93,7 +110,7 @@ pub(crate) fn save_state(
         .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
-        .map_err(|e| io_err(&tmp, e))?;
+        .map_err(|e| io_err(tmp, e))?;
     let opt_path = tmp.join("optimizer.safetensors");
     atomic_file::write(&opt_path, &bytes).map_err(|e| io_err(&opt_path, e))?;
     let json = StateJson {
@@ -102,14 +119,13 @@ pub(crate) fn save_state(
         optimizer_kind: optimizer.kind.clone(),
         output_name: name.to_string(),
     };
-    let text = serde_json::to_string_pretty(&json).map_err(|e| io_err(&tmp, e))?;
+    let text = serde_json::to_string_pretty(&json).map_err(|e| io_err(tmp, e))?;
     let state_path = tmp.join("state.json");
     atomic_file::write(&state_path, text.as_bytes()).map_err(|e| io_err(&state_path, e))?;
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| io_err(&final_dir, e))?;
+        std::fs::remove_dir_all(final_dir).map_err(|e| io_err(final_dir, e))?;
     }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| io_err(&final_dir, e))?;
-    Ok(final_dir)
+    std::fs::rename(tmp, final_dir).map_err(|e| io_err(final_dir, e))
 }
 
 /// A loaded training state.

@@ -5,8 +5,7 @@
 //! that never reads, the token and origin checks, and a restart of the real
 //! process in the middle of training.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 
 use candle_core::Device;
@@ -17,8 +16,8 @@ use tungstenite::Message;
 
 use crate::support;
 use crate::support::app::{
-    events_until, frames_until, is_end_of, next_frame, spawn_app, spawn_app_on, spawn_process, App,
-    Frame, Response,
+    events_until, frames_until, is_end_of, next_frame, silent_ws_client, small_buffer_stream,
+    spawn_app, spawn_app_on, spawn_process, App, Frame, Response,
 };
 
 /// A server on loopback whose roots hold a folder of `images` generated shape
@@ -580,38 +579,6 @@ fn step_rate(app: &App, job: &str) -> f64 {
     (times.len() - 1) as f64 / (times[times.len() - 1] - times[0])
 }
 
-/// A connection with a small receive buffer, so a client that does not read backs
-/// the server up soon.
-fn small_buffer_stream(addr: SocketAddr) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&addr.into()).unwrap();
-    socket.into()
-}
-
-/// A WebSocket client that completes the handshake and then never reads.
-fn silent_ws_client(addr: SocketAddr) -> TcpStream {
-    let mut stream = small_buffer_stream(addr);
-    write!(
-        stream,
-        "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = vec![];
-    let mut byte = [0u8];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    stream
-}
-
 #[test]
 fn a_websocket_client_that_never_reads_does_not_slow_training() {
     let tmp = tempfile::tempdir().unwrap();
@@ -637,7 +604,7 @@ fn a_websocket_client_that_never_reads_does_not_slow_training() {
 
     // A client that never reads; one that reads only at the end, with a short queue
     // so it loses events (to be replayed from the store); and a reading one.
-    let silent = silent_ws_client(app.addr);
+    let silent = silent_ws_client(app.addr, "/v1/ws");
     let mut lagging = app
         .ws_on(small_buffer_stream(app.addr), "previews=false&queue=8", &[])
         .unwrap();

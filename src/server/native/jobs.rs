@@ -239,10 +239,11 @@ struct ControlPath {
 ///   (409 otherwise; a running sampling job can only be cancelled). A running
 ///   training job pauses after the current optimizer step; sampling requests are
 ///   still served while it is paused.
-/// - `resume`: possible while the job is paused or interrupted, or a cancelled
-///   training job (409 otherwise). Resuming an `interrupted` training job (one
-///   that was running when the daemon stopped) or a cancelled one re-queues it;
-///   it continues from its last saved state.
+/// - `resume`: possible while the job is paused or interrupted, or a cancelled or
+///   failed training job (409 otherwise). Resuming an `interrupted` training job
+///   (one that was running when the daemon stopped), a cancelled one or a failed
+///   one (say, the disk filled up during a save) re-queues it; it continues from
+///   its last complete save, and a failed job's `error` is cleared.
 ///
 /// The answer is the job as it is when the request has been accepted: the change
 /// itself takes effect in the worker (between optimizer steps for a running

@@ -260,6 +260,39 @@ impl App {
     }
 }
 
+/// A connection with a small receive buffer, so a client that does not read backs
+/// the server up soon.
+pub fn small_buffer_stream(addr: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    socket.into()
+}
+
+/// A WebSocket client of `path_and_query` (`/v1/ws`, `/ws?clientId=…`) over a
+/// [`small_buffer_stream`] that completes the handshake and then never reads.
+pub fn silent_ws_client(addr: SocketAddr, path_and_query: &str) -> TcpStream {
+    let mut stream = small_buffer_stream(addr);
+    write!(
+        stream,
+        "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = vec![];
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
 /// A WebSocket frame as a client sees it.
 pub enum Frame {
     Event(Value),
@@ -339,13 +372,31 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 
 /// `fluxlora serve` as a child process on a free port, with its address.
 pub fn spawn_process(data_dir: &Path, root: &Path) -> (std::process::Child, App) {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fluxlora"))
+    // Nobody waits for the log lines; the reader still drains the pipe.
+    start_serving(serve_command(data_dir, root), std::sync::mpsc::channel().0)
+}
+
+/// The command line of `fluxlora serve` on a free port, with its state in
+/// `data_dir`, `root` as the folder requests may name, and info logs.
+pub fn serve_command(data_dir: &Path, root: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_fluxlora"));
+    command
         .args(["serve", "--port", "0", "--data-dir"])
         .arg(data_dir)
         .arg("--root")
         .arg(root)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info");
+    command
+}
+
+/// Starts `command` (a [`serve_command`]) and waits until it logs its address;
+/// every line it logs to stderr, then and later, goes to `log`.
+pub fn start_serving(
+    mut command: std::process::Command,
+    log: std::sync::mpsc::Sender<String>,
+) -> (std::process::Child, App) {
+    use std::io::BufRead;
+    let mut child = command
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -360,6 +411,7 @@ pub fn spawn_process(data_dir: &Path, root: &Path) -> (std::process::Child, App)
                 let addr = rest.split_whitespace().next().unwrap().to_string();
                 let _ = tx.send(addr);
             }
+            let _ = log.send(line);
         }
     });
     let addr = rx

@@ -1,11 +1,13 @@
 //! Helpers shared by the integration tests, each written once: the built-in tiny
-//! model, LoRAs for it, training configs for it, fixture paths, tensor comparisons, and (in
-//! [`app`]) a real server on an ephemeral port with an HTTP and WebSocket client.
+//! model, LoRAs for it, training configs for it, fixture paths, tensor comparisons, (in
+//! [`app`]) a real server on an ephemeral port with an HTTP and WebSocket client, and (in
+//! [`daemon`]) the daemon as a child process to kill, limit and restart.
 //!
 //! Helpers used by one test module stay in that module. These are test code: they
 //! panic instead of returning errors.
 
 pub mod app;
+pub mod daemon;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
