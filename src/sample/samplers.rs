@@ -19,7 +19,7 @@
 //! the request's seed, one stream per image of the batch, so a request gives the
 //! same image every time and image i of a batch equals seed + i sampled alone.
 //!
-//! Must not: know about Flux, schedules' shapes or requests; the caller brings the
+//! Must not: know about Flux, schedules or requests; the caller brings the
 //! velocity model and the times.
 
 use candle_core::{Result, Tensor};
