@@ -183,15 +183,19 @@ impl Sampler {
         Self::ALL
             .into_iter()
             .find(|s| s.name().eq_ignore_ascii_case(name))
-            .or_else(|| {
-                A1111_SAMPLERS
-                    .iter()
-                    .find(|n| {
-                        n.a1111_name.eq_ignore_ascii_case(name)
-                            || n.a1111_aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
-                    })
-                    .map(|n| n.sampler)
+            .or_else(|| Self::from_a1111_name(name))
+    }
+
+    /// The sampler an A1111 name or alias means (any case, as A1111 matches
+    /// aliases): exactly the names of [`A1111_SAMPLERS`].
+    pub fn from_a1111_name(name: &str) -> Option<Self> {
+        A1111_SAMPLERS
+            .iter()
+            .find(|n| {
+                n.a1111_name.eq_ignore_ascii_case(name)
+                    || n.a1111_aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
             })
+            .map(|n| n.sampler)
     }
 
     /// Integrates the flow from `x` at `times[0]` through every time in `times`
@@ -487,6 +491,12 @@ mod tests {
         );
         assert_eq!(Sampler::from_name("dpm++ 2m"), Some(Sampler::Dpmpp2m));
         assert_eq!(Sampler::from_name("DPM++ 2M Karras"), None);
+        assert_eq!(Sampler::from_a1111_name("k_heun"), Some(Sampler::Heun));
+        assert_eq!(
+            Sampler::from_a1111_name("euler_ancestral"),
+            None,
+            "A1111 knows only its own names"
+        );
         let err = "lms".parse::<Sampler>().unwrap_err().to_string();
         assert_eq!(
             err,

@@ -13,8 +13,9 @@
 //!   to the nearest entry and dropping repeats); our schedule is the continuous
 //!   curve, so we take the exact quantile instead: t_i = shift(ppf(1 − i/steps)),
 //!   i < steps, then 0. That keeps exactly `steps` steps, matches `simple`'s
-//!   continuous form, and differs from ComfyUI's by the table's rounding only
-//!   (under 10⁻⁴ in t).
+//!   continuous form, and differs from ComfyUI's by the table's rounding only:
+//!   at most 1.5·10⁻⁴ in t before the shift, 4.7·10⁻⁴ after it at μ = 1.15
+//!   (checked for 1 to 150 steps, where ComfyUI drops no repeated entry either).
 //!
 //! Must not: know about models or tensors; the bundle says which shift applies.
 
@@ -121,15 +122,18 @@ impl Scheduler {
         Self::ALL
             .into_iter()
             .find(|s| s.name().eq_ignore_ascii_case(name))
-            .or_else(|| {
-                A1111_SCHEDULERS
-                    .iter()
-                    .find(|n| {
-                        n.a1111_name.eq_ignore_ascii_case(name)
-                            || n.a1111_label.eq_ignore_ascii_case(name)
-                    })
-                    .map(|n| n.scheduler)
+            .or_else(|| Self::from_a1111_name(name))
+    }
+
+    /// The schedule an A1111 name or label means (any case): exactly the names
+    /// of [`A1111_SCHEDULERS`].
+    pub fn from_a1111_name(name: &str) -> Option<Self> {
+        A1111_SCHEDULERS
+            .iter()
+            .find(|n| {
+                n.a1111_name.eq_ignore_ascii_case(name) || n.a1111_label.eq_ignore_ascii_case(name)
             })
+            .map(|n| n.scheduler)
     }
 
     /// How A1111 writes it in an infotext's `Schedule type`.
@@ -213,6 +217,10 @@ mod tests {
         assert_eq!(Scheduler::from_name("Automatic"), Some(Scheduler::Simple));
         assert_eq!(Scheduler::from_name("BETA"), Some(Scheduler::Beta));
         assert_eq!(Scheduler::from_name("karras"), None);
+        // Ours are A1111 names too: the A1111 lookup takes exactly the same.
+        for s in Scheduler::ALL {
+            assert_eq!(Scheduler::from_a1111_name(s.name()), Some(s));
+        }
         let err = "karras".parse::<Scheduler>().unwrap_err().to_string();
         assert_eq!(err, "unknown scheduler `karras`; accepted: simple, beta");
     }

@@ -470,7 +470,7 @@ impl Txt2ImgRequest {
             Some(name) if !name.is_empty() => ("sampler_name", name.as_str()),
             _ => ("sampler_index", self.sampler_index.as_str()),
         };
-        Sampler::from_name(name).ok_or_else(|| {
+        Sampler::from_a1111_name(name).ok_or_else(|| {
             let names: Vec<&str> = A1111_SAMPLERS.iter().map(|n| n.a1111_name).collect();
             WebuiError::field(
                 field,
@@ -486,7 +486,7 @@ impl Txt2ImgRequest {
         let Some(name) = self.scheduler.as_deref().filter(|s| !s.is_empty()) else {
             return Ok(Scheduler::default());
         };
-        Scheduler::from_name(name).ok_or_else(|| {
+        Scheduler::from_a1111_name(name).ok_or_else(|| {
             let names: Vec<&str> = A1111_SCHEDULERS.iter().map(|n| n.a1111_name).collect();
             WebuiError::field(
                 "scheduler",
@@ -571,6 +571,7 @@ mod tests {
             (json!({"styles": ["s"]}), "styles"),
             (json!({"sampler_name": "DPM++ 2M Karras"}), "sampler_name"),
             (json!({"sampler_index": "LMS"}), "sampler_index"),
+            (json!({"sampler_name": "dpmpp_2m"}), "sampler_name"),
             (json!({"scheduler": "karras"}), "scheduler"),
             (json!({"width": 520}), "width"),
             (json!({"seed": -2}), "seed"),
