@@ -139,6 +139,12 @@ struct SampleArgs {
     /// img2img: share of the schedule run on the image, 0 to 1 (default 0.75).
     #[arg(long)]
     denoise: Option<f64>,
+    /// Sampler: euler, euler_ancestral, heun or dpmpp_2m (A1111's names work too).
+    #[arg(long, default_value = "euler")]
+    sampler: fluxlora::sample::samplers::Sampler,
+    /// Schedule: simple (Flux's shifted schedule) or beta.
+    #[arg(long, default_value = "simple")]
+    scheduler: fluxlora::sample::schedule::Scheduler,
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// Output PNG; with --batch > 1, `_N` is added before the extension.
@@ -224,6 +230,8 @@ fn main() -> anyhow::Result<()> {
                 init_image: a.init_image,
                 denoise: a.denoise,
                 seed: a.seed,
+                sampler: a.sampler,
+                scheduler: a.scheduler,
                 batch_size: a.batch,
             };
             for path in commands::sample(&a.model, &req, &a.loras, &a.out)? {

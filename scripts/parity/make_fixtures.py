@@ -18,6 +18,17 @@ in the format described in ``shared/spec/parity-fixtures.md``:
 
 All tensors are stored as little-endian float32.
 
+Besides, one folder ``samplers`` (not a model fixture: it has no config.json) holds
+the references of the samplers and schedules, in float64:
+
+    cases.json               the velocity field, and per case: sampler, scheduler,
+                             steps, shift (base/max or null), image_seq_len
+    samplers.safetensors     W, b (the field v(x, t) = tanh(x W^T + t b)), x1 (the
+                             initial x at t = 1), and per case <case>.times,
+                             <case>.final and, for euler_ancestral, <case>.noise
+                             (one standard normal draw per step that adds noise)
+    README.md                the update rules used, and the sanity numbers
+
 Where the reference numbers come from (nothing here uses the fluxlora Rust code)
 -------------------------------------------------------------------------------
 * Weights are drawn at random (seeded torch generator) directly in the BFL key
@@ -38,6 +49,13 @@ Where the reference numbers come from (nothing here uses the fluxlora Rust code)
   converts and runs that; the two must agree.
 * ``final``: a plain PyTorch Euler loop following BFL ``sampling.py``
   (``get_schedule`` / ``denoise``) with the diffusers model as the velocity.
+* ``samplers``: the samplers euler, euler_ancestral (rectified-flow Euler a, eta 1),
+  heun and dpmpp_2m (DPM-Solver++(2M) in sigma form) and the schedules simple and
+  beta, written here in plain PyTorch float64 from their published update rules
+  (``rf_sample``), on a cheap deterministic velocity field. The beta quantiles come
+  from mpmath's regularized incomplete beta (40 digits; torch has no incomplete
+  beta), inverted by bisection. The ancestral noise is drawn here and stored, so a
+  replay uses the very same draws.
 * Extra sanity checks, printed and asserted: stock diffusers in float32 against
   float64 (self-consistency); an independent plain-PyTorch float64 implementation
   of the BFL forward (``bfl_forward``, written here from the BFL sources) against
@@ -58,6 +76,7 @@ How to run
     .venv-parity/bin/python scripts/parity/make_fixtures.py            # all fixtures
     .venv-parity/bin/python scripts/parity/make_fixtures.py --only dev_b2_grid3x5
     .venv-parity/bin/python scripts/parity/make_fixtures.py --out /tmp/parity --list
+    .venv-parity/bin/python scripts/parity/make_fixtures.py --only-samplers
 
 Runs on CPU in well under a minute.  The output is deterministic for a given
 set of package versions (see requirements.txt).
@@ -645,6 +664,237 @@ def euler_sample(model, inp, noise, sched, guidance: float | None, dtype=F64) ->
 
 
 # --------------------------------------------------------------------------------------
+# Samplers and schedules (rectified flow: x_t = (1 - t) x0 + t noise, v = d x_t / d t,
+# denoised D = x - t v), each from its published update rule
+# --------------------------------------------------------------------------------------
+
+SAMPLER_FIXTURE = {
+    "name": "samplers",
+    "seed": 4242,
+    "batch": 2,
+    "tokens": 6,
+    "channels": 4,
+    "beta": {"alpha": 0.6, "beta": 0.6},
+    # (case name, sampler, scheduler, steps, shifted, image_seq_len)
+    "cases": [
+        (f"{sampler}_{scheduler}", sampler, scheduler, 8, True, 1024)
+        for sampler in ("euler", "euler_ancestral", "heun", "dpmpp_2m")
+        for scheduler in ("simple", "beta")
+    ] + [
+        ("euler_ancestral_simple_unshifted_5", "euler_ancestral", "simple", 5, False, 1024),
+        ("dpmpp_2m_beta_unshifted_5", "dpmpp_2m", "beta", 5, False, 1024),
+        ("heun_beta_1", "heun", "beta", 1, True, 4096),
+        ("dpmpp_2m_simple_2", "dpmpp_2m", "simple", 2, True, 256),
+    ],
+}
+BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
+
+
+def beta_ppf(p: float, a: float, b: float) -> float:
+    """The Beta(a, b) quantile: bisection on mpmath's regularized incomplete beta."""
+    import mpmath
+    if p <= 0:
+        return 0.0
+    if p >= 1:
+        return 1.0
+    with mpmath.workdps(40):
+        lo, hi = mpmath.mpf(0), mpmath.mpf(1)
+        for _ in range(140):
+            mid = (lo + hi) / 2
+            if mpmath.betainc(a, b, 0, mid, regularized=True) < p:
+                lo = mid
+            else:
+                hi = mid
+        return float((lo + hi) / 2)
+
+
+def flux_shift(t: torch.Tensor, image_seq_len: int) -> torch.Tensor:
+    m = (MAX_SHIFT - BASE_SHIFT) / (4096 - 256)
+    mu = m * image_seq_len + (BASE_SHIFT - m * 256)
+    out = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    return torch.where(t <= 0, torch.zeros_like(t), torch.where(t >= 1, torch.ones_like(t), out))
+
+
+def schedule_times(scheduler: str, steps: int, shifted: bool, image_seq_len: int) -> torch.Tensor:
+    """simple: 1 - i/steps; beta: ppf(1 - i/steps; 0.6, 0.6) (ComfyUI's beta_scheduler
+    on a continuous sigma curve), i = 0..steps-1, then 0; both shifted alike."""
+    q = [1 - i / steps for i in range(steps)]
+    if scheduler == "simple":
+        t = q + [0.0]
+    elif scheduler == "beta":
+        ab = SAMPLER_FIXTURE["beta"]
+        t = [beta_ppf(p, ab["alpha"], ab["beta"]) for p in q] + [0.0]
+    else:
+        raise ValueError(scheduler)
+    t = torch.tensor(t, dtype=F64)
+    return flux_shift(t, image_seq_len) if shifted else t
+
+
+def rf_sample(sampler: str, velocity, x: torch.Tensor, times: torch.Tensor, draw) -> torch.Tensor:
+    """Integrates from times[0] down to times[-1]; `draw()` gives the ancestral noise."""
+    ts = [float(t) for t in times]
+    denoised_prev, t_prev = None, None
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        v = velocity(x, t)
+        denoised = x - t * v
+        if sampler == "euler":
+            x = x + (t_next - t) * v
+        elif sampler == "euler_ancestral":
+            # Euler a for rectified flow, eta = 1: step the ODE down to
+            # sigma_down = t_next * (t_next / t), rescale the signal part from
+            # (1 - sigma_down) to (1 - t_next), and add fresh noise so the noise part
+            # is t_next again: renoise^2 = t_next^2 - (sigma_down (1 - t_next) / (1 - sigma_down))^2.
+            if t_next == 0:
+                x = denoised
+            else:
+                sigma_down = t_next * t_next / t
+                x = (sigma_down / t) * x + (1 - sigma_down / t) * denoised
+                keep = (1 - t_next) / (1 - sigma_down)
+                renoise = math.sqrt(max(t_next ** 2 - (sigma_down * keep) ** 2, 0.0))
+                x = keep * x + renoise * draw()
+        elif sampler == "heun":
+            # Karras et al. 2022, Algorithm 1 (no churn): Euler predictor, trapezoid
+            # corrector; the step to t = 0 is Euler only.
+            x_pred = x + (t_next - t) * v
+            if t_next == 0:
+                x = x_pred
+            else:
+                x = x + (t_next - t) * (v + velocity(x_pred, t_next)) / 2
+        elif sampler == "dpmpp_2m":
+            # DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) with lambda = -log(sigma),
+            # sigma = t: x <- (t_next/t) x - expm1(-h) D', h = lambda_next - lambda.
+            if t_next == 0:
+                x = denoised  # lambda_next = inf: the data prediction itself
+            else:
+                lam, lam_next = -math.log(t), -math.log(t_next)
+                h = lam_next - lam
+                if denoised_prev is None:
+                    d = denoised
+                else:
+                    r = (lam - (-math.log(t_prev))) / h
+                    d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * denoised_prev
+                x = (t_next / t) * x - math.expm1(-h) * d
+            denoised_prev, t_prev = denoised, t
+        else:
+            raise ValueError(sampler)
+    return x
+
+
+def make_sampler_fixture(root: Path) -> dict:
+    fx = SAMPLER_FIXTURE
+    gen = torch.Generator().manual_seed(fx["seed"])
+    b, n, c = fx["batch"], fx["tokens"], fx["channels"]
+    W = torch.randn((c, c), generator=gen, dtype=F64) * (1.5 / math.sqrt(c))
+    bias = torch.randn((c,), generator=gen, dtype=F64)
+    x1 = torch.randn((b, n, c), generator=gen, dtype=F64)
+
+    def velocity(x, t):
+        return torch.tanh(x @ W.T + t * bias)
+
+    tensors = {"W": W, "b": bias, "x1": x1}
+    cases, checks = [], {}
+    finals = {}
+    for name, sampler, scheduler, steps, shifted, seq_len in fx["cases"]:
+        times = schedule_times(scheduler, steps, shifted, seq_len)
+        draws = []
+
+        def draw():
+            e = torch.randn((b, n, c), generator=gen, dtype=F64)
+            draws.append(e)
+            return e
+
+        final = rf_sample(sampler, velocity, x1.clone(), times, draw)
+        assert torch.isfinite(final).all(), name
+        # The replayed draws give the same result; deterministic samplers draw none.
+        replay = iter(draws)
+        again = rf_sample(sampler, velocity, x1.clone(), times, lambda: next(replay))
+        assert torch.equal(again, final), name
+        assert (len(draws) > 0) == (sampler == "euler_ancestral"), name
+        tensors[f"{name}.times"] = times
+        tensors[f"{name}.final"] = final
+        if draws:
+            tensors[f"{name}.noise"] = torch.stack(draws)
+        cases.append({
+            "name": name, "sampler": sampler, "scheduler": scheduler, "steps": steps,
+            "shift": {"base_shift": BASE_SHIFT, "max_shift": MAX_SHIFT} if shifted else None,
+            "image_seq_len": seq_len,
+        })
+        finals[name] = final
+        checks[f"{name}_final_vs_x1"] = rel(final, x1)
+    # Different samplers and schedules really differ on this field.
+    checks["euler_vs_heun_simple"] = rel(finals["euler_simple"], finals["heun_simple"])
+    checks["euler_vs_dpmpp_2m_simple"] = rel(finals["euler_simple"], finals["dpmpp_2m_simple"])
+    checks["simple_vs_beta_euler"] = rel(finals["euler_simple"], finals["euler_beta"])
+    checks["euler_vs_euler_ancestral_simple"] = rel(finals["euler_simple"], finals["euler_ancestral_simple"])
+    for k in ("euler_vs_heun_simple", "euler_vs_dpmpp_2m_simple", "simple_vs_beta_euler"):
+        assert checks[k] > 1e-3, (k, checks[k])
+    # A straight flow (v = x1 - x0 for x0 = 0 everywhere) is integrated exactly by
+    # every deterministic sampler, whatever the schedule.
+    for sampler in ("euler", "heun", "dpmpp_2m"):
+        for scheduler in ("simple", "beta"):
+            out = rf_sample(sampler, lambda x, t: x1, x1.clone(), schedule_times(scheduler, 5, True, 1024),
+                            lambda: None)
+            assert out.abs().max() < 1e-12, (sampler, scheduler)
+
+    out_dir = root / fx["name"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases_json = {"field": "v(x, t) = tanh(x @ W^T + t * b), x [B, N, C]", "cases": cases}
+    (out_dir / "cases.json").write_text(json.dumps(cases_json, indent=2) + "\n")
+    st = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(st, str(out_dir / "samplers.safetensors"))
+    back = load_file(str(out_dir / "samplers.safetensors"))
+    assert all(back[k].dtype == F64 and torch.equal(back[k], v) for k, v in st.items())
+    write_sampler_readme(out_dir, checks, tensors)
+    return {"name": fx["name"], "checks": checks}
+
+
+def write_sampler_readme(out_dir: Path, checks: dict, tensors: dict) -> None:
+    fx = SAMPLER_FIXTURE
+    lines = [
+        "# Sampler parity fixture `samplers`",
+        "",
+        "References for fluxlora's samplers and schedules, generated by "
+        "`scripts/parity/make_fixtures.py --only-samplers` (seed "
+        f"{fx['seed']}). Not a model fixture (no `config.json`): the velocity is the cheap "
+        "deterministic field v(x, t) = tanh(x W^T + t b), x [B, N, C] = "
+        f"[{fx['batch']}, {fx['tokens']}, {fx['channels']}], so the numbers test the update rules "
+        "alone. Everything is float64.",
+        "",
+        "## Contents",
+        "",
+        "- `cases.json`: per case its `name`, `sampler` (euler, euler_ancestral, heun, dpmpp_2m), "
+        "`scheduler` (simple, beta), `steps`, `shift` ({base_shift, max_shift} for Flux's "
+        "time shift with mu from `image_seq_len`, or null) and `image_seq_len`.",
+        "- `samplers.safetensors`: `W` [C, C], `b` [C], `x1` [B, N, C] (the initial x at t = 1); "
+        "per case `<name>.times` [steps + 1] (the schedule), `<name>.final` [B, N, C] (x at the "
+        "last time) and, for euler_ancestral, `<name>.noise` [steps - 1, B, N, C]: the standard "
+        "normal draws, in order, one per step that adds noise (every step but the last).",
+        "",
+        "## Rules (sigma = t; denoised D = x - t v)",
+        "",
+        "- euler: x <- x + (t_next - t) v.",
+        "- euler_ancestral (rectified-flow Euler a, eta = 1, s_noise = 1): sigma_down = "
+        "t_next^2 / t; x <- (sigma_down/t) x + (1 - sigma_down/t) D; then x <- k x + "
+        "sqrt(t_next^2 - (k sigma_down)^2) eps with k = (1 - t_next)/(1 - sigma_down); "
+        "the last step is x <- D.",
+        "- heun: x' = x + (t_next - t) v; x <- x + (t_next - t)(v + v(x', t_next))/2; the "
+        "last step is Euler.",
+        "- dpmpp_2m: lambda = -ln t, h = lambda_next - lambda; x <- (t_next/t) x - expm1(-h) D', "
+        "D' = D on the first step, else (1 + 1/2r) D - (1/2r) D_prev with r = h_prev/h; "
+        "the last step (lambda_next = inf) is x <- D.",
+        "- simple: t_i = 1 - i/steps; beta: t_i = ppf(1 - i/steps) of Beta(0.6, 0.6) for i < "
+        "steps (mpmath, 40 digits), t_steps = 0; both then shifted with "
+        "exp(mu)/(exp(mu) + 1/t - 1) when `shift` is set.",
+        "",
+        "## Sanity numbers at generation time (relative L2)",
+        "",
+    ]
+    lines += [f"- {k}: {fmt(v)}" for k, v in checks.items()]
+    lines += ["", "Tensors: " + ", ".join(f"`{k}` {list(v.shape)}" for k, v in tensors.items()), ""]
+    (out_dir / "README.md").write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------
 # Fixture generation
 # --------------------------------------------------------------------------------------
 
@@ -907,6 +1157,12 @@ def write_root_readme(root: Path, results: list[dict], argv: list[str]) -> None:
             f"LoRA peft vs merge {fmt(c['lora_1.0_peft_vs_merge'])}; `out` vs `out_1.0` {fmt(c['lora_1.0_vs_out'])}; "
             f"stock f32 sampling vs `final` {fmt(c['sampling_stock_f32_vs_ref'])}."
         )
+    lines.append(
+        "- `samplers`: not a model fixture (no `config.json`, so the model parity check skips it): "
+        "the samplers euler, euler_ancestral, heun, dpmpp_2m and the schedules simple, beta, written "
+        "in plain PyTorch float64 from their published update rules and run on a cheap tanh velocity "
+        "field, the ancestral noise stored with them; see its README.md."
+    )
     lines += [
         "",
         "## Conventions worth knowing (BFL vs diffusers)",
@@ -941,6 +1197,8 @@ def main() -> int:
                     help="output root (default: tests/fixtures/parity, relative to the cwd)")
     ap.add_argument("--only", nargs="*", choices=sorted(FIXTURES), help="fixtures to make (default: all)")
     ap.add_argument("--list", action="store_true", help="list the produced files and sizes afterwards")
+    ap.add_argument("--only-samplers", action="store_true",
+                    help="make only the sampler fixture (samplers/), no model fixture")
     ap.add_argument("--no-root-readme", action="store_true",
                     help="do not (re)write <out>/README.md (never written with --only)")
     args = ap.parse_args()
@@ -955,8 +1213,16 @@ def main() -> int:
         handler.addFilter(lambda rec: "should be kept in float32" not in rec.getMessage())
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    names = args.only or list(FIXTURES)
     print("versions:", versions())
+    if args.only_samplers or not args.only:
+        print(f"== {SAMPLER_FIXTURE['name']}")
+        r = make_sampler_fixture(root)
+        for k, v in r["checks"].items():
+            print(f"   {k:55s} {fmt(v)}")
+    if args.only_samplers:
+        print("all reference checks passed")
+        return 0
+    names = args.only or list(FIXTURES)
     results = []
     for name in names:
         print(f"== {name}")

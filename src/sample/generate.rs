@@ -1,13 +1,15 @@
 //! Text-to-image generation with a loaded bundle: encode the prompt, draw seeded
-//! noise, integrate the flow with Euler over Flux's schedule, decode with the VAE.
+//! noise, integrate the flow with the requested sampler over the requested
+//! schedule, decode with the VAE.
 
 use candle_core::{Result, Tensor};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use super::euler::{euler, FluxVelocity, StepInfo, TrueCfg};
 use super::png_meta::{AppliedLora, GenerationParams};
-use super::schedule::schedule;
+use super::samplers::{Sampler, SeededNoise, StepInfo};
+use super::schedule::Scheduler;
+use super::velocity::{FluxVelocity, TrueCfg};
 use crate::model::adapter::AdapterSet;
 use crate::model::bundle::{ModelBundle, SamplingDefaults};
 use crate::model::flux::{image_ids, pack_latents, text_ids, unpack_latents};
@@ -59,10 +61,21 @@ pub struct SampleRequest {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 1)]
     pub denoise: Option<f64>,
-    /// Seed of the noise; image i of the batch uses seed + i.
+    /// Seed of the noise (the initial noise and an ancestral sampler's); image i
+    /// of the batch uses seed + i.
     #[serde(default)]
     #[schema(default = 0)]
     pub seed: u64,
+    /// The sampler: `euler`, `euler_ancestral` (rectified-flow Euler a, fresh
+    /// seeded noise every step), `heun` (two model passes per step) or `dpmpp_2m`.
+    #[serde(default)]
+    #[schema(default = "euler")]
+    pub sampler: Sampler,
+    /// The schedule: `simple` (Flux's shifted equal steps) or `beta` (ComfyUI's
+    /// Beta(0.6, 0.6) quantiles, shifted alike).
+    #[serde(default)]
+    #[schema(default = "simple")]
+    pub scheduler: Scheduler,
     /// Images to generate, 1 to 64.
     #[serde(default = "one")]
     #[schema(default = 1, minimum = 1, maximum = 64)]
@@ -86,6 +99,8 @@ impl SampleRequest {
             init_image: None,
             denoise: None,
             seed: 0,
+            sampler: Sampler::default(),
+            scheduler: Scheduler::default(),
             batch_size: 1,
         }
     }
@@ -109,6 +124,8 @@ pub struct ResolvedRequest {
     pub init_image: Option<std::path::PathBuf>,
     pub denoise: f64,
     pub seed: u64,
+    pub sampler: Sampler,
+    pub scheduler: Scheduler,
     pub batch_size: usize,
 }
 
@@ -156,6 +173,8 @@ impl ResolvedRequest {
                 1.0
             }),
             seed: req.seed,
+            sampler: req.sampler,
+            scheduler: req.scheduler,
             batch_size: req.batch_size,
         };
         let bad = |field, message: String| Err(RequestError { field, message });
@@ -225,6 +244,8 @@ impl ResolvedRequest {
             guidance: self.guidance,
             cfg_scale: self.cfg_scale,
             seed: self.seed.wrapping_add(index as u64),
+            sampler: self.sampler,
+            scheduler: self.scheduler,
             width: self.width,
             height: self.height,
             model: model.to_string(),
@@ -312,7 +333,10 @@ pub fn generate(
         .map(|i| latent_noise(req.seed.wrapping_add(i as u64), channels, lh, lw, device))
         .collect::<Result<Vec<_>>>()?;
     let noise = pack_latents(&Tensor::cat(&noise, 0)?)?.to_dtype(bundle.flux.dtype())?;
-    let mut times = schedule(req.steps, (lh / 2) * (lw / 2), bundle.defaults.shift);
+    let mut times = req
+        .scheduler
+        .times(req.steps, (lh / 2) * (lw / 2), bundle.defaults.shift);
+    let mut ancestral = SeededNoise::new((0..b).map(|i| req.seed.wrapping_add(i as u64)));
     // img2img: the image's latents noised to the time the remaining steps start at.
     let start = match &req.init_image {
         None => noise,
@@ -337,7 +361,8 @@ pub fn generate(
         guidance: req.guidance,
     };
     let packed = if req.cfg_scale == 1.0 {
-        euler(&velocity, start, &times, on_step)?
+        req.sampler
+            .run(&velocity, start, &times, &mut ancestral, on_step)?
     } else {
         // The negative prompt's conditioning (same length: T5's fixed sequence).
         let negatives: Vec<&str> = vec![req.negative_prompt.as_str(); b];
@@ -354,7 +379,8 @@ pub fn generate(
             negative: &negative,
             scale: req.cfg_scale,
         };
-        euler(&cfg, start, &times, on_step)?
+        req.sampler
+            .run(&cfg, start, &times, &mut ancestral, on_step)?
     };
     let latents = unpack_latents(&packed, lh, lw)?;
     let pixels = vae.decode(&latents)?;
@@ -395,5 +421,42 @@ mod tests {
             "a real round trip, not the input"
         );
         Ok(())
+    }
+
+    #[test]
+    fn sampler_and_scheduler_default_to_euler_over_simple_and_parse_by_name() {
+        let plain: SampleRequest = serde_json::from_str(r#"{"prompt": "x"}"#).unwrap();
+        assert_eq!(
+            (plain.sampler, plain.scheduler),
+            (Sampler::Euler, Scheduler::Simple)
+        );
+        assert_eq!(
+            (plain.sampler, plain.scheduler),
+            (
+                SampleRequest::new("x").sampler,
+                SampleRequest::new("x").scheduler
+            )
+        );
+        let chosen: SampleRequest =
+            serde_json::from_str(r#"{"prompt": "x", "sampler": "dpmpp_2m", "scheduler": "beta"}"#)
+                .unwrap();
+        assert_eq!(
+            (chosen.sampler, chosen.scheduler),
+            (Sampler::Dpmpp2m, Scheduler::Beta)
+        );
+        let err = serde_json::from_str::<SampleRequest>(r#"{"prompt": "x", "sampler": "lms"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("euler_ancestral") && err.contains("dpmpp_2m"),
+            "{err}"
+        );
+        let resolved =
+            ResolvedRequest::with_defaults(&chosen, &ModelBundle::tiny_defaults()).unwrap();
+        let params = resolved.params(0, "tiny", &[]);
+        assert_eq!(
+            (params.sampler, params.scheduler),
+            (Sampler::Dpmpp2m, Scheduler::Beta)
+        );
     }
 }

@@ -11,6 +11,8 @@ use std::path::Path;
 use image::RgbImage;
 use serde::Serialize;
 
+use super::samplers::Sampler;
+use super::schedule::Scheduler;
 use crate::atomic_file;
 
 /// What produced an image, written into its PNG.
@@ -23,6 +25,8 @@ pub(crate) struct GenerationParams {
     /// 1 for one pass; above, true CFG with the negative prompt.
     pub cfg_scale: f64,
     pub seed: u64,
+    pub sampler: Sampler,
+    pub scheduler: Scheduler,
     pub width: usize,
     pub height: usize,
     pub model: String,
@@ -69,8 +73,10 @@ impl GenerationParams {
             text.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
         }
         text.push_str(&format!(
-            "\nSteps: {}, Sampler: Euler, Schedule type: Simple, CFG scale: {}, Distilled CFG Scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+            "\nSteps: {}, Sampler: {}, Schedule type: {}, CFG scale: {}, Distilled CFG Scale: {}, Seed: {}, Size: {}x{}, Model: {}",
             self.steps,
+            self.sampler.a1111_name(),
+            self.scheduler.a1111_label(),
             self.cfg_scale,
             self.guidance,
             self.seed,
@@ -153,6 +159,8 @@ mod tests {
             guidance: 3.5,
             cfg_scale: 1.0,
             seed: 42,
+            sampler: Sampler::Euler,
+            scheduler: Scheduler::Simple,
             width: 4,
             height: 2,
             model: "tiny".into(),
@@ -185,6 +193,23 @@ mod tests {
             .1;
         let v: serde_json::Value = serde_json::from_str(json).map_err(io::Error::other)?;
         assert_eq!(v["seed"], 42);
+        assert_eq!(
+            (&v["sampler"], &v["scheduler"]),
+            (&"euler".into(), &"simple".into())
+        );
+        assert!(text.contains("Sampler: Euler, Schedule type: Simple, CFG scale: 1,"));
+        let other = GenerationParams {
+            sampler: Sampler::EulerAncestral,
+            scheduler: Scheduler::Beta,
+            ..params.clone()
+        };
+        assert!(
+            other
+                .a1111_text()
+                .contains("Steps: 4, Sampler: Euler a, Schedule type: Beta, CFG scale: 1,"),
+            "{}",
+            other.a1111_text()
+        );
         let decoded = image::load_from_memory(&bytes)
             .map_err(io::Error::other)?
             .to_rgb8();

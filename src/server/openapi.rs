@@ -532,6 +532,8 @@ mod tests {
     use crate::engine::store::{JobKind, JobRecord};
     use crate::engine::{LoraChoice, SampleJob};
     use crate::sample::generate::SampleRequest;
+    use crate::sample::samplers::Sampler;
+    use crate::sample::schedule::Scheduler;
     use crate::train::config::TrainConfig;
     use crate::train::dataset::DatasetConfig;
     use crate::train::events::{StepStats, TrainEvent};
@@ -800,6 +802,13 @@ mod tests {
         let mut request = SampleRequest::new("a cat");
         request.prompt = String::new();
         check_against(&doc, "SampleRequest", &request);
+        // The sampler and the schedule are chosen by name, and the document lists the names.
+        let props = &schema(&doc, "SampleRequest")["properties"];
+        assert!(props.get("sampler").is_some() && props.get("scheduler").is_some());
+        let names: Vec<&str> = Sampler::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(schema(&doc, "Sampler")["enum"], json!(names));
+        let names: Vec<&str> = Scheduler::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(schema(&doc, "Scheduler")["enum"], json!(names));
         let choice: LoraChoice = serde_json::from_value(json!({})).unwrap();
         check_against(&doc, "LoraChoice", &choice);
         let job: SampleJob = serde_json::from_value(json!({"request": {"prompt": "x"}})).unwrap();

@@ -3,12 +3,24 @@
 //!
 //! Options (case-insensitive, separated by ` --`): `w`/`h` size, `d` seed, `s` steps
 //! (clamped to 1..=1000 like kohya), `g` distilled guidance, `l` true CFG scale with
-//! the negative prompt `n` (kohya's Flux sampling: `scale`, default 1 = one pass).
-//! kohya's other options (`ss`, `cn`, `ctr`, `rcfg`, `fs`) are accepted and ignored.
+//! the negative prompt `n` (kohya's Flux sampling: `scale`, default 1 = one pass),
+//! `ss` the sampler: ours or A1111's names (`euler`, `euler_ancestral`, `heun`,
+//! `dpmpp_2m`, `k_euler_a`, …) and kohya's `euler_a` and `dpmsolver++` (diffusers'
+//! DPM-Solver++, second order multistep: our `dpmpp_2m`); a sampler we lack is an
+//! error, not Euler in disguise. kohya's other options (`cn`, `ctr`, `rcfg`, `fs`)
+//! are accepted and ignored.
 //!
 //! Must not: sample (the trainer turns a spec into a `SampleRequest`).
 
 use crate::sample::generate::SampleRequest;
+use crate::sample::samplers::Sampler;
+use crate::sample::schedule::Scheduler;
+
+/// kohya's `--ss` names that are not ours or A1111's, and the sampler each runs.
+const KOHYA_SAMPLERS: [(&str, Sampler); 2] = [
+    ("euler_a", Sampler::EulerAncestral),
+    ("dpmsolver++", Sampler::Dpmpp2m),
+];
 
 /// One preview prompt with its options.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -22,6 +34,8 @@ pub(crate) struct PromptSpec {
     pub guidance: Option<f64>,
     /// True CFG scale (`--l`).
     pub cfg_scale: Option<f64>,
+    /// The sampler (`--ss`).
+    pub sampler: Option<Sampler>,
 }
 
 impl PromptSpec {
@@ -51,7 +65,20 @@ impl PromptSpec {
                 "g" => spec.guidance = Some(value.parse().map_err(|_| num("a number"))?),
                 "l" => spec.cfg_scale = Some(value.parse().map_err(|_| num("a number"))?),
                 "n" => spec.negative_prompt = value.to_string(),
-                "ss" | "cn" | "ctr" | "rcfg" | "fs" => {}
+                "ss" => {
+                    let kohya = KOHYA_SAMPLERS
+                        .iter()
+                        .find(|(name, _)| name.eq_ignore_ascii_case(value))
+                        .map(|(_, s)| *s);
+                    let sampler = match kohya {
+                        Some(s) => s,
+                        None => value
+                            .parse::<Sampler>()
+                            .map_err(|e| format!("--ss: {e} in `{line}`"))?,
+                    };
+                    spec.sampler = Some(sampler);
+                }
+                "cn" | "ctr" | "rcfg" | "fs" => {}
                 other => return Err(format!("unknown prompt option `--{other}` in `{line}`")),
             }
         }
@@ -71,6 +98,8 @@ impl PromptSpec {
             init_image: None,
             denoise: None,
             seed: self.seed.unwrap_or(default_seed),
+            sampler: self.sampler.unwrap_or_default(),
+            scheduler: Scheduler::default(),
             batch_size: 1,
         }
     }
@@ -96,12 +125,30 @@ mod tests {
         let g = PromptSpec::parse("x --l 7 --g 2.5 --ss euler").unwrap();
         assert_eq!((g.guidance, g.cfg_scale), (Some(2.5), Some(7.0)));
         assert_eq!(g.request(1).cfg_scale, Some(7.0));
+        assert_eq!(g.request(1).sampler, Sampler::Euler);
+        for (ss, sampler) in [
+            ("euler_a", Sampler::EulerAncestral),
+            ("K_EULER_A", Sampler::EulerAncestral),
+            ("heun", Sampler::Heun),
+            ("dpmsolver++", Sampler::Dpmpp2m),
+            ("dpmpp_2m", Sampler::Dpmpp2m),
+        ] {
+            let p = PromptSpec::parse(&format!("x --ss {ss} --s 4")).unwrap();
+            assert_eq!(p.request(1).sampler, sampler, "{ss}");
+            assert_eq!(p.steps, Some(4));
+        }
+        assert_eq!(
+            PromptSpec::parse("x").unwrap().request(1).sampler,
+            Sampler::Euler
+        );
     }
 
     #[test]
     fn bad_options_are_errors() {
         assert!(PromptSpec::parse("x --w big").unwrap_err().contains("--w"));
         assert!(PromptSpec::parse("x --zz 1").unwrap_err().contains("--zz"));
+        let e = PromptSpec::parse("x --ss ddim").unwrap_err();
+        assert!(e.contains("--ss") && e.contains("euler_ancestral"), "{e}");
         assert!(PromptSpec::parse(" --w 64").is_err());
     }
 }

@@ -1,5 +1,5 @@
 //! End-to-end checks of the command-line jobs on the built-in tiny model:
-//! sampling with and without LoRAs, PNG metadata, `lora inspect|convert|merge`,
+//! sampling with and without LoRAs, every sampler and schedule, PNG metadata, `lora inspect|convert|merge`,
 //! and the errors a user sees for broken files.
 
 use std::collections::BTreeMap;
@@ -14,6 +14,8 @@ use fluxlora::model::lora_io;
 use fluxlora::model::seeded::SeededRng;
 use fluxlora::sample::generate::SampleRequest;
 use fluxlora::sample::png_meta::read_text_chunks;
+use fluxlora::sample::samplers::Sampler;
+use fluxlora::sample::schedule::Scheduler;
 
 use crate::support::{bundle, max_abs_diff, write_lora};
 
@@ -421,4 +423,76 @@ fn img2img_starts_part_way_down_the_schedule_from_the_image() {
     };
     let err = commands::sample(&model, &bad, &[], &dir.path().join("x.png")).unwrap_err();
     assert!(format!("{err:#}").contains("init_image"), "{err:#}");
+}
+
+#[test]
+fn every_sampler_and_schedule_samples_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelArgs::default();
+    let mut seen: Vec<(String, Vec<u8>)> = vec![];
+    for sampler in Sampler::ALL {
+        for scheduler in Scheduler::ALL {
+            let req = SampleRequest {
+                width: Some(32),
+                height: Some(32),
+                steps: Some(3),
+                sampler,
+                scheduler,
+                ..request(7)
+            };
+            let name = format!("{}_{}", sampler.name(), scheduler.name());
+            let out = commands::sample(&model, &req, &[], &dir.path().join(format!("{name}.png")))
+                .unwrap();
+            let chunks = read_text_chunks(&std::fs::read(&out[0]).unwrap()).unwrap();
+            let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+            let recorded = format!(
+                "Sampler: {}, Schedule type: {},",
+                sampler.a1111_name(),
+                scheduler.a1111_label()
+            );
+            assert!(params.contains(&recorded), "{params}");
+            let again = commands::sample(&model, &req, &[], &dir.path().join("again.png")).unwrap();
+            assert_eq!(pixels(&out[0]), pixels(&again[0]), "{name} repeats exactly");
+            seen.push((name, pixels(&out[0])));
+        }
+    }
+    for (i, (a, pa)) in seen.iter().enumerate() {
+        for (b, pb) in &seen[i + 1..] {
+            assert_ne!(pa, pb, "{a} and {b} gave the same image");
+        }
+    }
+}
+
+#[test]
+fn the_sample_command_takes_sampler_and_scheduler_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cli.png");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fluxlora"))
+            .args(["sample", "--prompt", "a red circle", "--steps", "2"])
+            .args(["--width", "32", "--height", "32", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&["--sampler", "dpmpp_2m", "--scheduler", "beta"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let chunks = read_text_chunks(&std::fs::read(&out).unwrap()).unwrap();
+    let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(
+        params.contains("Sampler: DPM++ 2M, Schedule type: Beta,"),
+        "{params}"
+    );
+    let bad = run(&["--sampler", "lms"]);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("unknown sampler `lms`; accepted: euler, euler_ancestral, heun, dpmpp_2m"),
+        "{stderr}"
+    );
 }

@@ -825,3 +825,55 @@ fn uploads_are_checked_confined_and_loadable() {
     assert!(leftovers.is_empty());
     assert_eq!(app.get("/object_info").status, 200);
 }
+
+#[test]
+fn the_sample_node_runs_the_chosen_sampler_and_schedule() {
+    let (_tmp, app) = app();
+    let mut ws = app.comfy_ws("samplers");
+    next_frame(&mut ws); // status
+    let graph = |sampler_name: &str, scheduler: &str| {
+        let mut sample = sampler();
+        sample["inputs"]["sampler_name"] = json!(sampler_name);
+        sample["inputs"]["scheduler"] = json!(scheduler);
+        json!({
+            "1": sample,
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+        })
+    };
+    let (_, _, _, entry) = run_prompt(&app, &mut ws, "samplers", &graph("euler_ancestral", "beta"));
+    assert_eq!(entry["status"]["status_str"], "success", "{entry}");
+    let ancestral = saved_images(&app, &entry);
+    let job = newest_sample_job(&app);
+    assert_eq!(job["request"]["request"]["sampler"], "euler_ancestral");
+    assert_eq!(job["request"]["request"]["scheduler"], "beta");
+    // Without the optional inputs: Euler over the simple schedule, another image.
+    let (_, _, _, entry) = run_prompt(
+        &app,
+        &mut ws,
+        "samplers",
+        &json!({
+            "1": sampler(),
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+        }),
+    );
+    assert_ne!(saved_images(&app, &entry), ancestral);
+    let job = newest_sample_job(&app);
+    assert_eq!(job["request"]["request"]["sampler"], "euler");
+    // A name outside the combo is ComfyUI's validation error.
+    let r = app.post(
+        "/prompt",
+        &json!({"prompt": graph("lms", "simple"), "client_id": "samplers"}),
+    );
+    assert_eq!(r.status, 400);
+    let errors = r.json()["node_errors"]["1"]["errors"].clone();
+    assert!(errors.to_string().contains("'lms' not in"), "{errors}");
+}
+
+/// The newest sample job (the list is oldest first).
+fn newest_sample_job(app: &App) -> Value {
+    let jobs = app.get("/v1/jobs?kind=sample").json();
+    jobs.as_array()
+        .and_then(|j| j.last())
+        .cloned()
+        .expect("a sample job")
+}

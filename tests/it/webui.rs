@@ -300,8 +300,19 @@ fn refusals_name_the_field_and_the_daemon_answers_after() {
         detail.starts_with("width: ") && detail.contains("A1111 would round to 8"),
         "{detail}"
     );
-    let detail = refused(&app, &payload("x", json!({"sampler_name": "DPM++ 2M"})));
-    assert!(detail.contains("Euler, Euler a"), "{detail}");
+    let detail = refused(
+        &app,
+        &payload("x", json!({"sampler_name": "DPM++ 2M Karras"})),
+    );
+    assert!(
+        detail.starts_with("sampler_name: ") && detail.contains("Euler, Euler a, Heun, DPM++ 2M"),
+        "{detail}"
+    );
+    let detail = refused(&app, &payload("x", json!({"scheduler": "karras"})));
+    assert!(
+        detail.starts_with("scheduler: ") && detail.contains("automatic, simple, normal, beta"),
+        "{detail}"
+    );
 
     let r = app.request("POST", "/sdapi/v1/txt2img", Some(b"{\"prompt\": "));
     assert!((400..500).contains(&r.status), "{}", r.status);
@@ -338,6 +349,70 @@ fn refusals_name_the_field_and_the_daemon_answers_after() {
     );
     assert_eq!(app.get("/sdapi/v1/progress").json()["state"]["job"], "");
     txt2img(&app, &payload("still here", json!({"seed": 1})));
+}
+
+#[test]
+fn samplers_and_schedulers_are_chosen_by_a1111_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let app = spawn_app(tmp.path(), vec![], "127.0.0.1", None);
+    // The lists name exactly what is accepted.
+    let samplers = app.get("/sdapi/v1/samplers").json();
+    let names: Vec<&str> = samplers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Euler", "Euler a", "Heun", "DPM++ 2M"]);
+    assert_eq!(samplers[3]["aliases"], json!(["k_dpmpp_2m"]));
+    assert_eq!(samplers[3]["options"]["fluxlora_sampler"], "dpmpp_2m");
+    let schedulers = app.get("/sdapi/v1/schedulers").json();
+    let labels: Vec<&str> = schedulers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["Automatic", "Simple", "Normal", "Beta"]);
+
+    let body = |edit: Value| {
+        let mut p = payload("a red circle", json!({"seed": 4, "cfg_scale": 1}));
+        for (k, v) in edit.as_object().unwrap() {
+            p[k] = v.clone();
+        }
+        p
+    };
+    let dpm = txt2img(
+        &app,
+        &body(json!({"sampler_name": "DPM++ 2M", "scheduler": "beta"})),
+    );
+    assert_eq!(dpm.info["sampler_name"], "DPM++ 2M");
+    assert_eq!(dpm.info["extra_generation_params"]["Schedule type"], "Beta");
+    let text = parameters_chunk(&dpm.pngs[0]);
+    assert!(
+        text.contains("Steps: 3, Sampler: DPM++ 2M, Schedule type: Beta, "),
+        "{text}"
+    );
+    let euler = txt2img(
+        &app,
+        &body(json!({"sampler_name": "Euler", "scheduler": "simple"})),
+    );
+    assert!(parameters_chunk(&euler.pngs[0]).contains("Sampler: Euler, Schedule type: Simple, "));
+    assert!(
+        max_pixel_diff(&dpm.pngs[0], &euler.pngs[0]) > 0,
+        "another sampler and schedule give another image"
+    );
+    // Euler a by its index alias: deterministic per seed, and another seed differs.
+    let ancestral = |seed: u64| {
+        txt2img(
+            &app,
+            &body(json!({"sampler_name": null, "sampler_index": "k_euler_a", "seed": seed})),
+        )
+    };
+    let a = ancestral(4);
+    assert!(parameters_chunk(&a.pngs[0]).contains("Sampler: Euler a, Schedule type: Simple, "));
+    assert_eq!(max_pixel_diff(&a.pngs[0], &ancestral(4).pngs[0]), 0);
+    assert!(max_pixel_diff(&a.pngs[0], &euler.pngs[0]) > 0);
 }
 
 #[test]

@@ -1101,6 +1101,8 @@ mod tests {
     use super::*;
     use crate::model::bundle::ModelBundle;
     use crate::sample::generate::ResolvedRequest;
+    use crate::sample::samplers::Sampler;
+    use crate::sample::schedule::Scheduler;
     use crate::train::lr_schedule::ScheduleKind;
     use crate::train::optim::OptimizerKind;
     use serde_json::json;
@@ -1654,6 +1656,26 @@ mod tests {
         assert_eq!((job.request.width, job.request.height), (Some(512), None));
         assert_eq!(job.request.guidance, None);
         assert!(job.loras.is_empty());
+        assert_eq!(
+            (job.request.sampler, job.request.scheduler),
+            (Sampler::Euler, Scheduler::Simple),
+            "the defaults of the combos"
+        );
+        // The combos offer exactly the sampling core's names.
+        let optional = &sampler.info["input"]["optional"];
+        let names: Vec<&str> = Sampler::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(optional["sampler_name"][0], json!(names));
+        let names: Vec<&str> = Scheduler::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(optional["scheduler"][0], json!(names));
+        inputs.insert("sampler_name".into(), json!("dpmpp_2m"));
+        inputs.insert("scheduler".into(), json!("beta"));
+        let NodeRequest::Sample(job) = sampler.request(&inputs).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (job.request.sampler, job.request.scheduler),
+            (Sampler::Dpmpp2m, Scheduler::Beta)
+        );
         inputs.remove("prompt");
         assert!(matches!(
             sampler.request(&inputs),

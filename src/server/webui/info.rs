@@ -27,6 +27,7 @@ pub(super) fn info(plan: &Plan, ran: &Ran) -> Value {
         .collect();
     let mut extra = Map::new();
     extra.insert("Distilled CFG Scale".into(), json!(plan.guidance));
+    extra.insert("Schedule type".into(), json!(plan.scheduler.a1111_label()));
     if let Some(hashes) = &ran.lora_hashes {
         extra.insert("Lora hashes".into(), json!(hashes));
     }
@@ -42,7 +43,7 @@ pub(super) fn info(plan: &Plan, ran: &Ran) -> Value {
         "subseed_strength": 0.0,
         "width": plan.width,
         "height": plan.height,
-        "sampler_name": "Euler",
+        "sampler_name": plan.sampler.a1111_name(),
         "cfg_scale": plan.cfg_scale,
         "steps": plan.steps,
         "batch_size": plan.batch_size,

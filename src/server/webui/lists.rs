@@ -12,8 +12,9 @@ use serde_json::{json, Map, Value};
 
 use super::errors::WebuiError;
 use super::lora_tags;
-use super::request::{SAMPLERS, SCHEDULERS};
 use crate::model::lora_io;
+use crate::sample::samplers::A1111_SAMPLERS;
+use crate::sample::schedule::A1111_SCHEDULERS;
 use crate::server::paths;
 use crate::server::route_table::RouteTable;
 use crate::server::state::AppState;
@@ -63,14 +64,14 @@ async fn scripts() -> HttpResponse {
 }
 
 async fn samplers() -> HttpResponse {
-    let list: Vec<Value> = SAMPLERS
+    let list: Vec<Value> = A1111_SAMPLERS
         .iter()
-        .map(|(name, aliases)| {
+        .map(|n| {
             json!({
-                "name": name,
-                "aliases": aliases,
+                "name": n.a1111_name,
+                "aliases": n.a1111_aliases,
                 // Which of our samplers the name runs.
-                "options": {"fluxlora_sampler": "euler (Flux flow matching)"},
+                "options": {"fluxlora_sampler": n.sampler.name()},
             })
         })
         .collect();
@@ -78,12 +79,12 @@ async fn samplers() -> HttpResponse {
 }
 
 async fn schedulers() -> HttpResponse {
-    let list: Vec<Value> = SCHEDULERS
+    let list: Vec<Value> = A1111_SCHEDULERS
         .iter()
-        .map(|(name, label)| {
+        .map(|n| {
             json!({
-                "name": name,
-                "label": label,
+                "name": n.a1111_name,
+                "label": n.a1111_label,
                 "aliases": null,
                 "default_rho": -1.0,
                 "need_inner_model": false,

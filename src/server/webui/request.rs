@@ -9,9 +9,11 @@
 //!   with the negative prompt (two passes per step). A1111's default 7, which
 //!   `webuiapi` sends untouched, is true CFG at 7, as in Forge: send 1 for the
 //!   distilled model's one pass.
-//! - sampler: `Euler` and `Euler a` (and their `k_euler…` aliases) both run our
-//!   sampler, Euler over Flux's flow; schedulers `automatic`, `simple`, `normal`
-//!   (names or labels) all mean Flux's shifted schedule.
+//! - sampler (`sampler_name`, else `sampler_index`): `Euler`, `Euler a`, `Heun`,
+//!   `DPM++ 2M` and their `k_…` aliases, each run as its rectified-flow form
+//!   (`sample::samplers`); schedulers (names or labels) `automatic`, `simple` and
+//!   `normal` run Flux's shifted schedule, `beta` the beta schedule
+//!   (`sample::schedule`). The names come from the tables there.
 //! - sizes must be multiples of 16 (Flux packs 2×2 latent patches; A1111 would
 //!   round to 8): others are refused, not rounded.
 //! - `seed` −1 is random (below 2³², as A1111 draws); image i of the whole run
@@ -33,6 +35,8 @@ use super::errors::WebuiError;
 use super::lora_tags::{self, LoraTag};
 use crate::engine::{LoraChoice, SampleJob};
 use crate::sample::generate::{SampleRequest, MAX_BATCH, SIZE_MULTIPLE};
+use crate::sample::samplers::{Sampler, A1111_SAMPLERS};
+use crate::sample::schedule::{Scheduler, A1111_SCHEDULERS};
 
 /// `cfg_scale`'s A1111 default.
 const A1111_DEFAULT_CFG: f64 = 7.0;
@@ -42,18 +46,6 @@ pub(super) const FORGE_DISTILLED_CFG: f64 = 3.5;
 const MAX_ITERATIONS: i64 = 64;
 /// A random seed is below this, as A1111 draws them (`random.randrange(4294967294)`).
 const RANDOM_SEED_BOUND: u64 = 4_294_967_294;
-
-/// Sampler names we run (all as Euler), with A1111's aliases.
-pub(super) const SAMPLERS: [(&str, &[&str]); 2] = [
-    ("Euler", &["k_euler"]),
-    ("Euler a", &["k_euler_a", "k_euler_ancestral"]),
-];
-/// Scheduler (name, label) pairs we accept, all meaning Flux's shifted schedule.
-pub(super) const SCHEDULERS: [(&str, &str); 3] = [
-    ("automatic", "Automatic"),
-    ("simple", "Simple"),
-    ("normal", "Normal"),
-];
 
 /// A1111's txt2img request, every field with A1111's default.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -253,6 +245,8 @@ pub(crate) struct Plan {
     pub guidance: f64,
     /// True CFG scale (1: one pass).
     pub cfg_scale: f64,
+    pub sampler: Sampler,
+    pub scheduler: Scheduler,
     pub seed: u64,
     pub subseed: i64,
     pub batch_size: usize,
@@ -278,6 +272,8 @@ impl Plan {
                 init_image: None,
                 denoise: None,
                 seed: self.seed.wrapping_add((iteration * self.batch_size) as u64),
+                sampler: self.sampler,
+                scheduler: self.scheduler,
                 batch_size: self.batch_size,
             },
             loras: self
@@ -397,8 +393,8 @@ impl Txt2ImgRequest {
         }
 
         let guidance = self.guidance()?;
-        self.sampler()?;
-        self.schedule()?;
+        let sampler = self.sampler()?;
+        let scheduler = self.schedule()?;
         let size = |field: &str, v: i64| -> Result<usize, WebuiError> {
             if v <= 0 || v % SIZE_MULTIPLE as i64 != 0 {
                 return Err(WebuiError::field(
@@ -447,6 +443,8 @@ impl Txt2ImgRequest {
             steps,
             guidance,
             cfg_scale: self.cfg_scale,
+            sampler,
+            scheduler,
             seed,
             subseed,
             batch_size,
@@ -467,45 +465,37 @@ impl Txt2ImgRequest {
         Ok(self.distilled_cfg_scale)
     }
 
-    fn sampler(&self) -> Result<(), WebuiError> {
+    fn sampler(&self) -> Result<Sampler, WebuiError> {
         let (field, name) = match &self.sampler_name {
             Some(name) if !name.is_empty() => ("sampler_name", name.as_str()),
             _ => ("sampler_index", self.sampler_index.as_str()),
         };
-        let known = SAMPLERS.iter().any(|(n, aliases)| {
-            n.eq_ignore_ascii_case(name) || aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
-        });
-        if known {
-            return Ok(());
-        }
-        let names: Vec<&str> = SAMPLERS.iter().map(|(n, _)| *n).collect();
-        Err(WebuiError::field(
-            field,
-            format!(
-                "sampler `{name}` is not available; accepted: {} (both run Euler over Flux's flow)",
-                names.join(", ")
-            ),
-        ))
+        Sampler::from_a1111_name(name).ok_or_else(|| {
+            let names: Vec<&str> = A1111_SAMPLERS.iter().map(|n| n.a1111_name).collect();
+            WebuiError::field(
+                field,
+                format!(
+                    "sampler `{name}` is not available; accepted: {}",
+                    names.join(", ")
+                ),
+            )
+        })
     }
 
-    fn schedule(&self) -> Result<(), WebuiError> {
+    fn schedule(&self) -> Result<Scheduler, WebuiError> {
         let Some(name) = self.scheduler.as_deref().filter(|s| !s.is_empty()) else {
-            return Ok(());
+            return Ok(Scheduler::default());
         };
-        if SCHEDULERS
-            .iter()
-            .any(|(n, label)| n.eq_ignore_ascii_case(name) || label.eq_ignore_ascii_case(name))
-        {
-            return Ok(());
-        }
-        let names: Vec<&str> = SCHEDULERS.iter().map(|(n, _)| *n).collect();
-        Err(WebuiError::field(
-            "scheduler",
-            format!(
-                "scheduler `{name}` is not available; accepted: {} (all Flux's shifted schedule)",
-                names.join(", ")
-            ),
-        ))
+        Scheduler::from_a1111_name(name).ok_or_else(|| {
+            let names: Vec<&str> = A1111_SCHEDULERS.iter().map(|n| n.a1111_name).collect();
+            WebuiError::field(
+                "scheduler",
+                format!(
+                    "scheduler `{name}` is not available; accepted: {}",
+                    names.join(", ")
+                ),
+            )
+        })
     }
 }
 
@@ -579,7 +569,9 @@ mod tests {
             ),
             (json!({"subseed_strength": 0.5}), "subseed_strength"),
             (json!({"styles": ["s"]}), "styles"),
-            (json!({"sampler_name": "DPM++ 2M"}), "sampler_name"),
+            (json!({"sampler_name": "DPM++ 2M Karras"}), "sampler_name"),
+            (json!({"sampler_index": "LMS"}), "sampler_index"),
+            (json!({"sampler_name": "dpmpp_2m"}), "sampler_name"),
             (json!({"scheduler": "karras"}), "scheduler"),
             (json!({"width": 520}), "width"),
             (json!({"seed": -2}), "seed"),
@@ -608,7 +600,37 @@ mod tests {
             "override_settings": {"sd_model_checkpoint": "tiny", "CLIP_stop_at_last_layers": 2},
             "a_field_from_the_future": [1, 2],
         }));
-        assert!(plan.is_ok(), "{plan:?}");
+        let plan = plan.unwrap();
+        assert_eq!(
+            (plan.sampler, plan.scheduler),
+            (Sampler::EulerAncestral, Scheduler::Simple)
+        );
+        let plan = ctx_plan(json!({"sampler_name": "DPM++ 2M", "scheduler": "beta"})).unwrap();
+        assert_eq!(
+            (plan.sampler, plan.scheduler),
+            (Sampler::Dpmpp2m, Scheduler::Beta)
+        );
+        assert_eq!(plan.job(0).request.sampler, Sampler::Dpmpp2m);
+        assert_eq!(plan.job(0).request.scheduler, Scheduler::Beta);
+        let plan = ctx_plan(json!({"sampler_index": "k_heun", "scheduler": "Automatic"})).unwrap();
+        assert_eq!(
+            (plan.sampler, plan.scheduler),
+            (Sampler::Heun, Scheduler::Simple)
+        );
+        let Err(e) = ctx_plan(json!({"scheduler": "karras"})) else {
+            panic!()
+        };
+        assert!(
+            e.to_string().contains("automatic, simple, normal, beta"),
+            "{e}"
+        );
+        let Err(e) = ctx_plan(json!({"sampler_name": "LMS"})) else {
+            panic!()
+        };
+        assert!(
+            e.to_string().contains("Euler, Euler a, Heun, DPM++ 2M"),
+            "{e}"
+        );
         let bad = parse(br#"{"steps": "many"}"#);
         assert!(
             matches!(bad, Err(WebuiError::Validation { ref loc, .. }) if loc == &[json!("body"), json!("steps")]),

@@ -1,9 +1,12 @@
-//! The Euler flow-matching sampler and the Flux velocity model it drives.
+//! The velocity models the samplers drive: the [`Velocity`] interface, and the
+//! Flux model behind it.
 //!
-//! The sampler knows nothing about Flux: it integrates dx/dt = v(x, t) from t = 1
-//! (noise) to t = 0 (data) over a schedule. [`FluxVelocity`] binds a Flux model, its
-//! conditioning and an adapter set into such a v; [`TrueCfg`] combines two of them
-//! (prompt and negative prompt) into classifier-free guidance.
+//! The samplers know nothing about Flux: they integrate dx/dt = v(x, t) from t = 1
+//! (noise) to t = 0 (data). [`FluxVelocity`] binds a Flux model, its conditioning
+//! and an adapter set into such a v; [`TrueCfg`] combines two of them (prompt and
+//! negative prompt) into classifier-free guidance.
+//!
+//! Must not: step through a schedule (the samplers do that).
 
 use candle_core::{Result, Tensor};
 
@@ -13,41 +16,6 @@ use crate::model::flux::{Flux, FluxInputs};
 /// Something that predicts the flow velocity v(x, t) for packed latents x (b, n, c).
 pub trait Velocity {
     fn velocity(&self, x: &Tensor, t: f64) -> Result<Tensor>;
-}
-
-/// Progress of one step, reported after the step is taken.
-#[derive(Clone, Copy, Debug)]
-pub struct StepInfo {
-    /// 1-based step index.
-    pub step: usize,
-    pub total: usize,
-    pub t: f64,
-}
-
-/// x ← x + (t_next − t)·v(x, t) for every consecutive pair of `times`. `on_step` may
-/// stop sampling early by returning an error (cancellation).
-pub fn euler(
-    model: &dyn Velocity,
-    noise: Tensor,
-    times: &[f64],
-    on_step: &mut dyn FnMut(StepInfo, &Tensor) -> Result<()>,
-) -> Result<Tensor> {
-    let mut x = noise;
-    let total = times.len().saturating_sub(1);
-    for (i, pair) in times.windows(2).enumerate() {
-        let (t, t_next) = (pair[0], pair[1]);
-        let v = model.velocity(&x, t)?;
-        x = (&x + (v.to_dtype(x.dtype())? * (t_next - t))?)?;
-        on_step(
-            StepInfo {
-                step: i + 1,
-                total,
-                t: t_next,
-            },
-            &x,
-        )?;
-    }
-    Ok(x)
 }
 
 /// A Flux model with fixed conditioning: the velocity field for one sampling run.
@@ -133,38 +101,6 @@ mod tests {
         assert_eq!(at(1.0)?, vec![3.0, 1.0], "scale 1 is the positive alone");
         assert_eq!(at(0.0)?, vec![1.0, 1.0], "scale 0 is the negative alone");
         assert_eq!(at(3.5)?, vec![8.0, 1.0]);
-        Ok(())
-    }
-
-    /// v = x1 − x0 for a straight path from x1 = 0 (data) to noise: the exact solution.
-    struct Straight {
-        data: Tensor,
-        noise: Tensor,
-    }
-
-    impl Velocity for Straight {
-        fn velocity(&self, _x: &Tensor, _t: f64) -> Result<Tensor> {
-            &self.noise - &self.data
-        }
-    }
-
-    #[test]
-    fn euler_integrates_a_straight_flow_exactly() -> Result<()> {
-        let dev = Device::Cpu;
-        let data = Tensor::new(&[[[0.5f32, -1.0]]], &dev)?;
-        let noise = Tensor::new(&[[[2.0f32, 3.0]]], &dev)?;
-        let model = Straight {
-            data: data.clone(),
-            noise: noise.clone(),
-        };
-        let mut seen = vec![];
-        let out = euler(&model, noise, &[1.0, 0.7, 0.2, 0.0], &mut |info, _| {
-            seen.push(info.step);
-            Ok(())
-        })?;
-        let diff = (out - data)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "{diff}");
-        assert_eq!(seen, vec![1, 2, 3]);
         Ok(())
     }
 }
