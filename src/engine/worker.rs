@@ -463,9 +463,10 @@ impl TrainHooks for TrainJob<'_> {
         let mut between = worker.between_steps(id, trainer, pending);
         if let Between::Pause = between {
             let step = trainer.progress().step;
-            worker.shared.set_state(id, JobState::Paused);
+            // The event first: whoever sees the job paused finds its step stored.
             let paused = TrainEvent::Paused { step };
             worker.shared.emit(id, EventKind::Train { event: paused });
+            worker.shared.set_state(id, JobState::Paused);
             between = worker.wait_while_paused(id, trainer);
             if let Between::Continue = between {
                 worker.shared.set_state(id, JobState::Running);

@@ -728,12 +728,14 @@ fn a_lora_the_daemon_trains_is_listed_at_once_and_applies_by_tag() {
         max_pixel_diff(&plain.pngs[0], &tagged.pngs[0]) > 2,
         "the trained LoRA changes the image"
     );
-    // The same through /v1: the same pixels.
+    // The same through /v1 (webuiapi's "Euler a" with "automatic" is
+    // euler_ancestral over the simple schedule): the same pixels.
     let sid = app.submit(
         "/v1/jobs/sample",
         &json!({
             "request": {"prompt": "a red circle", "width": 64, "height": 64, "steps": 3,
-                        "guidance": 3.5, "cfg_scale": 1, "seed": 5},
+                        "guidance": 3.5, "cfg_scale": 1, "seed": 5,
+                        "sampler": "euler_ancestral", "scheduler": "simple"},
             "loras": [{"path": "trained-style.safetensors", "strength": 0.8}],
         }),
     );
