@@ -8,6 +8,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use super::adapter::AdapterSet;
+use super::frozen_linear::{self, frozen_linear};
 
 /// A linear layer that knows its module path and applies the adapters for it.
 /// Its weight may be stored in a narrower dtype (fp8) and is upcast per call.
@@ -53,10 +54,28 @@ impl Linear {
         } else {
             self.weight.to_dtype(x.dtype())?
         };
-        let mut y = x.broadcast_matmul(&w.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
-        }
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_dtype(x.dtype()))
+            .transpose()?;
+        let y = if frozen_linear::applies(x, &w, bias.as_ref()) {
+            // Training through a frozen base: only the input gradient is computed.
+            let (in_f, out_f) = (w.dim(1)?, w.dim(0)?);
+            let mut dims = x.dims().to_vec();
+            let rows = x.elem_count() / in_f.max(1);
+            let y = frozen_linear(&x.reshape((rows, in_f))?, &w, bias.as_ref())?;
+            if let Some(last) = dims.last_mut() {
+                *last = out_f;
+            }
+            y.reshape(dims)?
+        } else {
+            let y = x.broadcast_matmul(&w.t()?)?;
+            match &bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        };
         adapters.apply(&self.module, x, y)
     }
 }
