@@ -25,7 +25,7 @@ import time
 CONFIGS = {
     # The built-in tiny model's architecture (fluxlora's ModelBundle::tiny).
     "tiny": dict(
-        in_channels=16, vec_in_dim=64, context_in_dim=64, hidden_size=64, num_heads=4,
+        in_channels=16, vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=4,
         depth=1, depth_single_blocks=2, axes_dim=[4, 6, 6], guidance_embed=False,
         text_tokens=32, image_side=4,
     ),
