@@ -218,7 +218,7 @@ impl Stream {
     ) -> Result<Tensor> {
         let x = (x + mods[0].gate(&self.proj.forward(attn, ad)?)?)?;
         let h = mods[1].modulate(&layer_norm(&x, None, 1e-6)?)?;
-        let h = self.mlp_in.forward(&h, ad)?.gelu()?;
+        let h = fused_grad::gelu_tanh(&self.mlp_in.forward(&h, ad)?)?;
         let h = self.mlp_out.forward(&h, ad)?;
         x + mods[1].gate(&h)?
     }
@@ -311,9 +311,10 @@ impl SingleBlock {
         let q = rms_norm(&q, &self.query_norm)?;
         let k = rms_norm(&k, &self.key_norm)?;
         let attn = attention(&q, &k, &v, pe)?;
-        let out = self
-            .linear2
-            .forward(&Tensor::cat(&[attn, mlp.gelu()?], D::Minus1)?, ad)?;
+        let out = self.linear2.forward(
+            &Tensor::cat(&[attn, fused_grad::gelu_tanh(&mlp)?], D::Minus1)?,
+            ad,
+        )?;
         x + mods[0].gate(&out)?
     }
 }
