@@ -1,4 +1,4 @@
-//! The command-line jobs (`sample`, `lora inspect|convert|merge`) as library
+//! The command-line jobs (`sample`, `lora inspect|convert|merge`, `bench`) as library
 //! functions, so `main.rs` only parses arguments and tests can call them directly.
 //!
 //! Must not: parse the command line or print (callers print what is returned).
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use crate::bench::{self, BenchConfig, BenchOptions};
 use crate::config::{DeviceChoice, Precision, Settings};
 use crate::engine::Engine;
 use crate::model::adapter::AdapterSet;
@@ -54,6 +55,74 @@ impl ModelArgs {
 }
 
 /// The key layout `lora convert` writes.
+/// `fluxlora bench` options.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// The configuration(s) to run; dev and schnell are full-size (for GPUs).
+    #[arg(long, value_enum, default_value = "small")]
+    pub config: Vec<BenchConfig>,
+    /// CPU threads for candle's kernels (sets RAYON_NUM_THREADS and
+    /// CANDLE_NUM_THREADS before any pool starts); default: as the environment says.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Image side in pixels, 16 per token side (default: tiny's own, 256 for
+    /// small, 512 for dev and schnell).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Timed runs per figure (medians are reported), after 2 warm-up runs.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Side of the square matmul that measures the peak (default 2048 on the CPU,
+    /// 8192 on a GPU).
+    #[arg(long)]
+    pub matmul_n: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Compute precision (default: f32 on the CPU, bf16 on a GPU).
+    #[arg(long)]
+    pub precision: Option<Precision>,
+    /// One JSON object per configuration (one per line) instead of the text report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `fluxlora bench`: returns the report (or the JSON lines); a line per finished
+/// figure goes to `progress` meanwhile.
+pub fn bench(args: &BenchArgs, progress: &mut dyn FnMut(&str)) -> Result<String> {
+    if let Some(n) = args.threads {
+        // Before any rayon pool or candle kernel starts: both are sized once, from these.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
+    let device = args.device.open()?;
+    let mut out = String::new();
+    for &cfg in &args.config {
+        let mut opts = BenchOptions::new(cfg, &device);
+        opts.resolution = args.resolution;
+        opts.batch = args.batch;
+        opts.steps = args.steps;
+        if let Some(n) = args.matmul_n {
+            opts.matmul_n = n;
+        }
+        if let Some(p) = args.precision {
+            opts.dtype = p.dtype();
+        }
+        let report = bench::measure(&opts, &device, &mut |line| {
+            progress(&format!("{}: {line}", cfg.name()))
+        })?;
+        if args.json {
+            out.push_str(&serde_json::to_string(&report)?);
+            out.push('\n');
+        } else {
+            out.push_str(&bench::format_report(&report));
+        }
+    }
+    Ok(out)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SaveFormat {
     /// kohya sd-scripts keys (`lora_unet_…`), what ComfyUI, Forge and A1111 load.

@@ -48,18 +48,9 @@ enum Command {
         #[arg(long)]
         dit_steps: Option<u64>,
     },
-    /// Measure throughput (matmul peak, transformer forward, LoRA step, sampling).
-    Bench {
-        #[command(flatten)]
-        model: ModelArgs,
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        /// Image width (default: the model's sampling default).
-        #[arg(long)]
-        width: Option<usize>,
-        #[arg(long)]
-        height: Option<usize>,
-    },
+    /// Measure training and sampling speed on a named configuration with seeded
+    /// weights, beside the matmul peak (see docs/performance.md).
+    Bench(commands::BenchArgs),
     /// Inspect, convert or merge LoRA files.
     #[command(subcommand)]
     Lora(LoraCommand),
@@ -266,18 +257,11 @@ fn main() -> anyhow::Result<()> {
             };
             pretrain(&cfg, &mut |line| eprintln!("{line}"))?;
         }
-        Command::Bench {
-            model,
-            batch,
-            width,
-            height,
-        } => {
-            let bundle = std::sync::Arc::new(model.load()?);
-            let (w, h) = (
-                width.unwrap_or(bundle.defaults.width),
-                height.unwrap_or(bundle.defaults.height),
-            );
-            print!("{}", fluxlora::bench::run(&bundle, batch, w, h)?);
+        Command::Bench(args) => {
+            print!(
+                "{}",
+                commands::bench(&args, &mut |line| eprintln!("{line}"))?
+            )
         }
         Command::Lora(LoraCommand::Inspect { file, json }) => {
             print!("{}", commands::lora_inspect(&file, json)?);

@@ -1,13 +1,16 @@
-//! Building blocks shared by the model files: the adapter-aware [`Linear`], and
-//! layer norm / softmax that use candle's fused kernels for inference but switch to
-//! differentiable compositions of basic ops whenever a gradient may flow (candle's
-//! fused kernels have no backward: shared/research/candle-training.md).
+//! Building blocks shared by the model files: the adapter-aware [`Linear`] (with the
+//! frozen-weight fast path while training), and layer norm / softmax on candle's
+//! fused kernels, given a closed-form backward by `fused_grad` (candle's fused
+//! kernels have none: shared/research/candle-training.md); an affine layer norm
+//! that trains stays a differentiable composition of basic ops.
 //!
 //! Must not: know any architecture's key names.
 
 use candle_core::{DType, Result, Tensor, D};
 
 use super::adapter::AdapterSet;
+use super::frozen_linear::{self, frozen_linear};
+use super::fused_grad;
 
 /// A linear layer that knows its module path and applies the adapters for it.
 /// Its weight may be stored in a narrower dtype (fp8) and is upcast per call.
@@ -53,10 +56,28 @@ impl Linear {
         } else {
             self.weight.to_dtype(x.dtype())?
         };
-        let mut y = x.broadcast_matmul(&w.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
-        }
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_dtype(x.dtype()))
+            .transpose()?;
+        let y = if frozen_linear::applies(x, &w, bias.as_ref()) {
+            // Training through a frozen base: only the input gradient is computed.
+            let (in_f, out_f) = (w.dim(1)?, w.dim(0)?);
+            let mut dims = x.dims().to_vec();
+            let rows = x.elem_count() / in_f.max(1);
+            let y = frozen_linear(&x.reshape((rows, in_f))?, &w, bias.as_ref())?;
+            if let Some(last) = dims.last_mut() {
+                *last = out_f;
+            }
+            y.reshape(dims)?
+        } else {
+            let y = x.broadcast_matmul(&w.t()?)?;
+            match &bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        };
         adapters.apply(&self.module, x, y)
     }
 }
@@ -75,39 +96,31 @@ pub(crate) fn layer_norm(
 ) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
-    let dim = xf.dim(D::Minus1)?;
-    let grad = tracks(&[&xf]) || affine.is_some_and(|(w, b)| tracks(&[w, b]));
-    let normed = if grad {
-        let mean = xf.mean_keepdim(D::Minus1)?;
-        let centered = xf.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let n = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-        match affine {
-            Some((w, b)) => n
+    let normed = match affine {
+        // Flux's norms: the fused kernel, with a closed-form backward when tracked.
+        None => fused_grad::layer_norm(&xf, eps)?,
+        Some((w, b)) if tracks(&[&xf, w, b]) => {
+            let mean = xf.mean_keepdim(D::Minus1)?;
+            let centered = xf.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+            centered
+                .broadcast_div(&(var + eps)?.sqrt()?)?
                 .broadcast_mul(&w.to_dtype(DType::F32)?)?
-                .broadcast_add(&b.to_dtype(DType::F32)?)?,
-            None => n,
+                .broadcast_add(&b.to_dtype(DType::F32)?)?
         }
-    } else {
-        let (w, b) = match affine {
-            Some((w, b)) => (w.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?),
-            None => (
-                Tensor::ones(dim, DType::F32, xf.device())?,
-                Tensor::zeros(dim, DType::F32, xf.device())?,
-            ),
-        };
-        candle_nn::ops::layer_norm(&xf.contiguous()?, &w, &b, eps as f32)?
+        Some((w, b)) => candle_nn::ops::layer_norm(
+            &xf.contiguous()?,
+            &w.to_dtype(DType::F32)?,
+            &b.to_dtype(DType::F32)?,
+            eps as f32,
+        )?,
     };
     normed.to_dtype(dtype)
 }
 
-/// Softmax over the last dim.
+/// Softmax over the last dim: the fused kernel, with a closed-form backward when tracked.
 pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if tracks(&[x]) {
-        candle_nn::ops::softmax(x, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
-    }
+    fused_grad::softmax_last(x)
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@ pub mod adapter;
 pub mod bundle;
 pub(crate) mod clip;
 pub mod flux;
+pub(crate) mod frozen_linear;
+pub(crate) mod fused_grad;
 pub mod keymap;
 pub(crate) mod layers;
 pub mod lora_io;

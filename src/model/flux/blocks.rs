@@ -7,22 +7,14 @@ use candle_core::{DType, Result, Tensor, D};
 use super::config::FluxConfig;
 use super::weights::Loader;
 use crate::model::adapter::AdapterSet;
-use crate::model::layers::{layer_norm, softmax_last, tracks, Linear};
+use crate::model::fused_grad;
+use crate::model::layers::{layer_norm, softmax_last, Linear};
 
 /// Flux's QK RMSNorm: x·rsqrt(mean(x²) + 1e-6) in f32, back to x's dtype, times `scale`.
 fn rms_norm(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let scale = scale.to_dtype(dtype)?;
-    let xf = x.to_dtype(DType::F32)?;
-    let normed = if tracks(&[&xf, &scale]) {
-        let rrms = (xf.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?
-            .sqrt()?
-            .recip()?;
-        xf.broadcast_mul(&rrms)?
-    } else {
-        let ones = Tensor::ones(xf.dim(D::Minus1)?, DType::F32, xf.device())?;
-        candle_nn::ops::rms_norm(&xf.contiguous()?, &ones, 1e-6)?
-    };
+    let normed = fused_grad::rms_norm(&x.to_dtype(DType::F32)?, 1e-6)?;
     normed.to_dtype(dtype)?.broadcast_mul(&scale)
 }
 
@@ -65,27 +57,18 @@ impl Rope {
         let dtype = x.dtype();
         let cos = self.cos.to_dtype(dtype)?;
         let sin = self.sin.to_dtype(dtype)?;
-        if !tracks(&[x]) {
-            return candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin);
-        }
-        let (b, h, seq, d) = x.dims4()?;
-        let pairs = x.reshape((b, h, seq, d / 2, 2))?;
-        let x0 = pairs.narrow(4, 0, 1)?.squeeze(4)?;
-        let x1 = pairs.narrow(4, 1, 1)?.squeeze(4)?;
-        let cos = cos.unsqueeze(1)?; // (b, 1, seq, d/2)
-        let sin = sin.unsqueeze(1)?;
-        let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-        let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-        Tensor::stack(&[r0, r1], 4)?.reshape((b, h, seq, d))
+        fused_grad::rope_i(x, &cos, &sin)
     }
 }
 
 /// Scaled dot-product attention with RoPE; q, k, v (b, heads, seq, head_dim) → (b, seq, heads·head_dim).
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &Rope) -> Result<Tensor> {
-    let q = pe.apply(q)?;
-    let k = pe.apply(k)?;
     let (b, h, seq, d) = q.dims4()?;
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
+    // The 1/√d scale on q (seq·d values) rather than on the scores (seq² values);
+    // kᵀ stays a strided view, which the matmul reads directly.
+    let q = (pe.apply(q)? * (1.0 / (d as f64).sqrt()))?;
+    let k = pe.apply(k)?;
+    let scores = q.matmul(&k.t()?)?;
     let probs = softmax_last(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
     let out = probs.matmul(&v.contiguous()?)?; // (b, heads, seq, head_dim)
     out.transpose(1, 2)?.reshape((b, seq, h * d))
@@ -235,7 +218,7 @@ impl Stream {
     ) -> Result<Tensor> {
         let x = (x + mods[0].gate(&self.proj.forward(attn, ad)?)?)?;
         let h = mods[1].modulate(&layer_norm(&x, None, 1e-6)?)?;
-        let h = self.mlp_in.forward(&h, ad)?.gelu()?;
+        let h = fused_grad::gelu_tanh(&self.mlp_in.forward(&h, ad)?)?;
         let h = self.mlp_out.forward(&h, ad)?;
         x + mods[1].gate(&h)?
     }
@@ -328,9 +311,10 @@ impl SingleBlock {
         let q = rms_norm(&q, &self.query_norm)?;
         let k = rms_norm(&k, &self.key_norm)?;
         let attn = attention(&q, &k, &v, pe)?;
-        let out = self
-            .linear2
-            .forward(&Tensor::cat(&[attn, mlp.gelu()?], D::Minus1)?, ad)?;
+        let out = self.linear2.forward(
+            &Tensor::cat(&[attn, fused_grad::gelu_tanh(&mlp)?], D::Minus1)?,
+            ad,
+        )?;
         x + mods[0].gate(&out)?
     }
 }

@@ -26,10 +26,8 @@ pub struct FluxConfig {
 }
 
 impl FluxConfig {
-    /// FLUX.1 \[dev\]: guidance-distilled. The presets have no caller in the
-    /// daemon yet (configs are read off checkpoints); the benchmarks will build
-    /// full-size models from them.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// FLUX.1 \[dev\]: guidance-distilled (`fluxlora bench --config dev` builds it
+    /// with seeded weights; checkpoints carry or imply their own config).
     pub(crate) fn dev() -> Self {
         Self {
             in_channels: 64,
@@ -48,7 +46,6 @@ impl FluxConfig {
     }
 
     /// FLUX.1 \[schnell\]: timestep-distilled, no guidance embedding.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn schnell() -> Self {
         Self {
             guidance_embed: false,
