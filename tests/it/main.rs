@@ -13,6 +13,7 @@ mod comfy;
 mod demo;
 mod engine;
 mod frontend;
+mod hostile;
 mod model_formats;
 mod parity;
 mod server;
