@@ -8,6 +8,8 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod engine;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod model;
 pub mod sample;
 pub mod server;

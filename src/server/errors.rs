@@ -27,7 +27,7 @@ pub(crate) enum ApiError {
     Conflict(String),
     #[error("{0}")]
     TooLarge(String),
-    #[error("a bearer token is required: send `Authorization: Bearer <token>`")]
+    #[error("a token is required: send `Authorization: Bearer <token>`, or `?token=<token>` (a browser opening the front end once with it keeps a session cookie)")]
     Unauthorized,
     #[error("{0}")]
     Forbidden(String),
@@ -242,7 +242,8 @@ error_answers! {
     /// the offending field where one is known.
     BadRequest;
 
-    /// The daemon has a token and the request did not carry it (`unauthorized`).
+    /// The daemon has a token and the request carried neither it nor the session
+    /// cookie (`unauthorized`).
     Unauthorized;
 
     /// The request came from a browser origin the daemon does not serve, or (without

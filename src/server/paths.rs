@@ -5,6 +5,7 @@
 //! - [`resolve_in_roots`]: a file or folder to read (dataset folders, LoRA files).
 //! - [`resolve_for_writing`]: a folder that may not exist yet (a cache folder).
 //! - [`job_file`]: a file inside a job's folder, by its relative path.
+//! - [`has_overlong_name`]: a name no file system takes;
 //! - [`lora_in_folder`]: a LoRA of the LoRA folder, by its bare file name;
 //!   [`file_names_with`]: what a folder holds (the LoRA folder's files).
 //!
@@ -162,6 +163,16 @@ pub(crate) fn lora_in_folder(dir: &Path, name: &str) -> Result<PathBuf, PathErro
         return Err(PathError::NoLora(name.display().to_string()));
     }
     Ok(path)
+}
+
+/// The longest file or folder name the usual file systems take (`NAME_MAX`), in
+/// bytes: a longer one in a request is the client's mistake, refused before the
+/// file system fails on it.
+pub(crate) const NAME_MAX: usize = 255;
+
+/// Whether a file or folder name in `path` is longer than [`NAME_MAX`].
+pub(crate) fn has_overlong_name(path: &Path) -> bool {
+    path.components().any(|c| c.as_os_str().len() > NAME_MAX)
 }
 
 /// The names of the files directly in `dir` with one of `extensions` (ASCII

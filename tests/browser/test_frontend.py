@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import unittest
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -119,7 +120,7 @@ def frontend_dir():
 class Daemon:
     """`fluxlora serve` on a free port with its own data dir, logging to a file."""
 
-    def __init__(self, work):
+    def __init__(self, work, token=None):
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = os.path.join(work, "daemon.log")
@@ -134,14 +135,16 @@ class Daemon:
                 os.path.join(work, "data"),
                 "--comfy-frontend",
                 frontend_dir(),
-            ],
+            ]
+            + (["--token", token] if token else []),
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        probe = self.url + "/system_stats" + (f"?token={token}" if token else "")
         deadline = time.monotonic() + 60
         while True:
             try:
-                get_json(self.url + "/system_stats")
+                get_json(probe)
                 return
             except (OSError, ValueError):
                 if self.process.poll() is not None or time.monotonic() > deadline:
@@ -211,6 +214,18 @@ window.__browserTest.sampler = setInterval(() => {
 """
 
 
+def wait_for_boot(driver):
+    """Waits until the editor is up and its /ws has given it a client id."""
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    while not driver.execute_script(
+        "return !!(window.app && window.app.graph && window.app.canvas && window.comfyAPI"
+        " && window.comfyAPI.api.api.clientId)"
+    ):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the editor did not boot in {BOOT_TIMEOUT_S} s")
+        time.sleep(0.25)
+
+
 class FrontendTest(unittest.TestCase):
     """One daemon and one browser page for the class; each test checks the console it caused."""
 
@@ -236,14 +251,7 @@ class FrontendTest(unittest.TestCase):
 
     @classmethod
     def wait_for_boot(cls):
-        deadline = time.monotonic() + BOOT_TIMEOUT_S
-        while not cls.driver.execute_script(
-            "return !!(window.app && window.app.graph && window.app.canvas && window.comfyAPI"
-            " && window.comfyAPI.api.api.clientId)"
-        ):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the editor did not boot in {BOOT_TIMEOUT_S} s")
-            time.sleep(0.25)
+        wait_for_boot(cls.driver)
         cls.driver.execute_script(RECORD_EVENTS)
 
     @classmethod
@@ -458,3 +466,79 @@ class FrontendTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TokenFrontendTest(unittest.TestCase):
+    """The front end of a daemon with a token: opened once with ?token=, the
+    page runs on the session cookie alone (its fetches, /ws, /view image URLs
+    and static files), scripts cannot read the cookie, and nothing else gets in."""
+
+    TOKEN = "browser-test-t0ken-" + str(os.getpid())
+
+    @classmethod
+    def setUpClass(cls):
+        cls.work = tempfile.mkdtemp(prefix="fluxlora-browser-token-")
+        cls.daemon = Daemon(cls.work, token=cls.TOKEN)
+        try:
+            cls.driver = start_browser()
+        except Exception:
+            cls.daemon.stop()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        with contextlib.suppress(WebDriverException):
+            cls.driver.quit()
+        cls.daemon.stop()
+        shutil.rmtree(cls.work, ignore_errors=True)
+
+    def test_the_page_runs_on_the_session_cookie_and_nothing_else_gets_in(self):
+        driver = self.driver
+        # Without the token the daemon answers 401, to the browser as to scripts.
+        with self.assertRaises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(self.daemon.url + "/", timeout=10)
+        self.assertEqual(401, refused.exception.code)
+
+        driver.get(self.daemon.url + "/?token=" + self.TOKEN)
+        wait_for_boot(driver)
+        # The page's own requests carry the cookie; the URL no longer matters.
+        driver.execute_script("history.replaceState(null, '', '/')")
+        status = driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "fetch('/api/object_info').then((r) => done(r.status), (e) => done(String(e)))"
+        )
+        self.assertEqual(200, status)
+        # An uploaded image shown through a /view URL, as the editor shows outputs.
+        width = driver.execute_async_script(
+            """
+            const done = arguments[arguments.length - 1];
+            const canvas = document.createElement('canvas');
+            canvas.width = 24; canvas.height = 16;
+            canvas.toBlob(async (blob) => {
+              const form = new FormData();
+              form.append('image', blob, 'token-test.png');
+              const answer = await (await fetch('/upload/image', {method: 'POST', body: form})).json();
+              const img = new Image();
+              img.onload = () => done(img.naturalWidth);
+              img.onerror = () => done('not loaded');
+              img.src = '/view?filename=' + encodeURIComponent(answer.name) + '&type=input';
+            }, 'image/png');
+            """
+        )
+        self.assertEqual(24, width)
+        # HttpOnly: scripts of the page cannot read the session.
+        self.assertNotIn("fluxlora_session", driver.execute_script("return document.cookie"))
+        cookies = {c["name"]: c for c in driver.get_cookies()}
+        session = next(c for name, c in cookies.items() if name.startswith("fluxlora_session_"))
+        self.assertTrue(session["httpOnly"])
+        self.assertEqual("Strict", session["sameSite"])
+        self.assertNotIn(self.TOKEN, session["value"])
+        # A wrong cookie value lets nothing in.
+        wrong = urllib.request.Request(
+            self.daemon.url + "/api/object_info",
+            headers={"Cookie": f"{session['name']}={'0' * len(session['value'])}"},
+        )
+        with self.assertRaises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(wrong, timeout=10)
+        self.assertEqual(401, refused.exception.code)
+        self.assertNotIn(self.TOKEN, self.daemon.log())

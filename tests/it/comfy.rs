@@ -795,15 +795,22 @@ fn uploads_are_checked_confined_and_loadable() {
         );
         assert!(r.json()["error"]["message"].is_string(), "{case}");
     }
-    // A name with a path is reduced to its last part: written inside the folder.
-    let r = upload("../../secret.png", &png(8, 2), &[]);
-    assert_eq!(r.json()["name"], "secret.png");
+    // A name with a path is refused (as ComfyUI refuses one that leaves the
+    // folder), and nothing is written anywhere.
+    for name in ["../../secret.png", "sub/secret.png", "..\\secret.png"] {
+        let r = upload(name, &png(8, 2), &[]);
+        assert_eq!(r.status, 400, "{name}");
+        assert!(r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("plain file name"));
+    }
     assert_eq!(
         std::fs::read(data.join("secret.png")).unwrap(),
         png(8, 1),
         "untouched"
     );
-    assert!(data.join("input/secret.png").is_file());
+    assert!(!data.join("input/secret.png").exists());
     // No image field; not multipart.
     let (ct, body) = multipart("x.png", &png(8, 1), &[]);
     let renamed = String::from_utf8_lossy(&body).replace("name=\"image\"", "name=\"file\"");

@@ -7,12 +7,14 @@
 
 mod support;
 
+mod auth;
 mod cli;
 mod comfy;
 mod demo;
 mod engine;
 mod faults;
 mod frontend;
+mod hostile;
 mod load;
 mod model_formats;
 mod parity;

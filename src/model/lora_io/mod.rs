@@ -44,7 +44,7 @@ mod report;
 mod test_support;
 mod write;
 
-pub use read::{load, parse, read_metadata, tensor_data_hash};
+pub use read::{from_bytes, load, parse, read_metadata, tensor_data_hash};
 pub use report::{describe, validate, LoraReport};
 pub use write::{diffusers_tensors, kohya_hashes, kohya_tensors, save_diffusers, save_kohya};
 

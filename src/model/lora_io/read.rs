@@ -22,14 +22,26 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<LoraFile, LoraIoE
         file: file.clone(),
         source,
     })?;
-    let (tensors, metadata) = decode(&bytes, device, &file)?;
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| file.clone());
-    let mut parsed = parse_inner(tensors, metadata, &name, &file)?;
+    let mut parsed = from_bytes(&bytes, &name, &file, device)?;
     parsed.lora.hash = Some(tensor_data_hash(&bytes));
     Ok(parsed)
+}
+
+/// Decodes and parses the bytes of a LoRA safetensors file onto `device`: what
+/// [`load`] does once the file is read. `name` becomes the LoRA's name, `file`
+/// labels errors.
+pub fn from_bytes(
+    bytes: &[u8],
+    name: &str,
+    file: &str,
+    device: &Device,
+) -> Result<LoraFile, LoraIoError> {
+    let (tensors, metadata) = decode(bytes, device, file)?;
+    parse_inner(tensors, metadata, name, file)
 }
 
 /// The SHA-256 (hex) of a safetensors file's bytes after its header: kohya's

@@ -13,9 +13,16 @@ use crate::model::keymap::{self, ModuleGroup};
 
 /// Checks a LoRA against the model's linear shapes, `module → (out_features,
 /// in_features)`. Every module the model lacks and every shape mismatch is listed in
-/// one [`LoraIoError::Incompatible`] naming the LoRA.
+/// one [`LoraIoError::Incompatible`] naming the LoRA; so is a LoRA with no layer at
+/// all (a safetensors file of something else), which would change nothing.
 pub fn validate(lora: &Lora, shapes: &BTreeMap<String, (usize, usize)>) -> Result<(), LoraIoError> {
     let mut problems = Vec::new();
+    if lora.layers.is_empty() {
+        problems.push(
+            "no LoRA layer: none of its tensors is a LoRA weight in a format this reader knows"
+                .to_string(),
+        );
+    }
     for (module, layer) in &lora.layers {
         match shapes.get(module) {
             None => problems.push(format!("`{module}`: no such module in the model")),

@@ -122,15 +122,16 @@ pub(crate) fn encode_png(image: &image::DynamicImage) -> Result<Vec<u8>, ImageEr
 pub(crate) fn split_prefix(prefix: &str) -> Result<(String, String), ImageError> {
     let bad = |why: &str| ImageError::NotImages(format!("filename_prefix `{prefix}`: {why}"));
     let (sub, stem) = prefix.rsplit_once('/').unwrap_or(("", prefix));
-    if stem.is_empty() || stem.contains('\\') || stem.starts_with('.') {
+    if stem.is_empty() || stem.contains(['\\', '\0']) || stem.starts_with('.') {
         return Err(bad("needs a file name after the last `/`"));
     }
-    if Path::new(sub)
-        .components()
-        .any(|c| !matches!(c, Component::Normal(_)))
+    if sub.contains(['\\', '\0'])
+        || Path::new(sub)
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
     {
         return Err(bad(
-            "the subfolder must stay inside the folder (no `..`, not absolute)",
+            "the subfolder must stay inside the folder (no `..`, `\\` or NUL, not absolute)",
         ));
     }
     Ok((sub.to_string(), stem.to_string()))
@@ -146,13 +147,25 @@ pub(crate) fn save_pngs(
     stem: &str,
     pngs: &[Vec<u8>],
 ) -> Result<Vec<ImageRef>, ImageError> {
-    let dir = folders
+    let escapes = || ImageError::File {
+        name: stem.to_string(),
+        source: FileError::Escapes,
+    };
+    let folder = folders
         .dir(kind)
         .map_err(|source| ImageError::File {
             name: stem.to_string(),
             source,
         })?
-        .join(subfolder);
+        .canonicalize()
+        .map_err(|_| escapes())?;
+    // The path policy for writes: the subfolder's nearest existing part lies
+    // inside the folder once links are followed (a link may not lead out).
+    let dir = crate::server::paths::resolve_for_writing(
+        std::slice::from_ref(&folder),
+        &folder.join(subfolder),
+    )
+    .map_err(|_| escapes())?;
     let write_error = |path: &Path, source| ImageError::Write {
         path: path.display().to_string(),
         source,

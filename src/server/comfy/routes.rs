@@ -7,11 +7,12 @@
 //! Must not: touch tensors; answers are built from the engine and the folders.
 
 use actix_web::http::Method;
-use actix_web::{web, FromRequest, Handler, HttpResponse, Responder};
+use actix_web::{web, FromRequest, Handler, HttpResponse, Responder, ResponseError};
 use serde_json::{json, Map, Value};
 
 use super::folders::FileError;
 use super::nodes;
+use crate::server::errors::ApiError;
 use crate::server::route_table::RouteTable;
 use crate::server::state::AppState;
 
@@ -110,7 +111,7 @@ async fn model_folders() -> HttpResponse {
     HttpResponse::Ok().json(MODEL_FOLDERS)
 }
 
-/// The files of one model folder; 404 (empty) for a folder we do not have.
+/// The files of one model folder; 404 for a folder we do not have.
 async fn models_in(state: web::Data<AppState>, folder: web::Path<String>) -> HttpResponse {
     match folder.as_str() {
         "loras" => HttpResponse::Ok().json(folder_lists(&state).loras),
@@ -131,7 +132,11 @@ async fn models_in(state: web::Data<AppState>, folder: web::Path<String>) -> Htt
             names.dedup();
             HttpResponse::Ok().json(names)
         }
-        _ => HttpResponse::NotFound().finish(),
+        other => ApiError::NotFound(format!(
+            "no model folder `{other}`: the folders are {}",
+            MODEL_FOLDERS.join(", ")
+        ))
+        .error_response(),
     }
 }
 
@@ -148,9 +153,14 @@ struct ViewQuery {
 
 /// A file of ComfyUI's folders: 400 for a bad name or type, 403 for a
 /// subfolder that leaves its folder, 404 when missing (`docs/comfyui-protocol.md` §1).
-async fn view(state: web::Data<AppState>, query: web::Query<ViewQuery>) -> HttpResponse {
+async fn view(
+    state: web::Data<AppState>,
+    query: web::Query<ViewQuery>,
+) -> Result<HttpResponse, ApiError> {
     let Some(filename) = query.filename.as_deref() else {
-        return HttpResponse::NotFound().finish();
+        return Err(ApiError::NotFound(
+            "give the file to show: /view?filename=NAME&type=output&subfolder=".into(),
+        ));
     };
     let kind = query
         .kind
@@ -160,12 +170,22 @@ async fn view(state: web::Data<AppState>, query: web::Query<ViewQuery>) -> HttpR
     let subfolder = query.subfolder.as_deref().unwrap_or("");
     let path = match state.comfy.folders.existing(kind, subfolder, filename) {
         Ok(path) => path,
-        Err(FileError::Bad(_)) => return HttpResponse::BadRequest().finish(),
-        Err(FileError::Escapes) => return HttpResponse::Forbidden().finish(),
-        Err(FileError::Missing) => return HttpResponse::NotFound().finish(),
+        Err(FileError::Bad(why)) => return Err(ApiError::bad(why)),
+        Err(FileError::Escapes) => {
+            return Err(ApiError::Forbidden(format!(
+                "subfolder `{subfolder}` leaves the {kind} folder"
+            )))
+        }
+        Err(FileError::Missing) => {
+            return Err(ApiError::NotFound(format!(
+                "no file `{filename}` in the {kind} folder"
+            )))
+        }
     };
     let Ok(bytes) = std::fs::read(&path) else {
-        return HttpResponse::NotFound().finish();
+        return Err(ApiError::NotFound(format!(
+            "no file `{filename}` in the {kind} folder"
+        )));
     };
     let name = path
         .file_name()
@@ -178,9 +198,9 @@ async fn view(state: web::Data<AppState>, query: web::Query<ViewQuery>) -> HttpR
         // Anything else is downloaded, never rendered (no active content).
         _ => "application/octet-stream",
     };
-    HttpResponse::Ok()
+    Ok(HttpResponse::Ok()
         .content_type(content_type)
         .insert_header(("Content-Disposition", format!("filename=\"{name}\"")))
         .insert_header(("X-Content-Type-Options", "nosniff"))
-        .body(bytes)
+        .body(bytes))
 }

@@ -6,8 +6,8 @@
 //! `name (1).ext` unless the file there has the same bytes (then nothing is
 //! written and its name is answered), as ComfyUI does.
 //!
-//! Must not: write outside the folder: the file name is reduced to a plain
-//! name and the subfolder may not climb or be absolute.
+//! Must not: write outside the folder: the file name must be a plain name and
+//! the subfolder may not climb or be absolute.
 
 use std::path::{Component, Path};
 
@@ -20,6 +20,7 @@ use super::images;
 use super::multipart::{self, Part};
 use super::routes::both;
 use crate::server::errors::ApiError;
+use crate::server::paths;
 use crate::server::route_table::RouteTable;
 use crate::server::state::AppState;
 
@@ -46,15 +47,23 @@ fn text_field<'p>(parts: &'p [Part], name: &str) -> Option<&'p str> {
         .map(str::trim)
 }
 
-/// A plain file name: the last component, not hidden, no separators.
+/// A plain file name: no folders (`/`, `\`), not hidden, no NUL. A name with a
+/// path is refused, not cut to its last part, as ComfyUI refuses one that
+/// leaves the folder: the client meant another place than the one we would
+/// write.
 fn plain_name(written: &str) -> Result<String, ApiError> {
-    let base = written.rsplit(['/', '\\']).next().unwrap_or("");
-    if base.is_empty() || base.starts_with('.') || base.contains('\0') {
-        return Err(
-            ApiError::bad(format!("image: `{written}` is not a usable file name")).at("image"),
-        );
+    if written.is_empty()
+        || written.starts_with('.')
+        || written.contains(['/', '\\', '\0'])
+        || paths::has_overlong_name(Path::new(written))
+    {
+        return Err(ApiError::bad(format!(
+            "image: `{written}` is not a plain file name (no folders, not hidden, at most {} bytes): put folders in `subfolder`",
+            paths::NAME_MAX
+        ))
+        .at("image"));
     }
-    Ok(base.to_string())
+    Ok(written.to_string())
 }
 
 /// `name (n).ext`.
@@ -93,12 +102,14 @@ async fn upload_image(
         return Err(ApiError::bad(format!("type `{kind}`: use input, temp or output")).at("type"));
     }
     let subfolder = text_field(&parts, "subfolder").unwrap_or("");
-    if Path::new(subfolder)
-        .components()
-        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    if subfolder.contains(['\\', '\0'])
+        || paths::has_overlong_name(Path::new(subfolder))
+        || Path::new(subfolder)
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
     {
         return Err(ApiError::bad(format!(
-            "subfolder `{subfolder}` must stay inside the {kind} folder (no `..`, not absolute)"
+            "subfolder `{subfolder}` must stay inside the {kind} folder (`/` between folders; no `..`, `\\` or NUL, not absolute; names of at most 255 bytes)"
         ))
         .at("subfolder"));
     }
@@ -110,21 +121,26 @@ async fn upload_image(
         .folders
         .dir(kind)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let dir = folder.join(subfolder);
+    // The path policy for writes, before anything is made: the nearest existing
+    // part of the subfolder lies inside the folder once links are followed.
+    let leads_out = || {
+        ApiError::Forbidden(format!(
+            "subfolder `{subfolder}` leads out of the {kind} folder"
+        ))
+    };
+    let folder = folder.canonicalize().map_err(|_| leads_out())?;
+    let dir = paths::resolve_for_writing(std::slice::from_ref(&folder), &folder.join(subfolder))
+        .map_err(|_| leads_out())?;
+    if dir.exists() && !dir.is_dir() {
+        return Err(ApiError::bad(format!(
+            "subfolder `{subfolder}` is a file of the {kind} folder, not a folder"
+        ))
+        .at("subfolder"));
+    }
     std::fs::create_dir_all(&dir)
         .map_err(|e| ApiError::Internal(format!("{}: {e}", dir.display())))?;
     // A link inside the folder may not lead the write out of it.
-    let inside = |p: &Path| {
-        p.canonicalize()
-            .ok()
-            .zip(folder.canonicalize().ok())
-            .is_some_and(|(p, f)| p.starts_with(f))
-    };
-    if !inside(&dir) {
-        return Err(ApiError::Forbidden(format!(
-            "subfolder `{subfolder}` leads out of the {kind} folder"
-        )));
-    }
+    let inside = |p: &Path| p.canonicalize().is_ok_and(|p| p.starts_with(&folder));
     let mut chosen = name.clone();
     if !overwrite {
         let mut n = 1;

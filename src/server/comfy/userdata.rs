@@ -164,8 +164,16 @@ fn user_file(state: &AppState, raw: &str) -> Result<PathBuf, ApiError> {
     let bad = |why: &str| ApiError::bad(format!("userdata path `{raw}`: {why}"));
     let name = percent_decode(raw).ok_or_else(|| bad("not UTF-8"))?;
     let rel = Path::new(&name);
-    if name.is_empty() || name.contains('\\') {
-        return Err(bad("give a relative path such as workflows/a.json"));
+    if paths::has_overlong_name(rel) {
+        return Err(bad(&format!(
+            "a file or folder name is longer than {} bytes",
+            paths::NAME_MAX
+        )));
+    }
+    if name.is_empty() || name.contains(['\\', '\0']) {
+        return Err(bad(
+            "give a relative path such as workflows/a.json (`/` between folders, no `\\` or NUL)",
+        ));
     }
     if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
         return Err(ApiError::Forbidden(format!(

@@ -5,6 +5,9 @@
 //!   LoRA, a bad size): 422 `{"error": "HTTPException", "detail", "body", "errors"}`,
 //!   A1111's exception handler's body for its own `HTTPException(422, …)`; the
 //!   detail starts with the field's name;
+//! - a generation that failed on what the request named (a LoRA file that does
+//!   not load): the same 422, its detail the job's error (as `/v1/sample`
+//!   answers 400);
 //! - a body that is not JSON, or a field of the wrong type: 422 `{"detail":
 //!   [{"loc", "msg", "type"}]}`, FastAPI's request-validation body;
 //! - a failure of ours: 500 in the exception handler's shape;
@@ -31,6 +34,9 @@ pub(crate) enum WebuiError {
         msg: String,
         kind: &'static str,
     },
+    /// The sampling job failed; its error.
+    #[error("{0}")]
+    Failed(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -67,7 +73,7 @@ impl From<ApiError> for WebuiError {
 impl ResponseError for WebuiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::Unprocessable { .. } | Self::Validation { .. } => {
+            Self::Unprocessable { .. } | Self::Validation { .. } | Self::Failed(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -80,7 +86,7 @@ impl ResponseError for WebuiError {
             Self::Validation { loc, msg, kind } => {
                 json!({"detail": [{"loc": loc, "msg": msg, "type": kind}]})
             }
-            Self::Unprocessable { .. } => {
+            Self::Unprocessable { .. } | Self::Failed(_) => {
                 let detail = self.to_string();
                 json!({
                     "error": "HTTPException",

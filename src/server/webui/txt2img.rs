@@ -173,7 +173,7 @@ async fn generate(
             // Interrupted: A1111 answers with the images made so far.
             JobState::Cancelled => break,
             other => {
-                return Err(WebuiError::Internal(
+                return Err(WebuiError::Failed(
                     record
                         .error
                         .unwrap_or_else(|| format!("sampling ended {other:?}")),

@@ -139,3 +139,19 @@ pub fn temp_files(dir: &Path) -> Vec<PathBuf> {
         })
         .collect()
 }
+
+/// A path for an actix route pattern: every `{param}` (with or without a
+/// regex) becomes `with`.
+pub fn concrete(pattern: &str, with: &str) -> String {
+    pattern
+        .split('/')
+        .map(|segment| {
+            if segment.starts_with('{') {
+                with
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
