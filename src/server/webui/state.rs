@@ -8,8 +8,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use serde_json::Value;
-
 /// The generation now running through `/sdapi/v1`.
 #[derive(Clone, Debug)]
 pub(crate) struct Run {
@@ -52,9 +50,8 @@ pub(crate) struct WebuiState {
     run: Mutex<Option<Run>>,
     /// Where img2img's start images are kept (`<data-dir>/webui`).
     pub(super) init_dir: PathBuf,
-    /// `/cmd-flags`: the settings the daemon was started with, under A1111's
-    /// flag names where one exists.
-    pub(super) cmd_flags: Value,
+    /// The settings the daemon was started with (`/cmd-flags` shows them).
+    pub(super) settings: crate::config::Settings,
 }
 
 impl WebuiState {
@@ -63,7 +60,7 @@ impl WebuiState {
             queue: tokio::sync::Mutex::new(()),
             run: Mutex::new(None),
             init_dir: settings.data_dir.join("webui"),
-            cmd_flags: super::system::cmd_flags(settings),
+            settings: settings.clone(),
         }
     }
 

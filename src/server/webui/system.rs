@@ -20,8 +20,8 @@ pub(super) fn routes(table: &mut RouteTable) {
         .add(Method::GET, "/sdapi/v1/memory", memory);
 }
 
-/// The `/cmd-flags` object for these settings, built once at start-up.
-pub(super) fn cmd_flags(settings: &Settings) -> Value {
+/// The `/cmd-flags` object for these settings.
+fn cmd_flags(settings: &Settings) -> Value {
     let loopback = settings
         .host
         .parse::<std::net::IpAddr>()
@@ -58,7 +58,7 @@ pub(super) fn cmd_flags(settings: &Settings) -> Value {
 }
 
 async fn cmd_flags_route(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(&state.webui.cmd_flags)
+    HttpResponse::Ok().json(cmd_flags(&state.webui.settings))
 }
 
 async fn memory(state: web::Data<AppState>) -> HttpResponse {
