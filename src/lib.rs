@@ -10,6 +10,7 @@ pub mod config;
 pub mod engine;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+mod hex;
 pub mod model;
 pub mod sample;
 pub mod server;

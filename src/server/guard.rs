@@ -232,7 +232,7 @@ fn session_value(token: &str) -> String {
     let mut hash = Sha256::new();
     hash.update(b"fluxlora session cookie\0");
     hash.update(token.as_bytes());
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::hex(&hash.finalize())
 }
 
 /// Whether `host` (`name[:port]`, as in a `Host` header or an origin after its

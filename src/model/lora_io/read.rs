@@ -54,7 +54,7 @@ pub fn tensor_data_hash(bytes: &[u8]) -> String {
         .map(u64::from_le_bytes)
         .unwrap_or(0);
     let start = usize::try_from(n).map_or(bytes.len(), |n| n.saturating_add(8));
-    super::write::hex(&super::write::sha256(bytes.get(start..).unwrap_or(&[])))
+    crate::hex::hex(&super::write::sha256(bytes.get(start..).unwrap_or(&[])))
 }
 
 /// Reads only the `__metadata__` of a safetensors file (cheap: the header alone).

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::fuse::split_layer;
 use super::LoraIoError;
+use crate::hex::hex;
 use crate::model::adapter::Lora;
 use crate::model::keymap::{self, LinearMap};
 
@@ -244,10 +245,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LoraIoError> {
         file: path.display().to_string(),
         source,
     })
-}
-
-pub(super) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// SHA-256 of `data` (kohya's metadata hashes).

@@ -41,7 +41,7 @@ pub(crate) fn uuid4() -> String {
 
 /// 32 hex digits, as Python's `uuid4().hex`.
 pub(crate) fn hex32() -> String {
-    random_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::hex(&random_bytes())
 }
 
 /// Whether `id` is a canonical lower-case hyphenated UUID (ComfyUI's

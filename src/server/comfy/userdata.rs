@@ -52,7 +52,6 @@ pub(super) fn routes(table: &mut RouteTable) {
     );
 }
 
-/// The user folder.
 /// The user folder, made when missing, canonical (so the paths the policy
 /// returns are relative to it).
 fn user_dir(state: &AppState) -> PathBuf {

@@ -87,10 +87,7 @@ pub(super) fn init_image(
     use crate::sample::generate::{decode_limited, MAX_INIT_SIDE};
     decode_limited(&bytes, MAX_INIT_SIDE)
         .map_err(|e| WebuiError::field("init_images", format!("not a readable image: {e}")))?;
-    let hash: String = Sha256::digest(&bytes)[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = crate::hex::hex(&Sha256::digest(&bytes)[..8]);
     let path = dir.join(format!("init-{hash}.img"));
     if !path.is_file() {
         crate::atomic_file::write(&path, &bytes)

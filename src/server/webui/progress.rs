@@ -1,11 +1,13 @@
 //! `GET /sdapi/v1/progress`, `POST /sdapi/v1/interrupt` and `/skip`: the
 //! running generation as A1111 reports it (its `ProgressResponse` and
-//! `shared.state` keys), from the engine's events of the batch now sampling.
+//! `shared.state` keys), from what the txt2img handler recorded of the batch
+//! now sampling.
 //! Interrupting cancels that batch and the ones after it; skipping cancels that
 //! batch only, and the next one runs.
 //!
-//! `current_image` is the newest preview of the batch now sampling (kept by the
-//! txt2img handler as it follows the job) unless `skip_current_image`. With no
+//! The batch's step and its newest preview (`current_image`, unless
+//! `skip_current_image`) are kept in the run by the txt2img handler as it
+//! follows the job, so a poll reads no event log. With no
 //! A1111 generation running, a training job that is running (or paused) is reported instead:
 //! its steps as the sampling steps, its loss in `textinfo`, its newest sample
 //! preview as the current image.
@@ -85,9 +87,10 @@ impl Report {
     }
 }
 
-/// A generation through `/sdapi/v1` at `step` of `steps` of its current batch.
-fn generation_report(run: &Run, step: usize, steps: usize, now: Instant) -> Report {
-    let (progress, eta_relative) = estimate(run, step, steps, now);
+/// A generation through `/sdapi/v1`, at the step its current batch is at.
+fn generation_report(run: &Run, now: Instant) -> Report {
+    let (progress, eta_relative) = estimate(run, now);
+    let (step, steps) = (run.step, run.steps);
     Report {
         progress,
         eta_relative,
@@ -109,11 +112,11 @@ fn generation_report(run: &Run, step: usize, steps: usize, now: Instant) -> Repo
 
 /// A1111's estimate: 0.01 + the batches done + this batch's share of steps
 /// (capped at 1), and the seconds left at the pace so far.
-fn estimate(run: &Run, step: usize, steps: usize, now: Instant) -> (f64, f64) {
+fn estimate(run: &Run, now: Instant) -> (f64, f64) {
     let count = run.job_count.max(1) as f64;
     let mut fraction = 0.01 + run.job_no as f64 / count;
-    if steps > 0 {
-        fraction += step as f64 / steps as f64 / count;
+    if run.steps > 0 {
+        fraction += run.step as f64 / run.steps as f64 / count;
     }
     let elapsed = now.duration_since(run.started).as_secs_f64();
     let eta = elapsed / fraction - elapsed;
@@ -169,23 +172,12 @@ async fn progress(state: web::Data<AppState>, query: web::Query<ProgressQuery>) 
     let want_image = !query.skip_current_image;
     let run = state.webui.run().clone();
     if let Some(run) = run {
-        let (step, steps) = run
-            .job
-            .as_deref()
-            .and_then(|id| state.engine.events_since(id, 0).ok())
-            .and_then(|events| {
-                events.iter().rev().find_map(|e| match e.kind {
-                    EventKind::SampleStep { step, total } => Some((step, total)),
-                    _ => None,
-                })
-            })
-            .unwrap_or((0, 0));
         let image = run
             .preview
             .as_deref()
             .filter(|_| want_image)
             .map(|png| base64::engine::general_purpose::STANDARD.encode(png));
-        let report = generation_report(&run, step, steps, Instant::now());
+        let report = generation_report(&run, Instant::now());
         return HttpResponse::Ok().json(report.into_json(image));
     }
     let training = state.engine.jobs().into_iter().find(|j| {
@@ -255,12 +247,14 @@ mod tests {
             job: Some("j".into()),
             job_no: 1,
             started,
+            step: 5,
+            steps: 10,
             ..Run::new(2, "20240101000000".into())
         };
-        let (fraction, eta) = estimate(&run, 5, 10, started + Duration::from_secs(3));
+        let (fraction, eta) = estimate(&run, started + Duration::from_secs(3));
         assert!((fraction - 0.76).abs() < 1e-9, "{fraction}");
         assert!((eta - (3.0 / 0.76 - 3.0)).abs() < 1e-9);
-        let s = generation_report(&run, 5, 10, started).into_json(None);
+        let s = generation_report(&run, started).into_json(None);
         assert_eq!(s["state"]["job"], "Batch 2 out of 2");
         assert_eq!(s["state"]["sampling_step"], 5);
         assert_eq!(s["textinfo"], "Sampling step 5/10");

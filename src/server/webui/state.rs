@@ -23,6 +23,9 @@ pub(crate) struct Run {
     pub interrupted: bool,
     /// `/skip` asked to drop the batch now sampling and go on with the next.
     pub skipped: bool,
+    /// The step the batch now sampling has done, of how many.
+    pub step: usize,
+    pub steps: usize,
     /// The newest preview of the batch now sampling (PNG): `/progress`'s
     /// `current_image`.
     pub preview: Option<Arc<[u8]>>,
@@ -39,6 +42,8 @@ impl Run {
             timestamp,
             interrupted: false,
             skipped: false,
+            step: 0,
+            steps: 0,
             preview: None,
         }
     }

@@ -51,8 +51,8 @@ impl Drop for Running<'_> {
     }
 }
 
-/// Waits for sampling job `id` to end, keeping its newest preview in the
-/// recorded run for `/progress`; `sub` was subscribed before it was submitted.
+/// Waits for sampling job `id` to end, keeping its step and newest preview in
+/// the recorded run for `/progress`; `sub` was subscribed before it was submitted.
 fn follow(
     state: &AppState,
     sub: &Subscription,
@@ -64,6 +64,11 @@ fn follow(
                 EventKind::Preview { png, .. } => {
                     if let Some(run) = state.webui.run().as_mut() {
                         run.preview = Some(png);
+                    }
+                }
+                EventKind::SampleStep { step, total } => {
+                    if let Some(run) = state.webui.run().as_mut() {
+                        (run.step, run.steps) = (step, total);
                     }
                 }
                 EventKind::State { state: s } if s.is_terminal() => break,
@@ -150,7 +155,7 @@ async fn generate(
             if let Some(r) = run {
                 r.job = Some(id.clone());
                 r.job_no = i;
-                r.preview = None;
+                (r.step, r.steps, r.preview) = (0, 0, None);
             }
             stopped
         };
