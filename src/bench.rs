@@ -295,14 +295,6 @@ fn seeded_lora(
     Ok(lora)
 }
 
-/// The process's peak resident set in MB (Linux: VmHWM).
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 /// Runs one configuration on `device`; `progress` gets a line per finished figure.
 pub fn measure(
     opts: &BenchOptions,
@@ -443,7 +435,7 @@ pub fn measure(
         sample_step_1lora_s,
         sample_step_3lora_s,
         hot_swap_ms,
-        peak_rss_mb: peak_rss_mb(),
+        peak_rss_mb: crate::train::events::peak_memory_bytes().map(|b| b as f64 / (1 << 20) as f64),
         forward_gflop: flops / 1e9,
         achieved_gflops: achieved,
         matmul_peak_gflops: peak,

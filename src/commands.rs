@@ -54,7 +54,6 @@ impl ModelArgs {
     }
 }
 
-/// The key layout `lora convert` writes.
 /// `fluxlora bench` options.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -123,6 +122,7 @@ pub fn bench(args: &BenchArgs, progress: &mut dyn FnMut(&str)) -> Result<String>
     Ok(out)
 }
 
+/// The key layout `lora convert` writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SaveFormat {
     /// kohya sd-scripts keys (`lora_unet_…`), what ComfyUI, Forge and A1111 load.
