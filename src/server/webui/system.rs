@@ -1,6 +1,7 @@
 //! What A1111 reports about the process: `/cmd-flags` (the settings the daemon
 //! started with, under A1111's flag names where one exists, ours beside them)
-//! and `/memory` (RAM as A1111's psutil reading; `cuda` as its error form, since
+//! and `/memory` (RAM as A1111 reads it: `used` is the process's resident
+//! memory, `free` the rest of the total; `cuda` as its error form, since
 //! the engine does not read device memory counters).
 //!
 //! Must not: show the token; `api_auth` only says whether one is required.
@@ -62,7 +63,10 @@ async fn cmd_flags_route(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn memory(state: web::Data<AppState>) -> HttpResponse {
-    let (total, available) = system_ram();
+    // A1111's reading: `used` is this process's resident memory, `free` the
+    // rest of the machine's total.
+    let (total, _) = system_ram();
+    let rss = memory_bytes().unwrap_or(0);
     let cuda = if state.device.starts_with("cuda") {
         json!({"error": "device memory counters are not read by this daemon"})
     } else {
@@ -70,15 +74,12 @@ async fn memory(state: web::Data<AppState>) -> HttpResponse {
     };
     HttpResponse::Ok().json(json!({
         "ram": {
-            "free": available,
-            "used": total.saturating_sub(available),
+            "free": total.saturating_sub(rss),
+            "used": rss,
             "total": total,
         },
         "cuda": cuda,
-        "process": {
-            "rss": memory_bytes(),
-            "peak_rss": peak_memory_bytes(),
-        },
+        "process": {"peak_rss": peak_memory_bytes()},
     }))
 }
 
